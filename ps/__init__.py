@@ -1,0 +1,1 @@
+"""A parameter server: scheduler and servers (numpy only; never imports torch)."""

@@ -1,0 +1,149 @@
+"""Request/reply clients: one for the scheduler, one for all shards (numpy only).
+
+``Peer`` is a DEALER socket to one ROUTER: every request carries a request id
+(``rid``) and every wait has a deadline; a reply whose rid we are no longer waiting
+for (a late answer to a request that timed out) is dropped, never mistaken for the
+current one. ``ShardClient`` speaks to all S servers at once: it sends to every
+shard before waiting on any, so the S transfers overlap instead of queueing.
+
+Workers wrap these with torch (``worker/``); the launcher and benchmarks use them
+directly on numpy arrays.
+"""
+from __future__ import annotations
+
+import itertools
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import zmq
+
+from . import wire
+from .protocol import Error, Kind, ProtocolError, decode, encode
+
+
+class RemoteError(RuntimeError):
+    """The peer answered with an ERROR reply."""
+
+    def __init__(self, peer: str, code: str, reason: str):
+        super().__init__(f"{peer} refused: {code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+class Peer:
+    """A DEALER connected to one endpoint, with request ids and deadlines."""
+
+    _rids = itertools.count(1)
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, name: str):
+        self.endpoint, self.name = endpoint, name
+        self.sock = wire.make_socket(ctx, zmq.DEALER)
+        self.sock.connect(endpoint)
+
+    def send(self, kind: str, frames=(), **fields) -> int:
+        rid = next(self._rids)
+        self.sock.send_multipart([encode(kind, rid, **fields), *frames], copy=False)
+        return rid
+
+    def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
+        """Wait for the reply to ``rid``; raise TimeoutError naming what we waited for."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+            if not self.sock.poll(left_ms):
+                raise TimeoutError(f"no reply from {self.name} ({self.endpoint}) "
+                                   f"to {what or 'request'} within {timeout_s:.0f} s")
+            frames = self.sock.recv_multipart(copy=False)
+            try:
+                header = decode(frames[0])
+            except ProtocolError:
+                continue        # garbage from the wire is dropped, not trusted
+            if header["rid"] != rid:
+                continue        # a late reply to an earlier, abandoned request
+            if header["kind"] == Kind.ERROR:
+                raise RemoteError(self.name, header["code"], header["reason"])
+            return header, frames[1:]
+
+    def request(self, kind: str, timeout_s: float, frames=(), **fields) -> tuple[dict, list]:
+        return self.recv(self.send(kind, frames, **fields), timeout_s, what=kind)
+
+    def close(self) -> None:
+        self.sock.close(linger=0)
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """Where shard k lives and which range [lo, hi) of the flat parameters it holds."""
+    index: int
+    endpoint: str
+    lo: int
+    hi: int
+
+
+class ShardClient:
+    """Pull and push a flat float32 parameter vector to/from all shards."""
+
+    def __init__(self, ctx: zmq.Context, shards: list[ShardInfo], worker: int, timeout_s: float):
+        self.shards = shards
+        self.worker = worker
+        self.timeout_s = timeout_s
+        self.peers = [Peer(ctx, s.endpoint, f"server{s.index}") for s in shards]
+
+    def init(self, flat: np.ndarray) -> None:
+        """Set every shard's initial values (idempotent on the server)."""
+        rids = [p.send(Kind.INIT, wire.split(flat[s.lo:s.hi]), worker=self.worker,
+                       dtype="float32", size=s.hi - s.lo)
+                for p, s in zip(self.peers, self.shards)]
+        for p, rid in zip(self.peers, rids):
+            p.recv(rid, self.timeout_s, "init")
+
+    def pull_into(self, flat: np.ndarray, step: int) -> list[int]:
+        """Fill ``flat`` with the shards' parameters for ``step``; return their versions.
+
+        Each server answers once its consistency gate allows (BSP: it has version
+        ``step``; SSP: every worker is within the staleness bound; ASP: at once).
+        """
+        rids = [p.send(Kind.PULL, worker=self.worker, step=step) for p in self.peers]
+        versions = []
+        for p, s, rid in zip(self.peers, self.shards, rids):
+            header, frames = p.recv(rid, self.timeout_s, f"pull of step {step}")
+            chunks = wire.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
+            wire.copy_into(flat[s.lo:s.hi], chunks)   # the one unavoidable copy: into the model
+            versions.append(header.get("version", -1))
+        return versions
+
+    def push(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
+             step_tasks: int) -> list[dict]:
+        """Send each shard its slice of a gradient sum; return each shard's reply.
+
+        A shard that rejects the push as a duplicate answers OK with ``applied``
+        False: the gradient is already in, which is what the sender wanted.
+        """
+        rids = []
+        for p, s in zip(self.peers, self.shards):
+            frames = wire.split(grad[s.lo:s.hi]) if samples else []
+            rids.append(p.send(Kind.PUSH, frames, worker=self.worker, step=step, tasks=tasks,
+                               samples=samples, step_tasks=step_tasks, dtype="float32",
+                               size=(s.hi - s.lo) if samples else 0))
+        return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
+                for p, rid in zip(self.peers, rids)]
+
+    def stats(self) -> list[dict]:
+        return [p.request(Kind.STATS, self.timeout_s)[0] for p in self.peers]
+
+    def close(self) -> None:
+        for p in self.peers:
+            p.close()
+
+
+def retry_until(deadline_s: float, fn, *args, **kwargs):
+    """Call ``fn`` until it stops raising NOT_READY or the deadline passes."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except RemoteError as exc:
+            if exc.code != Error.NOT_READY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)

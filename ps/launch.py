@@ -1,0 +1,233 @@
+"""The launcher behind ``scripts/start_cluster.sh``: a whole cluster on this machine.
+
+It starts one scheduler, S servers and M workers as separate processes (the same
+``python -m ps.scheduler`` / ``ps.server`` / ``worker`` commands a multi-host
+deployment runs by hand), writes ``cluster.json``, shows a live status line from
+the scheduler's STATUS replies, and waits. It stops everything when the run ends,
+when any role fails (naming it), or on Ctrl-C, and exits non-zero unless the run
+succeeded. The run itself writes ``summary.json`` (scheduler) and ``params.npz``
+(worker 0) into ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from .client import Peer
+from .protocol import Kind
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
+STATUS_INTERVAL_S = 0.5          # how often the status line refreshes
+STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
+EXIT_GRACE_S = 30.0              # after the scheduler exits, how long the others may take
+
+
+@dataclass
+class Role:
+    name: str                     # scheduler | server0 | worker1 ...
+    proc: subprocess.Popen
+    endpoint: str | None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Children get SIGKILL if the launcher dies, so no role outlives a killed run."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Cluster:
+    def __init__(self, args):
+        self.args = args
+        self.roles: list[Role] = []
+        self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def spawn(self, name: str, module: str, argv: list[str], endpoint: str | None = None,
+              env: dict | None = None) -> None:
+        cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
+        proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
+        self.roles.append(Role(name, proc, endpoint))
+
+    def start(self) -> str:
+        a = self.args
+        sched_ep = f"tcp://127.0.0.1:{free_port()}"
+        common = ["--timeout-s", str(a.timeout_s)]
+        sched_argv = ["--servers", str(a.servers), "--workers", str(a.workers), "--mode", a.mode,
+                      "--staleness", str(a.staleness), "--seed", str(a.seed), "--bind", sched_ep,
+                      "--out", a.out, *common]
+        for flag, value in (("--steps", a.steps), ("--epochs", a.epochs),
+                            ("--tasks-per-step", a.tasks_per_step)):
+            if value is not None:
+                sched_argv += [flag, str(value)]
+        self.spawn("scheduler", "ps.scheduler", sched_argv, sched_ep)
+        for k in range(a.servers):
+            ep = f"tcp://127.0.0.1:{free_port()}"
+            self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", ep, *common], ep)
+        threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
+        worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
+        for w in range(a.workers):
+            self.spawn(f"worker{w}", "worker",
+                       ["--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
+                        "--seed", str(a.seed), "--out", a.out, "--threads", str(threads), *common],
+                       env=worker_env)
+        self.write_cluster_json()
+        return sched_ep
+
+    def write_cluster_json(self) -> None:
+        roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid} for r in self.roles}
+        with open(os.path.join(self.args.out, "cluster.json"), "w") as f:
+            json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
+
+    def failed_role(self) -> Role | None:
+        return next((r for r in self.roles if r.proc.poll() not in (None, 0)), None)
+
+    def stop(self) -> None:
+        for r in self.roles:
+            if r.proc.poll() is None:
+                r.proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for r in self.roles:
+            try:
+                r.proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                r.proc.kill()
+                r.proc.wait()
+
+
+def status_line(s: dict, mode: str) -> str:
+    loss = f"{s['loss']:.4f}" if s.get("loss") is not None else "-"
+    return (f"\r[{mode}] step {s.get('step', 0)}/{s.get('steps', '?')}  loss {loss}  "
+            f"{s.get('samples_per_s', 0.0):,.0f} samples/s  staleness {s.get('max_staleness', 0)}  ")
+
+
+def run(args) -> int:
+    os.makedirs(args.out, exist_ok=True)
+    for stale in ("summary.json", "params.npz"):
+        if os.path.exists(os.path.join(args.out, stale)):
+            os.remove(os.path.join(args.out, stale))
+    cluster = Cluster(args)
+    ctx = zmq.Context()
+    try:
+        sched_ep = cluster.start()
+        observer = Peer(ctx, sched_ep, "scheduler")
+        scheduler = cluster.roles[0].proc
+        shown = False
+        while scheduler.poll() is None:
+            failed = cluster.failed_role()
+            if failed:
+                print(f"\n{failed.name} exited with status {failed.proc.returncode}; stopping the cluster",
+                      file=sys.stderr)
+                return 1
+            if not args.quiet:
+                try:
+                    status, _ = observer.request(Kind.STATUS, 1.0)
+                    print(status_line(status, args.mode), end="", file=sys.stderr, flush=True)
+                    shown = True
+                except Exception:       # a status line is best effort; the run decides success
+                    pass
+            time.sleep(STATUS_INTERVAL_S)
+        if shown:
+            print(file=sys.stderr)
+        deadline = time.monotonic() + EXIT_GRACE_S
+        for r in cluster.roles[1:]:
+            try:
+                r.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{r.name} did not exit after the run ended", file=sys.stderr)
+                return 1
+        failed = cluster.failed_role()
+        if failed:
+            print(f"{failed.name} exited with status {failed.proc.returncode}", file=sys.stderr)
+            return 1
+        return report(args.out)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping the cluster", file=sys.stderr)
+        return 130
+    finally:
+        cluster.stop()
+        ctx.destroy(linger=0)
+
+
+def report(out: str) -> int:
+    path = os.path.join(out, "summary.json")
+    if not os.path.exists(path):
+        print(f"no summary was written to {path}", file=sys.stderr)
+        return 1
+    with open(path) as f:
+        s = json.load(f)
+    if not s.get("ok"):
+        print(f"run failed: {s.get('failure')}", file=sys.stderr)
+        return 1
+    loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+    print(f"{s['mode']}: {s['steps']} steps, {s['samples']} samples in {s['wall_s']:.1f} s "
+          f"({s['samples_per_s']:,.0f} samples/s), final loss {loss}, max staleness "
+          f"{s['max_staleness']}, duplicates rejected {s['duplicates_rejected']}; results in {out}",
+          file=sys.stderr)
+    return 0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="scripts/start_cluster.sh",
+                                description="Start a local parameter-server cluster and train a job.")
+    p.add_argument("--job", default=DEFAULT_JOB, help="job file (default: examples/mlp_classifier.py)")
+    p.add_argument("--servers", type=int, default=2, help="servers (shards) S (default: 2)")
+    p.add_argument("--workers", type=int, default=2, help="workers M (default: 2)")
+    p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
+    p.add_argument("--staleness", type=int, default=None, help="SSP staleness bound s (default: 2)")
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, default=None, help="global steps to train")
+    steps.add_argument("--epochs", type=int, default=None, help="epochs (default: the job's EPOCHS, else 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model's initial values and data order")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="worker device: auto = CUDA where present")
+    p.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
+    p.add_argument("--quiet", action="store_true", help="no live status line")
+    p.add_argument("--tasks-per-step", type=int, default=None,
+                   help="tasks a global batch is cut into (default: one per worker)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / M)")
+    p.add_argument("--timeout-s", type=float, default=120.0,
+                   help="any wait longer than this fails the run with a diagnosis")
+    p.add_argument("--log-level", default="WARNING", help="log level of every role")
+    args = p.parse_args(argv)
+    if args.servers < 1 or args.workers < 1:
+        p.error("--servers and --workers must be at least 1")
+    if args.staleness is None:
+        args.staleness = 2 if args.mode == "ssp" else 0
+    if args.staleness < 0:
+        p.error("--staleness must be >= 0")
+    if not os.path.isfile(args.job):
+        p.error(f"job file {args.job!r} does not exist")
+    args.job = os.path.abspath(args.job)
+    args.out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    return args
+
+
+def main(argv=None) -> int:
+    signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the cluster like Ctrl-C does
+    return run(parse_args(argv))
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+if __name__ == "__main__":
+    sys.exit(main())

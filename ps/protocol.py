@@ -1,0 +1,157 @@
+"""The wire contract: message kinds, header fields, error codes and limits.
+
+Every message is a ZeroMQ multipart message: one msgpack header frame, then zero
+or more raw little-endian payload frames (see ``ps.wire`` for how tensors are cut
+into frames). This module is the single place that says which kinds exist, which
+header fields each must carry and with which types, and what a receiver does with
+a header it does not like: raise ``ProtocolError`` with a code from ``Error``; the
+event loop replies with that code, counts it, and changes no state.
+
+``docs/protocol.md`` describes the same names for readers who do not want Python.
+"""
+from __future__ import annotations
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# --- limits (each guards against one kind of hostile or broken input) ---------------
+MAX_HEADER_BYTES = 1 << 20      # a header is metadata; 1 MiB holds a lease of ~100k sample ids
+MAX_FRAME_BYTES = 64 << 20      # no single payload frame may be larger (we send 8 MiB frames)
+MAX_FRAMES = 4096               # payload frames per message (4096 x 8 MiB = 32 GiB, far beyond a shard)
+MAX_MSGPACK_LEN = 1 << 18       # longest array/map/str inside a header (msgpack unpack limit)
+FRAME_BYTES = 8 << 20           # what senders use: receiving one >32 MiB frame costs a fresh mmap
+                                # and page faults, measured 2-4x slower than 8 MiB frames
+
+ALLOWED_DTYPES = ("float32",)   # what may travel in a payload; checked before any allocation
+
+
+class Kind:
+    """Message kinds. Requests go to a ROUTER; every request gets exactly one reply."""
+    # control path: worker/server -> scheduler
+    REGISTER = "register"       # join the cluster; the reply (sent once all roles are in) is the config
+    HEARTBEAT = "heartbeat"     # a server's periodic report (stats); the reply says whether to stop
+    LEASE = "lease"             # worker asks for its tasks of one step (or clock)
+    REPORT = "report"           # worker reports a finished step: loss, samples, timings
+    DONE = "done"               # worker finished all steps; reply is deferred until every worker is done
+    FINISHED = "finished"       # worker 0 has written the final parameters; the run may end
+    STATUS = "status"           # anyone (the launcher) asks how the run is going
+    # data path: worker -> server
+    INIT = "init"               # worker 0 sets a shard's initial parameter values
+    PULL = "pull"               # read a shard's parameters (gated by the consistency model)
+    PUSH = "push"               # send a gradient sum for some tasks
+    STATS = "stats"             # a shard's counters
+    # replies
+    OK = "ok"
+    ERROR = "error"
+
+
+class Error:
+    """Reason codes carried by an ERROR reply (and counted by the receiver)."""
+    BAD_FRAMES = "bad_frames"           # wrong number of frames for the kind
+    BAD_HEADER = "bad_header"           # not msgpack, not a map, too large or too deep
+    BAD_VERSION = "bad_version"         # protocol version we do not speak
+    UNKNOWN_KIND = "unknown_kind"
+    MISSING_FIELD = "missing_field"
+    BAD_FIELD = "bad_field"             # a field of the wrong type or out of range
+    BAD_DTYPE = "bad_dtype"
+    BAD_PAYLOAD = "bad_payload"         # payload bytes do not match what the header claims
+    NOT_READY = "not_ready"             # the shard has no parameters yet / the cluster is not configured
+    STALE = "stale"                     # push for a step this shard has already completed
+    DUPLICATE = "duplicate"             # push containing a task id this shard already applied
+    TIMEOUT = "timeout"                 # a deferred request waited past its deadline
+    UNKNOWN_SENDER = "unknown_sender"
+    INTERNAL = "internal"               # a bug on the receiving side; the process keeps serving
+
+
+class ProtocolError(Exception):
+    """A message we refuse. Carries a reason code from ``Error``; never fatal to a process."""
+
+    def __init__(self, code: str, reason: str):
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+        self.reason = reason
+
+
+# Header schema: for each request kind, required field -> accepted types. Every header
+# also carries "v" (protocol version), "kind" and "rid" (request id, echoed in the reply).
+_INT = (int,)
+_STR = (str,)
+_LIST = (list,)
+_MAP = (dict,)
+_NUM = (int, float)
+_BOOL = (bool,)
+
+SCHEMA: dict[str, dict[str, tuple]] = {
+    Kind.REGISTER: {"role": _STR},
+    Kind.HEARTBEAT: {"shard": _INT, "stats": _MAP},
+    Kind.LEASE: {"worker": _INT, "step": _INT},
+    Kind.REPORT: {"worker": _INT, "step": _INT, "loss_sum": _NUM, "samples": _INT,
+                  "compute_s": _NUM, "wait_s": _NUM},
+    Kind.DONE: {"worker": _INT},
+    Kind.FINISHED: {"worker": _INT},
+    Kind.STATUS: {},
+    Kind.INIT: {"worker": _INT, "dtype": _STR, "size": _INT},
+    Kind.PULL: {"worker": _INT, "step": _INT},
+    Kind.PUSH: {"worker": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,
+                "step_tasks": _INT, "dtype": _STR, "size": _INT},
+    Kind.STATS: {},
+    Kind.OK: {},
+    Kind.ERROR: {"code": _STR, "reason": _STR},
+}
+
+
+def encode(kind: str, rid: int = 0, **fields) -> bytes:
+    """Pack a header frame. Fields must be msgpack types (no numpy scalars)."""
+    return msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, "rid": rid, **fields},
+                         use_bin_type=True)
+
+
+def decode(frame) -> dict:
+    """Unpack and validate a header frame; raise ProtocolError on anything unexpected.
+
+    Cheapest checks first: size, then strict msgpack with length limits (so a header
+    claiming a 2**32-element array is refused before anything is allocated), then the
+    schema of its kind.
+    """
+    raw = frame.buffer if hasattr(frame, "buffer") else frame
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError(Error.BAD_HEADER, f"header of {len(raw)} bytes > {MAX_HEADER_BYTES}")
+    try:
+        header = msgpack.unpackb(
+            raw, raw=False, strict_map_key=True,
+            max_str_len=MAX_MSGPACK_LEN, max_bin_len=0, max_array_len=MAX_MSGPACK_LEN,
+            max_map_len=256, max_ext_len=0)
+    except Exception as exc:  # msgpack raises several types; all mean "not a header"
+        raise ProtocolError(Error.BAD_HEADER, f"undecodable header: {type(exc).__name__}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(Error.BAD_HEADER, "header is not a map")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(Error.BAD_VERSION, f"protocol version {header.get('v')!r}, "
+                                               f"expected {PROTOCOL_VERSION}")
+    kind = header.get("kind")
+    if kind not in SCHEMA:
+        raise ProtocolError(Error.UNKNOWN_KIND, f"unknown message kind {kind!r}")
+    if not _is_int(header.get("rid")):
+        raise ProtocolError(Error.MISSING_FIELD, "missing or non-integer 'rid'")
+    for field, types in SCHEMA[kind].items():
+        if field not in header:
+            raise ProtocolError(Error.MISSING_FIELD, f"{kind} needs field {field!r}")
+        value = header[field]
+        ok = _is_int(value) if types is _INT else (
+            isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
+        if not ok:
+            raise ProtocolError(Error.BAD_FIELD, f"{kind}.{field} has type {type(value).__name__}")
+    return header
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_int_list(header: dict, field: str, limit: int) -> list[int]:
+    """A list of non-negative ints (task ids, sample ids) of at most ``limit`` items."""
+    values = header[field]
+    if len(values) > limit or not all(_is_int(v) and v >= 0 for v in values):
+        raise ProtocolError(Error.BAD_FIELD, f"{field} must be at most {limit} non-negative ints")
+    return values

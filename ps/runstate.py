@@ -1,0 +1,96 @@
+"""Run accounting kept by the scheduler: losses per step, work per worker, wall time.
+
+Pure bookkeeping, fed by workers' REPORT and DONE messages; it answers STATUS
+(the launcher's live progress line), names who is missing when a deadline passes,
+and becomes the body of ``summary.json``.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+
+
+@dataclass
+class WorkerTally:
+    samples: int = 0
+    tasks: int = 0
+    compute_s: float = 0.0
+    wait_s: float = 0.0
+    step: int = -1                # last step (or clock) this worker reported
+    done: bool = False
+
+
+class RunState:
+    def __init__(self, steps: int, num_workers: int, steps_per_epoch: int):
+        self.steps = steps
+        self.steps_per_epoch = steps_per_epoch
+        self.workers = [WorkerTally() for _ in range(num_workers)]
+        self.loss_sum: dict[int, float] = defaultdict(float)     # step -> sum of sample losses
+        self.loss_samples: dict[int, int] = defaultdict(int)     # step -> samples behind it
+        self.t_start: float | None = None
+        self.t_end: float | None = None
+
+    def started(self) -> None:
+        if self.t_start is None:
+            self.t_start = time.monotonic()
+
+    def report(self, worker: int, step: int, tasks: int, samples: int, loss_sum: float,
+               compute_s: float, wait_s: float) -> None:
+        tally = self.workers[worker]
+        tally.samples += samples
+        tally.tasks += tasks
+        tally.compute_s += compute_s
+        tally.wait_s += wait_s
+        tally.step = max(tally.step, step)
+        if samples:
+            self.loss_sum[step] += loss_sum
+            self.loss_samples[step] += samples
+
+    def done(self, worker: int) -> None:
+        self.workers[worker].done = True
+
+    def all_done(self) -> bool:
+        return all(w.done for w in self.workers)
+
+    def finish(self) -> None:
+        self.t_end = time.monotonic()
+
+    def elapsed(self) -> float:
+        if self.t_start is None:
+            return 0.0
+        return (self.t_end or time.monotonic()) - self.t_start
+
+    def samples(self) -> int:
+        return sum(w.samples for w in self.workers)
+
+    def losses(self) -> list[float]:
+        return [self.loss_sum[s] / self.loss_samples[s] for s in sorted(self.loss_samples)]
+
+    def last_loss(self) -> float | None:
+        if not self.loss_samples:
+            return None
+        last = max(self.loss_samples)
+        return self.loss_sum[last] / self.loss_samples[last]
+
+    def progress(self) -> dict:
+        elapsed = self.elapsed()
+        return {"step": 1 + max((w.step for w in self.workers), default=-1), "steps": self.steps,
+                "loss": self.last_loss(), "samples": self.samples(),
+                "samples_per_s": self.samples() / elapsed if elapsed > 0 else 0.0,
+                "elapsed_s": elapsed, "workers_done": sum(w.done for w in self.workers)}
+
+    def diagnose(self) -> str:
+        """Who is behind: each unfinished worker and the last step it reported."""
+        behind = [f"worker {i} (last reported step {w.step})"
+                  for i, w in enumerate(self.workers) if not w.done]
+        return ", ".join(behind) or "nobody (all workers done)"
+
+    def summary(self) -> dict:
+        elapsed = self.elapsed()
+        return {"steps": self.steps, "epochs": self.steps / self.steps_per_epoch,
+                "samples": self.samples(), "final_loss": self.last_loss(),
+                "wall_s": elapsed,
+                "samples_per_s": self.samples() / elapsed if elapsed > 0 else 0.0,
+                "losses": self.losses(),
+                "per_worker": [{"worker": i, **asdict(w)} for i, w in enumerate(self.workers)]}

@@ -1,0 +1,322 @@
+"""The scheduler: membership, the shard map, task leases, progress and the run summary.
+
+Start it with ``python -m ps.scheduler --servers S --workers M``. It never touches
+tensor bytes: it is the control path only. A run goes through four phases:
+
+    forming   every server and worker registers; registration replies are held
+              until all S + M have joined, then each gets its configuration
+              (a server: its shard's range, the optimizer, the mode; a worker: the
+              shard map and how many steps to run)
+    training  workers lease their tasks step by step and report losses
+    finishing every worker has sent DONE; worker 0 pulls the final parameters,
+              writes them and sends FINISHED
+    stopping  each server's next heartbeat (carrying its final counters) is
+              answered with stop; then summary.json is written and we exit
+
+Every phase has a deadline; when one passes, the scheduler names what it is still
+waiting for and exits non-zero rather than hang.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from . import sharding, wire
+from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
+from .runstate import RunState
+from .tasks import Dealer, TaskPlan
+
+log = logging.getLogger("ps.scheduler")
+
+
+@dataclass
+class SchedulerConfig:
+    servers: int = 2
+    workers: int = 2
+    mode: str = "bsp"
+    staleness: int = 0
+    steps: int | None = None             # total global steps; default: epochs x steps per epoch
+    epochs: int | None = None            # default: the job's EPOCHS, else 1
+    seed: int = 0
+    tasks_per_step: int | None = None    # default: one task per worker per step
+    bind: str = "tcp://127.0.0.1:*"
+    endpoint_file: str | None = None     # where to write the bound endpoint (for launchers)
+    out: str | None = None               # where summary.json goes
+    timeout_s: float = 120.0             # per phase: forming, a step without progress, finishing
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig):
+        self.config = config
+        self.ctx = zmq.Context()
+        self.router = wire.make_socket(self.ctx, zmq.ROUTER)
+        self.router.bind(config.bind)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.phase = "forming"
+        self.servers: dict[int, dict] = {}       # shard index -> registration
+        self.workers: dict[int, dict] = {}       # worker id -> registration
+        self.held: list[tuple] = []              # (ident, rid, role, index): replies held until formed
+        self.done_waiting: list[tuple] = []      # (ident, rid): DONE replies held until all are done
+        self.shard_stats: dict[int, dict] = {}
+        self.stopped: set[int] = set()           # shards told to stop
+        self.run: RunState | None = None
+        self.dealer: Dealer | None = None
+        self.deadline = time.monotonic() + config.timeout_s
+        self.failure: str | None = None
+
+    # -- the loop -------------------------------------------------------------------
+    def serve(self) -> int:
+        if self.config.endpoint_file:
+            tmp = self.config.endpoint_file + ".tmp"
+            with open(tmp, "w") as f:
+                f.write(self.endpoint)
+            os.replace(tmp, self.config.endpoint_file)
+        log.info("scheduler at %s", self.endpoint)
+        while self.phase != "exit":
+            if self.router.poll(200):
+                frames = self.router.recv_multipart(copy=False)
+                self.handle(frames)
+            if time.monotonic() > self.deadline:
+                self._on_deadline()
+        self.write_summary()
+        return 0 if self.failure is None else 1
+
+    def _on_deadline(self) -> None:
+        waiting = {
+            "forming": lambda: "servers " + str(sorted(set(range(self.config.servers)) - set(self.servers)))
+                               + " and workers " + str(sorted(set(range(self.config.workers)) - set(self.workers))),
+            "training": lambda: self.run.diagnose(),
+            "finishing": lambda: "worker 0 to write the final parameters (FINISHED)",
+            "stopping": lambda: "final heartbeats from servers "
+                                + str(sorted(set(range(self.config.servers)) - self.stopped)),
+        }[self.phase]()
+        self.failure = f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}"
+        log.error("%s", self.failure)
+        self.phase = "exit"
+
+    def handle(self, frames: list) -> None:
+        ident, rid = frames[0].bytes, 0
+        try:
+            if len(frames) < 2:
+                raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
+            header = decode(frames[1])
+            rid = header["rid"]
+            handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
+                       Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
+                       Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
+                       Kind.STATUS: self.on_status}.get(header["kind"])
+            if handler is None:
+                raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
+            handler(ident, header)
+        except ProtocolError as exc:
+            self.reply(ident, Kind.ERROR, rid, code=exc.code, reason=exc.reason)
+        except Exception as exc:   # a bug, not bad input: report it, keep serving
+            log.exception("internal error handling a request")
+            self.reply(ident, Kind.ERROR, rid, code=Error.INTERNAL, reason=repr(exc))
+
+    def reply(self, ident, kind: str, rid: int, **fields) -> None:
+        try:
+            self.router.send_multipart([ident, encode(kind, rid, **fields)])
+        except zmq.ZMQError as exc:
+            log.warning("reply to a vanished peer dropped: %s", exc)
+
+    # -- forming --------------------------------------------------------------------
+    def on_register(self, ident, header) -> None:
+        if self.phase != "forming":
+            raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
+        if header["role"] == "server":
+            index = len(self.servers)
+            if index >= self.config.servers or not isinstance(header.get("endpoint"), str):
+                raise ProtocolError(Error.BAD_FIELD, "unexpected server registration")
+            self.servers[index] = {"endpoint": header["endpoint"]}
+        elif header["role"] == "worker":
+            index = self._register_worker(header)
+        else:
+            raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
+        self.held.append((ident, header["rid"], header["role"], index))
+        log.info("%s %d registered", header["role"], index)
+        if len(self.servers) == self.config.servers and len(self.workers) == self.config.workers:
+            self._form()
+
+    def _register_worker(self, header) -> int:
+        info = {k: header.get(k) for k in ("layout", "dataset_size", "batch_size", "shuffle",
+                                           "optimizer", "epochs")}
+        wanted = header.get("worker")
+        index = wanted if isinstance(wanted, int) and wanted >= 0 else next(
+            i for i in range(self.config.workers + 1) if i not in self.workers)
+        if index >= self.config.workers or index in self.workers:
+            raise ProtocolError(Error.BAD_FIELD, f"worker id {index} is taken or out of range")
+        if not (isinstance(info["layout"], list) and isinstance(info["dataset_size"], int)
+                and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
+            raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
+                                                     "batch_size and optimizer")
+        if header.get("seed") != self.config.seed:
+            raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
+                                                 f"the scheduler's {self.config.seed}")
+        for other in self.workers.values():
+            if other != info:
+                raise ProtocolError(Error.BAD_FIELD, "this worker's job differs from the others' "
+                                                     "(model layout, data set or optimizer)")
+        self.workers[index] = info
+        return index
+
+    def _form(self) -> None:
+        cfg, job = self.config, self.workers[0]
+        specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
+        ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
+        plan = TaskPlan(job["dataset_size"], job["batch_size"], cfg.tasks_per_step or cfg.workers,
+                        seed=cfg.seed, shuffle=bool(job["shuffle"]))
+        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * plan.steps_per_epoch
+        self.dealer = Dealer(plan, cfg.workers)
+        self.run = RunState(steps, cfg.workers, plan.steps_per_epoch)
+        shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
+                  for k, (lo, hi) in enumerate(ranges)]
+        for ident, rid, role, index in self.held:
+            if role == "server":
+                lo, hi = ranges[index]
+                self.reply(ident, Kind.OK, rid, shard=index, lo=lo, hi=hi, optimizer=job["optimizer"],
+                           mode=cfg.mode, staleness=cfg.staleness, workers=cfg.workers)
+            else:
+                self.reply(ident, Kind.OK, rid, worker=index, shards=shards, mode=cfg.mode,
+                           staleness=cfg.staleness, steps=steps, workers=cfg.workers, seed=cfg.seed)
+        self.held.clear()
+        self.phase = "training"
+        self.deadline = time.monotonic() + cfg.timeout_s
+        log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
+                 cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
+
+    # -- training -------------------------------------------------------------------
+    def on_lease(self, ident, header) -> None:
+        self._check_training(header)
+        step = header["step"]
+        if not 0 <= step < self.run.steps:
+            raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [0, {self.run.steps})")
+        tasks = self.dealer.take(header["worker"], step)
+        self.run.started()
+        self.reply(ident, Kind.OK, header["rid"], tasks=[t.to_wire() for t in tasks],
+                   step_tasks=self.dealer.step_tasks[step])
+
+    def on_report(self, ident, header) -> None:
+        self._check_training(header)
+        tasks = check_int_list(header, "tasks", 1 << 16)
+        self.dealer.complete(tasks)
+        self.run.report(header["worker"], header["step"], len(tasks), header["samples"],
+                        float(header["loss_sum"]), float(header["compute_s"]), float(header["wait_s"]))
+        self.deadline = time.monotonic() + self.config.timeout_s
+        self.reply(ident, Kind.OK, header["rid"])
+
+    def on_done(self, ident, header) -> None:
+        self._check_training(header)
+        self.run.done(header["worker"])
+        self.done_waiting.append((ident, header["rid"]))
+        if self.run.all_done():
+            self.run.finish()
+            for waiting_ident, waiting_rid in self.done_waiting:
+                self.reply(waiting_ident, Kind.OK, waiting_rid)
+            self.done_waiting.clear()
+            self.phase = "finishing"
+            self.deadline = time.monotonic() + self.config.timeout_s
+
+    def on_finished(self, ident, header) -> None:
+        if self.phase != "finishing":
+            raise ProtocolError(Error.NOT_READY, f"FINISHED in phase {self.phase}")
+        self.reply(ident, Kind.OK, header["rid"])
+        self.phase = "stopping"
+        self.deadline = time.monotonic() + self.config.timeout_s
+
+    def _check_training(self, header) -> None:
+        if self.phase not in ("training", "finishing"):
+            raise ProtocolError(Error.NOT_READY, f"the cluster is {self.phase}")
+        if not 0 <= header["worker"] < self.config.workers:
+            raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown worker {header['worker']}")
+
+    # -- servers and observers ------------------------------------------------------
+    def on_heartbeat(self, ident, header) -> None:
+        shard = header["shard"]
+        if shard not in self.servers:
+            raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown shard {shard}")
+        self.shard_stats[shard] = header["stats"]
+        stop = self.phase == "stopping"
+        self.reply(ident, Kind.OK, header["rid"], stop=stop)
+        if stop:
+            self.stopped.add(shard)
+            if len(self.stopped) == self.config.servers:
+                self.phase = "exit"
+
+    def on_status(self, ident, header) -> None:
+        status = {"phase": self.phase, "max_staleness": self._max_staleness()}
+        if self.run:
+            status.update(self.run.progress())
+        self.reply(ident, Kind.OK, header["rid"], **status)
+
+    def _max_staleness(self) -> int:
+        return max((s.get("max_staleness", 0) for s in self.shard_stats.values()), default=0)
+
+    def write_summary(self) -> None:
+        if not self.config.out or self.run is None:
+            return
+        cfg = self.config
+        summary = {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
+                   "workers": cfg.workers, "seed": cfg.seed, "ok": self.failure is None,
+                   "failure": self.failure, **self.run.summary(),
+                   "max_staleness": self._max_staleness(),
+                   "duplicates_rejected": sum(s.get("duplicates_rejected", 0)
+                                              for s in self.shard_stats.values()),
+                   "shards": [self.shard_stats.get(k, {}) for k in range(cfg.servers)]}
+        os.makedirs(cfg.out, exist_ok=True)
+        tmp = os.path.join(cfg.out, "summary.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(summary, f, indent=2)
+        os.replace(tmp, os.path.join(cfg.out, "summary.json"))
+
+    def close(self) -> None:
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+def parse_args(argv=None) -> SchedulerConfig:
+    p = argparse.ArgumentParser(prog="python -m ps.scheduler",
+                                description="Run the scheduler of a parameter-server cluster.")
+    p.add_argument("--servers", type=int, default=2, help="number of servers (shards) S")
+    p.add_argument("--workers", type=int, default=2, help="number of workers M")
+    p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
+    p.add_argument("--staleness", type=int, default=0, help="SSP staleness bound s (clocks)")
+    p.add_argument("--steps", type=int, default=None, help="global steps to train")
+    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
+    p.add_argument("--seed", type=int, default=0, help="data order seed")
+    p.add_argument("--tasks-per-step", type=int, default=None,
+                   help="tasks each global batch is cut into (default: one per worker)")
+    p.add_argument("--bind", default=SchedulerConfig.bind, help="control endpoint (default: %(default)s)")
+    p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
+    p.add_argument("--out", default=None, help="directory for summary.json")
+    p.add_argument("--timeout-s", type=float, default=SchedulerConfig.timeout_s,
+                   help="deadline of each phase without progress")
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s scheduler %(levelname)s %(message)s")
+    if a.servers < 1 or a.workers < 1 or a.staleness < 0:
+        p.error("--servers and --workers must be >= 1 and --staleness >= 0")
+    return SchedulerConfig(a.servers, a.workers, a.mode, a.staleness, a.steps, a.epochs, a.seed,
+                           a.tasks_per_step, a.bind, a.endpoint_file, a.out, a.timeout_s)
+
+
+def main(argv=None) -> int:
+    scheduler = Scheduler(parse_args(argv))
+    try:
+        return scheduler.serve()
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        scheduler.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,258 @@
+"""The server: one shard of the parameters, served over a ZeroMQ ROUTER.
+
+Start it with ``python -m ps.server --scheduler tcp://HOST:PORT``. It binds its data
+socket, registers with the scheduler (whose reply, sent once the whole cluster has
+joined, says which range of the flat parameters this shard holds, the optimizer and
+the consistency mode), then serves until the scheduler tells it to stop:
+
+    PULL  -> answered now, or parked until the consistency gate opens (with a deadline)
+    PUSH  -> validated, de-duplicated, applied (or summed, in BSP), acknowledged
+    INIT  -> initial values, once
+    STATS -> counters
+
+Every request is validated before it touches state (``ps.protocol``); a bad one gets
+an ERROR reply with a reason code and is counted. The decisions live in ``ps.shard``;
+this file only receives, validates, calls the core and sends.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import zmq
+
+from . import wire
+from .client import Peer, RemoteError
+from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
+from .shard import Shard
+
+log = logging.getLogger("ps.server")
+
+MAX_TASKS_PER_PUSH = 1 << 16     # a push names at most this many task ids
+
+
+@dataclass
+class ServerConfig:
+    scheduler: str                       # the scheduler's endpoint
+    bind: str = "tcp://127.0.0.1:*"      # where workers reach this shard (* = any free port)
+    advertise: str | None = None         # endpoint to give workers, if not the bound one
+    heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
+    timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.ctx = zmq.Context()
+        self.router = wire.make_socket(self.ctx, zmq.ROUTER)
+        self.router.bind(config.bind)
+        self.endpoint = config.advertise or self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
+        self.shard: Shard | None = None
+        self.index = -1
+        self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
+        self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
+        self.errors: Counter = Counter()     # rejected requests by reason code
+
+    # -- life cycle -----------------------------------------------------------------
+    def register(self) -> None:
+        """Join the cluster; the scheduler answers once every role has registered."""
+        reply, _ = self.scheduler.request(Kind.REGISTER, self.config.timeout_s,
+                                          role="server", endpoint=self.endpoint)
+        self.index = reply["shard"]
+        self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
+                           reply["staleness"], reply["workers"])
+        log.info("shard %d: elements [%d, %d) at %s, %s", self.index, reply["lo"], reply["hi"],
+                 self.endpoint, reply["mode"])
+
+    def serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.scheduler.sock, zmq.POLLIN)
+        next_beat, last_heard = 0.0, time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_beat:
+                self.scheduler.send(Kind.HEARTBEAT, shard=self.index, stats=self.stats())
+                next_beat = now + self.config.heartbeat_interval_s
+            if now - last_heard > self.config.timeout_s:
+                raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
+            events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
+            if self.scheduler.sock in events:
+                last_heard = time.monotonic()
+                if self._heartbeat_reply():
+                    return
+            if self.router in events:
+                for _ in range(64):          # drain a burst before the next heartbeat check
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                    except zmq.Again:
+                        break
+                    self.handle(frames)
+            self._expire_parked()
+
+    def _heartbeat_reply(self) -> bool:
+        try:
+            header = decode(self.scheduler.sock.recv_multipart(copy=False)[0])
+        except ProtocolError as exc:
+            log.warning("bad reply from scheduler: %s", exc)
+            return False
+        return bool(header.get("stop"))
+
+    # -- requests -------------------------------------------------------------------
+    def handle(self, frames: list) -> None:
+        ident, rid = frames[0].bytes, 0
+        try:
+            if len(frames) < 2:
+                raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
+            header = decode(frames[1])
+            rid = header["rid"]
+            handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
+                       Kind.INIT: self.on_init, Kind.STATS: self.on_stats}.get(header["kind"])
+            if handler is None:
+                raise ProtocolError(Error.UNKNOWN_KIND, f"a server does not serve {header['kind']!r}")
+            handler(ident, header, frames[2:])
+        except ProtocolError as exc:
+            self.errors[exc.code] += 1
+            self.reply(ident, encode(Kind.ERROR, rid, code=exc.code, reason=exc.reason))
+        except Exception as exc:   # a bug, not bad input: report it, count it, keep serving
+            log.exception("internal error handling a request")
+            self.errors[Error.INTERNAL] += 1
+            self.reply(ident, encode(Kind.ERROR, rid, code=Error.INTERNAL, reason=repr(exc)))
+
+    def on_init(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        chunks = wire.check_payload(payload, header["dtype"], header["size"])
+        fresh = self.shard.init(chunks)
+        self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
+        self._answer_parked()
+
+    def on_pull(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        if header["step"] < 0:
+            raise ProtocolError(Error.BAD_FIELD, "step must be >= 0")
+        if self.shard.pull_ready(header["step"]):
+            self._answer_pull(ident, header)
+        else:
+            self.parked.append((time.monotonic() + self.config.timeout_s, ident, header))
+
+    def on_push(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        tasks = check_int_list(header, "tasks", MAX_TASKS_PER_PUSH)
+        if header["step"] < 0 or header["step_tasks"] < 1:
+            raise ProtocolError(Error.BAD_FIELD, "step must be >= 0 and step_tasks >= 1")
+        chunks = wire.check_payload(payload, header["dtype"], header["size"])
+        self._release_params()
+        applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
+                                  header["step_tasks"], chunks)
+        self.reply(ident, encode(Kind.OK, header["rid"], applied=applied,
+                                 version=self.shard.version))
+        self._answer_parked()
+
+    def on_stats(self, ident, header, payload) -> None:
+        self.reply(ident, encode(Kind.OK, header["rid"], shard=self.index, **self.stats()))
+
+    # -- helpers --------------------------------------------------------------------
+    def _check_worker(self, header) -> None:
+        if "worker" not in header or not 0 <= header["worker"] < len(self.shard.clocks):
+            raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown worker {header.get('worker')!r}")
+
+    def _answer_pull(self, ident, header) -> None:
+        stale = self.shard.note_read(header["step"])
+        head = encode(Kind.OK, header["rid"], version=self.shard.version, staleness=stale,
+                      dtype="float32", size=self.shard.size)
+        # Zero-copy reply straight from the live parameter buffer. zmq sends it later,
+        # from its I/O thread, so the buffer must not change until the tracker says the
+        # bytes are gone: _release_params() enforces that before any update.
+        tracker = self.reply(ident, head, wire.split(self.shard.params), track=True)
+        if tracker is not None and not tracker.done:
+            self.in_flight.append(tracker)
+
+    def _release_params(self) -> None:
+        """Copy-on-write: if a reply still references the params, update a fresh copy.
+
+        Waiting for zmq would stall the loop behind a slow reader; copying only when
+        a send is really still in flight costs nothing in the common case (the
+        tracker is done long before the next push arrives).
+        """
+        self.in_flight = [t for t in self.in_flight if not t.done]
+        if self.in_flight:
+            self.shard.params = self.shard.params.copy()
+            self.in_flight.clear()
+
+    def _answer_parked(self) -> None:
+        still = []
+        for deadline, ident, header in self.parked:
+            if self.shard.pull_ready(header["step"]):
+                self._answer_pull(ident, header)
+            else:
+                still.append((deadline, ident, header))
+        self.parked = still
+
+    def _expire_parked(self) -> None:
+        now = time.monotonic()
+        for deadline, ident, header in [p for p in self.parked if p[0] <= now]:
+            self.errors[Error.TIMEOUT] += 1
+            self.reply(ident, encode(Kind.ERROR, header["rid"], code=Error.TIMEOUT,
+                                     reason=f"step {header['step']} not readable: clocks "
+                                            f"{self.shard.clocks}, version {self.shard.version}"))
+        self.parked = [p for p in self.parked if p[0] > now]
+
+    def reply(self, ident, head: bytes, payload=(), track: bool = False):
+        try:
+            return self.router.send_multipart([ident, head, *payload], copy=False, track=track)
+        except zmq.ZMQError as exc:      # ROUTER_MANDATORY: the peer is gone; nothing to do
+            log.warning("reply to a vanished peer dropped: %s", exc)
+            return None
+
+    def stats(self) -> dict:
+        stats = self.shard.stats() if self.shard else {}
+        stats["errors"] = dict(self.errors)
+        return stats
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.router.close(linger=0)
+        self.ctx.term()
+
+
+def parse_args(argv=None) -> ServerConfig:
+    p = argparse.ArgumentParser(prog="python -m ps.server",
+                                description="Serve one shard of the parameters (numpy only).")
+    p.add_argument("--scheduler", required=True, help="scheduler endpoint, e.g. tcp://10.0.0.1:5555")
+    p.add_argument("--bind", default=ServerConfig.bind,
+                   help="data endpoint to bind (default: %(default)s, * = any free port)")
+    p.add_argument("--advertise", default=None,
+                   help="endpoint workers should connect to, when it differs from --bind")
+    p.add_argument("--heartbeat-interval-s", type=float, default=ServerConfig.heartbeat_interval_s)
+    p.add_argument("--timeout-s", type=float, default=ServerConfig.timeout_s,
+                   help="give up on a silent scheduler or an unanswerable pull after this long")
+    p.add_argument("--log-level", default="WARNING")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s server %(levelname)s %(message)s")
+    return ServerConfig(args.scheduler, args.bind, args.advertise,
+                        args.heartbeat_interval_s, args.timeout_s)
+
+
+def main(argv=None) -> int:
+    server = Server(parse_args(argv))
+    try:
+        server.register()
+        server.serve()
+        return 0
+    except (TimeoutError, ProtocolError, RemoteError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        server.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

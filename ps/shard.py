@@ -1,0 +1,148 @@
+"""A shard's state and rules: its parameters, the consistency gate, exactly-once pushes.
+
+``Shard`` is the pure core of a server: no sockets, just numpy. The event loop in
+``ps.server`` receives and validates a message, then calls ``push`` / ``pull_ready``
+here. Invariants:
+
+* **Exactly once**: a task's gradient is applied at most once. A push naming a task
+  id this shard has already taken, or (BSP) a step it has already completed, is
+  rejected and counted in ``duplicates_rejected``; nothing changes.
+* **BSP**: gradients of step ``t`` are summed into one aggregation buffer; when every
+  task of the step has arrived the optimizer runs once on ``sum / samples`` (the
+  sample-weighted mean over the global batch) and ``version`` becomes ``t + 1``.
+  A pull for step ``t`` is answered once ``version >= t``.
+* **SSP(s)**: each push is applied on arrival as the mean over its own samples and
+  moves its worker's clock to ``step + 1``. A pull at clock ``c`` is answered once
+  every worker's clock is at least ``c - s``: no read misses more than s clocks.
+* **ASP**: pushes applied on arrival, pulls answered at once.
+
+Staleness of a read at step/clock ``c`` is ``c - min(worker clocks)``: how many
+clocks of some worker's updates it may be missing. The largest is kept.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .optim import make_optimizer
+from .protocol import Error, ProtocolError
+from .wire import copy_into
+
+MODES = ("bsp", "ssp", "asp")
+
+
+class Shard:
+    def __init__(self, size: int, optimizer: dict, mode: str, staleness: int, num_workers: int):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
+        self.size = size
+        self.mode = mode
+        self.staleness = staleness
+        self.params: np.ndarray | None = None            # (size,) float32, set by init()
+        self.optimizer = make_optimizer(optimizer, size)
+        self.grad = np.zeros(size, dtype=np.float32)     # BSP: the step's sum; else scratch
+        self.version = 0                                 # optimizer updates applied
+        self.clocks = [0] * num_workers                  # per worker: last pushed step + 1
+        self.step_tasks_seen: set[int] = set()           # BSP: task ids summed into self.grad
+        self.step_samples = 0
+        self.applied: set[int] = set()                   # SSP/ASP: every task id applied
+        self.duplicates_rejected = 0
+        self.max_staleness = 0
+        self.pushes_applied = 0
+
+    # -- initial values -------------------------------------------------------------
+    def init(self, chunks: list[np.ndarray]) -> bool:
+        """Set initial parameters once; later calls (retries, other workers) are no-ops."""
+        if self.params is not None:
+            return False
+        if sum(c.size for c in chunks) != self.size:
+            raise ProtocolError(Error.BAD_PAYLOAD, f"initial values must have {self.size} floats")
+        self.params = np.empty(self.size, dtype=np.float32)
+        copy_into(self.params, chunks)
+        return True
+
+    # -- pushes ---------------------------------------------------------------------
+    def push(self, worker: int, step: int, tasks: list[int], samples: int, step_tasks: int,
+             chunks: list[np.ndarray]) -> bool:
+        """Apply (or, in BSP, aggregate) one push. Returns False for a rejected duplicate.
+
+        ``chunks`` are read-only views of the received frames, in order, together
+        ``size`` floats (or empty when ``samples`` is 0: an SSP clock tick).
+        """
+        self._check(worker, tasks, samples, chunks)
+        if self.mode == "bsp":
+            return self._push_bsp(step, tasks, samples, step_tasks, chunks)
+        if any(t in self.applied for t in tasks):
+            self.duplicates_rejected += 1
+            return False
+        if samples:
+            self._mean_into_grad(chunks, samples)
+            self.optimizer.step(self.params, self.grad)
+            self.version += 1
+        self.applied.update(tasks)
+        self.clocks[worker] = max(self.clocks[worker], step + 1)
+        self.pushes_applied += 1
+        return True
+
+    def _push_bsp(self, step, tasks, samples, step_tasks, chunks) -> bool:
+        if step < self.version or any(t in self.step_tasks_seen for t in tasks):
+            self.duplicates_rejected += 1
+            return False
+        if step > self.version:
+            raise ProtocolError(Error.BAD_FIELD, f"push for step {step}, shard is at {self.version}")
+        if len(self.step_tasks_seen) + len(tasks) > step_tasks:
+            raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
+        offset = 0
+        for chunk in chunks:                                    # sum in place, no temporaries
+            np.add(self.grad[offset:offset + chunk.size], chunk, out=self.grad[offset:offset + chunk.size])
+            offset += chunk.size
+        self.step_tasks_seen.update(tasks)
+        self.step_samples += samples
+        self.pushes_applied += 1
+        if len(self.step_tasks_seen) == step_tasks:             # the step's global batch is in
+            np.divide(self.grad, self.step_samples, out=self.grad)   # sample-weighted mean
+            self.optimizer.step(self.params, self.grad)
+            self.grad.fill(0.0)
+            self.step_tasks_seen.clear()
+            self.step_samples = 0
+            self.version += 1
+            self.clocks = [self.version] * len(self.clocks)
+        return True
+
+    def _mean_into_grad(self, chunks, samples) -> None:
+        """SSP/ASP: the push's mean gradient into the scratch buffer (grad = sum / samples)."""
+        offset = 0
+        for chunk in chunks:
+            np.divide(chunk, samples, out=self.grad[offset:offset + chunk.size])
+            offset += chunk.size
+
+    def _check(self, worker, tasks, samples, chunks) -> None:
+        if self.params is None:
+            raise ProtocolError(Error.NOT_READY, "shard has no parameters yet")
+        if not 0 <= worker < len(self.clocks):
+            raise ProtocolError(Error.UNKNOWN_SENDER, f"no worker {worker}")
+        if samples < 0 or (samples > 0) != bool(tasks):
+            raise ProtocolError(Error.BAD_FIELD, "samples must be > 0 exactly when tasks are named")
+        if samples and sum(c.size for c in chunks) != self.size:
+            raise ProtocolError(Error.BAD_PAYLOAD, f"gradient must have {self.size} floats")
+
+    # -- pulls ----------------------------------------------------------------------
+    def pull_ready(self, step: int) -> bool:
+        """May a read at ``step`` (BSP: version wanted; SSP: the reader's clock) be answered?"""
+        if self.params is None:
+            return False
+        if self.mode == "bsp":
+            return self.version >= step
+        if self.mode == "ssp":
+            return min(self.clocks) >= step - self.staleness
+        return True
+
+    def note_read(self, step: int) -> int:
+        """Record the staleness of a read being answered now; return it."""
+        stale = 0 if self.mode == "bsp" else max(0, step - min(self.clocks))
+        self.max_staleness = max(self.max_staleness, stale)
+        return stale
+
+    def stats(self) -> dict:
+        return {"version": self.version, "pushes_applied": self.pushes_applied,
+                "duplicates_rejected": self.duplicates_rejected,
+                "max_staleness": self.max_staleness, "clocks": list(self.clocks)}

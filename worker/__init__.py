@@ -1,0 +1,1 @@
+"""Workers: the torch side of the cluster (``python -m worker``)."""

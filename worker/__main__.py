@@ -1,0 +1,56 @@
+"""``python -m worker``: start one worker and train until the scheduler says done."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from ps.client import RemoteError
+
+from .runner import Worker, WorkerConfig
+
+log = logging.getLogger("worker")
+
+
+def parse_args(argv=None) -> WorkerConfig:
+    p = argparse.ArgumentParser(prog="python -m worker",
+                                description="Run one worker: lease tasks, pull, compute, push.")
+    p.add_argument("--scheduler", required=True, help="scheduler endpoint, e.g. tcp://10.0.0.1:5555")
+    p.add_argument("--job", required=True, help="job file (build_model, build_dataset, loss_fn, ...)")
+    p.add_argument("--id", type=int, default=-1, dest="worker_id",
+                   help="worker id in [0, M) (default: assigned by the scheduler)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: CUDA where present, else CPU")
+    p.add_argument("--seed", type=int, default=0, help="run seed (must match the scheduler's)")
+    p.add_argument("--out", default=None, help="worker 0 writes params.npz here")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--timeout-s", type=float, default=WorkerConfig.timeout_s,
+                   help="deadline of every request to the scheduler or a server")
+    p.add_argument("--log-level", default="WARNING")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s worker{'' if a.worker_id < 0 else a.worker_id} "
+                               "%(levelname)s %(message)s")
+    return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
+                        a.timeout_s)
+
+
+def main(argv=None) -> int:
+    config = parse_args(argv)
+    worker = None
+    try:
+        worker = Worker(config)
+        worker.run()
+        return 0
+    except (TimeoutError, RemoteError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        log.error("%s", exc)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if worker is not None:
+            worker.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
