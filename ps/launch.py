@@ -23,12 +23,13 @@ from dataclasses import dataclass
 
 import zmq
 
-from .client import Peer
+from .client import Peer, RemoteError
 from .protocol import Kind
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
 STATUS_INTERVAL_S = 0.5          # how often the status line refreshes
+LOG_STATUS_INTERVAL_S = 5.0      # when stderr is not a terminal, one status line this often
 STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 EXIT_GRACE_S = 30.0              # after the scheduler exits, how long the others may take
 
@@ -113,9 +114,36 @@ class Cluster:
 
 
 def status_line(s: dict, mode: str) -> str:
+    if s["phase"] == "forming":
+        return f"[{mode}] forming the cluster: waiting for every server and worker to register"
     loss = f"{s['loss']:.4f}" if s.get("loss") is not None else "-"
-    return (f"\r[{mode}] step {s.get('step', 0)}/{s.get('steps', '?')}  loss {loss}  "
-            f"{s.get('samples_per_s', 0.0):,.0f} samples/s  staleness {s.get('max_staleness', 0)}  ")
+    return (f"[{mode}] step {s.get('step', 0)}/{s.get('steps', '?')}  loss {loss}  "
+            f"{s.get('samples_per_s', 0.0):,.0f} samples/s  max staleness {s.get('max_staleness', 0)}")
+
+
+class StatusLine:
+    """One line redrawn in place on a terminal; a line every few seconds into a log."""
+
+    def __init__(self, quiet: bool):
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.last, self.last_t, self.drawn = "", 0.0, False
+
+    def show(self, text: str) -> None:
+        if self.quiet or text == self.last:
+            return
+        if self.tty:
+            print(f"\r{text:<90}", end="", file=sys.stderr, flush=True)
+            self.drawn = True
+        elif time.monotonic() - self.last_t >= LOG_STATUS_INTERVAL_S:
+            print(text, file=sys.stderr, flush=True)
+            self.last_t = time.monotonic()
+        self.last = text
+
+    def end(self) -> None:
+        if self.drawn:
+            print(file=sys.stderr)
+            self.drawn = False
 
 
 def run(args) -> int:
@@ -129,23 +157,22 @@ def run(args) -> int:
         sched_ep = cluster.start()
         observer = Peer(ctx, sched_ep, "scheduler")
         scheduler = cluster.roles[0].proc
-        shown = False
+        line = StatusLine(args.quiet)
         while scheduler.poll() is None:
             failed = cluster.failed_role()
             if failed:
-                print(f"\n{failed.name} exited with status {failed.proc.returncode}; stopping the cluster",
+                line.end()
+                print(f"{failed.name} exited with status {failed.proc.returncode}; stopping the cluster",
                       file=sys.stderr)
                 return 1
             if not args.quiet:
                 try:
                     status, _ = observer.request(Kind.STATUS, 1.0)
-                    print(status_line(status, args.mode), end="", file=sys.stderr, flush=True)
-                    shown = True
-                except Exception:       # a status line is best effort; the run decides success
+                    line.show(status_line(status, args.mode))
+                except (TimeoutError, RemoteError):   # best effort; the run decides success
                     pass
             time.sleep(STATUS_INTERVAL_S)
-        if shown:
-            print(file=sys.stderr)
+        line.end()
         deadline = time.monotonic() + EXIT_GRACE_S
         for r in cluster.roles[1:]:
             try:

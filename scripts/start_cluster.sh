@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Start a local parameter-server cluster (1 scheduler, S servers, M workers), train a job,
+# stop everything, and exit non-zero if the run failed. `--help` lists the flags.
+# With no flags: the MLP classifier example on 2 servers and 2 workers in BSP.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+case " $* " in *" --help "*|*" -h "*) ;; *) scripts/setup.sh --quiet ;; esac
+exec "${PYTHON:-python3}" -m ps.launch "$@"

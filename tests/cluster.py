@@ -1,0 +1,95 @@
+"""Test helpers: run a local cluster (or a single-process oracle) and read its results.
+
+Every cluster runs in its own process group with a hard deadline; whatever happens,
+the group is killed before the helper returns, so no test leaves a process behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JOBS = os.path.join(ROOT, "tests", "jobs")
+EXAMPLES = os.path.join(ROOT, "examples")
+sys.path.insert(0, ROOT)
+
+from ps.tasks import TaskPlan          # noqa: E402
+from worker.job import collate, load_job  # noqa: E402
+
+
+@dataclass
+class Run:
+    rc: int
+    out: str
+    stdout: str
+    stderr: str
+
+    @property
+    def summary(self) -> dict:
+        with open(os.path.join(self.out, "summary.json")) as f:
+            return json.load(f)
+
+    @property
+    def params(self) -> dict[str, np.ndarray]:
+        with np.load(os.path.join(self.out, "params.npz")) as npz:
+            return {k: npz[k] for k in npz.files}
+
+
+def launch(out: str, *args: str, env: dict | None = None, timeout_s: float = 90.0) -> Run:
+    """Run scripts/start_cluster.sh's launcher to completion (or kill it at the deadline)."""
+    cmd = [sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out),
+           "--timeout-s", "30", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"cluster did not finish in {timeout_s} s\n{stderr[-3000:]}")
+    finally:
+        kill_group(proc)
+    return Run(proc.returncode, str(out), stdout, stderr)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def torch_optimizer(params, config: dict) -> torch.optim.Optimizer:
+    kwargs = {k: v for k, v in config.items() if k != "name"}
+    return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
+            "adamw": torch.optim.AdamW}[config["name"].lower()](params, **kwargs)
+
+
+def oracle(job_path: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Single-process torch training on the same global batches: the reference answer."""
+    job = load_job(job_path)
+    model, dataset = job.build(seed)
+    opt = torch_optimizer(model.parameters(), job.optimizer)
+    plan = TaskPlan(len(dataset), job.batch_size, 1, seed=seed, shuffle=job.shuffle)
+    for step in range(steps):
+        batch = collate(dataset, plan.batch(step).tolist(), torch.device("cpu"))
+        opt.zero_grad()
+        job.loss(model, batch).backward()
+        opt.step()
+    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
+
+
+def assert_params_close(got: dict, want: dict, rtol: float) -> None:
+    assert sorted(got) == sorted(want)
+    for name in want:
+        scale = float(np.abs(want[name]).max())
+        np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * scale,
+                                   err_msg=f"parameter {name}")

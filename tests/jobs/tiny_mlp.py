@@ -1,0 +1,31 @@
+"""A tiny regression MLP for the oracle tests: fixed data, no shuffling.
+
+The optimizer comes from the environment (``TINY_MLP_OPTIMIZER``, JSON) so one job
+file serves every optimizer the oracle tests cover; every worker inherits the
+launcher's environment, so all of them see the same setting.
+"""
+import json
+import os
+
+import torch
+from torch import nn
+
+OPTIMIZER = json.loads(os.environ.get("TINY_MLP_OPTIMIZER", '{"name": "sgd", "lr": 0.05, "momentum": 0.9}'))
+BATCH_SIZE = int(os.environ.get("TINY_MLP_BATCH", "24"))
+SHUFFLE = os.environ.get("TINY_MLP_SHUFFLE", "0") == "1"
+
+
+def build_model():
+    return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+
+
+def build_dataset():
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(200, 6, generator=g)                          # (200, 6)
+    y = torch.stack([x[:, 0] * x[:, 1], x[:, 2].sin(), x[:, 3:].sum(1)], 1)   # (200, 3)
+    return torch.utils.data.TensorDataset(x, y)
+
+
+def loss_fn(model, batch):
+    x, y = batch
+    return nn.functional.mse_loss(model(x), y)
