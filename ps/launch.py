@@ -15,7 +15,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ STATUS_INTERVAL_S = 0.5          # how often the status line refreshes
 LOG_STATUS_INTERVAL_S = 5.0      # when stderr is not a terminal, one status line this often
 STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 EXIT_GRACE_S = 30.0              # after the scheduler exits, how long the others may take
+ENDPOINT_WAIT_S = 60.0           # how long a role may take to bind and publish its endpoint
 
 
 @dataclass
@@ -39,12 +39,6 @@ class Role:
     name: str                     # scheduler | server0 | worker1 ...
     proc: subprocess.Popen
     endpoint: str | None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -61,27 +55,43 @@ class Cluster:
         self.roles: list[Role] = []
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
-    def spawn(self, name: str, module: str, argv: list[str], endpoint: str | None = None,
-              env: dict | None = None) -> None:
+    def spawn(self, name: str, module: str, argv: list[str], env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
         proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
-        self.roles.append(Role(name, proc, endpoint))
+        self.roles.append(Role(name, proc, None))
+
+    def endpoint(self, role: Role, path: str) -> str:
+        """Wait for a role to publish the endpoint it bound (port * = any free port)."""
+        deadline = time.monotonic() + ENDPOINT_WAIT_S
+        while not os.path.exists(path):
+            if role.proc.poll() is not None:
+                raise RuntimeError(f"{role.name} exited with status {role.proc.returncode} "
+                                   "before binding its endpoint")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{role.name} published no endpoint in {ENDPOINT_WAIT_S:.0f} s")
+            time.sleep(0.02)
+        with open(path) as f:
+            role.endpoint = f.read().strip()
+        os.remove(path)
+        return role.endpoint
 
     def start(self) -> str:
         a = self.args
-        sched_ep = f"tcp://127.0.0.1:{free_port()}"
         common = ["--timeout-s", str(a.timeout_s)]
+        ep_file = lambda name: os.path.join(a.out, f".{name}.endpoint")   # noqa: E731
         sched_argv = ["--servers", str(a.servers), "--workers", str(a.workers), "--mode", a.mode,
-                      "--staleness", str(a.staleness), "--seed", str(a.seed), "--bind", sched_ep,
+                      "--staleness", str(a.staleness), "--seed", str(a.seed),
+                      "--bind", "tcp://127.0.0.1:*", "--endpoint-file", ep_file("scheduler"),
                       "--out", a.out, *common]
         for flag, value in (("--steps", a.steps), ("--epochs", a.epochs),
                             ("--tasks-per-step", a.tasks_per_step)):
             if value is not None:
                 sched_argv += [flag, str(value)]
-        self.spawn("scheduler", "ps.scheduler", sched_argv, sched_ep)
+        self.spawn("scheduler", "ps.scheduler", sched_argv)
+        sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
         for k in range(a.servers):
-            ep = f"tcp://127.0.0.1:{free_port()}"
-            self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", ep, *common], ep)
+            self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", "tcp://127.0.0.1:*",
+                                                   "--endpoint-file", ep_file(f"server{k}"), *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):
@@ -89,6 +99,8 @@ class Cluster:
                        ["--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
                         "--seed", str(a.seed), "--out", a.out, "--threads", str(threads), *common],
                        env=worker_env)
+        for k in range(a.servers):
+            self.endpoint(self.roles[1 + k], ep_file(f"server{k}"))
         self.write_cluster_json()
         return sched_ep
 
@@ -188,6 +200,9 @@ def run(args) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the cluster", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        print(f"cluster failed to start: {exc}", file=sys.stderr)
+        return 1
     finally:
         cluster.stop()
         ctx.destroy(linger=0)

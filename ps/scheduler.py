@@ -74,10 +74,7 @@ class Scheduler:
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
         if self.config.endpoint_file:
-            tmp = self.config.endpoint_file + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(self.endpoint)
-            os.replace(tmp, self.config.endpoint_file)
+            wire.write_endpoint(self.config.endpoint_file, self.endpoint)
         log.info("scheduler at %s", self.endpoint)
         while self.phase != "exit":
             if self.router.poll(200):

@@ -40,6 +40,7 @@ class ServerConfig:
     scheduler: str                       # the scheduler's endpoint
     bind: str = "tcp://127.0.0.1:*"      # where workers reach this shard (* = any free port)
     advertise: str | None = None         # endpoint to give workers, if not the bound one
+    endpoint_file: str | None = None     # where to publish the endpoint (for launchers)
     heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
 
@@ -51,6 +52,8 @@ class Server:
         self.router = wire.make_socket(self.ctx, zmq.ROUTER)
         self.router.bind(config.bind)
         self.endpoint = config.advertise or self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        if config.endpoint_file:
+            wire.write_endpoint(config.endpoint_file, self.endpoint)
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shard: Shard | None = None
         self.index = -1
@@ -228,6 +231,7 @@ def parse_args(argv=None) -> ServerConfig:
                    help="data endpoint to bind (default: %(default)s, * = any free port)")
     p.add_argument("--advertise", default=None,
                    help="endpoint workers should connect to, when it differs from --bind")
+    p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
     p.add_argument("--heartbeat-interval-s", type=float, default=ServerConfig.heartbeat_interval_s)
     p.add_argument("--timeout-s", type=float, default=ServerConfig.timeout_s,
                    help="give up on a silent scheduler or an unanswerable pull after this long")
@@ -235,7 +239,7 @@ def parse_args(argv=None) -> ServerConfig:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s server %(levelname)s %(message)s")
-    return ServerConfig(args.scheduler, args.bind, args.advertise,
+    return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file,
                         args.heartbeat_interval_s, args.timeout_s)
 
 

@@ -9,6 +9,8 @@ Used by the server, the scheduler and the client (``ps.client``), never with pic
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import zmq
 
@@ -30,6 +32,18 @@ def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     if kind == zmq.ROUTER:
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a reply to a vanished peer raises, not vanishes
     return sock
+
+
+def write_endpoint(path: str, endpoint: str) -> None:
+    """Publish a bound endpoint for a launcher (atomically: it never reads half a line).
+
+    Binding to port * and publishing what the kernel gave avoids the race of picking
+    a "free" port first, which an outgoing connection can take in the meantime.
+    """
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(endpoint)
+    os.replace(tmp, path)
 
 
 def split(flat: np.ndarray, frame_bytes: int = FRAME_BYTES) -> list[memoryview]:
