@@ -1,0 +1,192 @@
+"""Tasks (ps.tasks): the deterministic data stream and the dealing of its tasks.
+
+What the rest of the system relies on: step k of an epoch is batch k of that epoch's
+order (the last one possibly smaller), the tasks of a step partition its batch exactly,
+task ids never repeat, the order is a pure function of (seed, epoch), and the Dealer
+hands every task of a step to exactly one worker and remembers who holds it.
+"""
+import numpy as np
+import pytest
+
+from ps.tasks import Dealer, Task, TaskPlan, epoch_order, steps_per_epoch
+
+
+def all_samples(plan: TaskPlan, steps) -> list[int]:
+    return [int(i) for step in steps for i in plan.batch(step)]
+
+
+# -- epoch order ----------------------------------------------------------------------
+
+def test_epoch_order_without_shuffle_is_identity():
+    order = epoch_order(7, epoch=3, seed=9, shuffle=False)
+    assert order.tolist() == list(range(7))
+
+
+def test_shuffled_order_is_a_deterministic_permutation():
+    a = epoch_order(1000, epoch=2, seed=5, shuffle=True)
+    assert sorted(a.tolist()) == list(range(1000))
+    assert np.array_equal(a, epoch_order(1000, epoch=2, seed=5, shuffle=True))
+    assert not np.array_equal(a, np.arange(1000))
+
+
+def test_shuffled_order_differs_between_epochs_and_seeds():
+    base = epoch_order(1000, epoch=0, seed=0, shuffle=True)
+    assert not np.array_equal(base, epoch_order(1000, epoch=1, seed=0, shuffle=True))
+    assert not np.array_equal(base, epoch_order(1000, epoch=0, seed=1, shuffle=True))
+    # (seed, epoch) is a pair, not a sum: (0, 1) and (1, 0) are different streams.
+    assert not np.array_equal(epoch_order(1000, 1, 0, True), epoch_order(1000, 0, 1, True))
+
+
+@pytest.mark.parametrize("n,b,expected", [(10, 4, 3), (12, 4, 3), (1, 4, 1), (4, 1, 4)])
+def test_steps_per_epoch_rounds_up(n, b, expected):
+    assert steps_per_epoch(n, b) == expected
+
+
+# -- plan: batches --------------------------------------------------------------------
+
+def test_unshuffled_step_k_covers_kB_to_k1B_and_last_batch_is_smaller():
+    plan = TaskPlan(num_samples=10, batch_size=4, tasks_per_step=2, shuffle=False)
+    assert plan.steps_per_epoch == 3
+    assert plan.batch(0).tolist() == [0, 1, 2, 3]
+    assert plan.batch(1).tolist() == [4, 5, 6, 7]
+    assert plan.batch(2).tolist() == [8, 9]                   # the epoch's last, smaller batch
+
+
+def test_steps_continue_into_the_next_epoch():
+    plan = TaskPlan(num_samples=10, batch_size=4, tasks_per_step=2, shuffle=False)
+    assert [plan.batch(s).tolist() for s in (3, 4, 5, 6)] == \
+        [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9], [0, 1, 2, 3]]
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 2])
+def test_shuffled_epoch_is_a_permutation_split_into_batches(epoch):
+    plan = TaskPlan(num_samples=103, batch_size=10, tasks_per_step=3, seed=4)
+    steps = range(epoch * plan.steps_per_epoch, (epoch + 1) * plan.steps_per_epoch)
+    samples = all_samples(plan, steps)
+    assert sorted(samples) == list(range(103))                # every sample exactly once
+    assert samples == epoch_order(103, epoch, 4, True).tolist()
+    assert [len(plan.batch(s)) for s in steps] == [10] * 10 + [3]
+
+
+def test_plan_is_deterministic_and_revisiting_an_epoch_gives_the_same_batches():
+    a = TaskPlan(num_samples=50, batch_size=8, tasks_per_step=2, seed=11)
+    b = TaskPlan(num_samples=50, batch_size=8, tasks_per_step=2, seed=11)
+    first = [a.batch(s).tolist() for s in range(21)]          # three epochs
+    assert first == [b.batch(s).tolist() for s in range(21)]
+    assert [a.batch(s).tolist() for s in (0, 14, 1, 7)] == [first[0], first[14], first[1], first[7]]
+
+
+def test_shuffled_epochs_and_seeds_differ():
+    a = TaskPlan(num_samples=50, batch_size=50, tasks_per_step=1, seed=0)
+    b = TaskPlan(num_samples=50, batch_size=50, tasks_per_step=1, seed=1)
+    assert a.batch(0).tolist() != a.batch(1).tolist()
+    assert a.batch(0).tolist() != b.batch(0).tolist()
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_samples=0, batch_size=1, tasks_per_step=1),
+                                    dict(num_samples=1, batch_size=0, tasks_per_step=1),
+                                    dict(num_samples=1, batch_size=1, tasks_per_step=0)])
+def test_plan_refuses_non_positive_sizes(kwargs):
+    with pytest.raises(ValueError):
+        TaskPlan(**kwargs)
+
+
+# -- plan: tasks ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("n,b,t", [(10, 4, 2), (103, 10, 3), (20, 7, 7), (5, 5, 8), (9, 4, 3)])
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_tasks_partition_their_batch_exactly(n, b, t, shuffle):
+    plan = TaskPlan(num_samples=n, batch_size=b, tasks_per_step=t, seed=3, shuffle=shuffle)
+    for step in range(2 * plan.steps_per_epoch):
+        batch = plan.batch(step).tolist()
+        tasks = plan.tasks(step)
+        assert [i for task in tasks for i in task.samples] == batch   # in order, no gap/overlap
+        assert len(tasks) == min(t, len(batch))
+        sizes = [len(task.samples) for task in tasks]
+        assert min(sizes) >= 1 and max(sizes) - min(sizes) <= 1
+        assert all(task.step == step for task in tasks)
+        assert all(type(i) is int for task in tasks for i in task.samples)
+
+
+def test_task_ids_are_unique_across_steps_and_follow_the_formula():
+    plan = TaskPlan(num_samples=23, batch_size=5, tasks_per_step=3, seed=2)
+    ids = []
+    for step in range(15):
+        tasks = plan.tasks(step)
+        assert [t.id for t in tasks] == [step * 3 + j for j in range(len(tasks))]
+        ids += [t.id for t in tasks]
+    assert len(ids) == len(set(ids))
+
+
+def test_task_to_wire_is_plain_lists():
+    assert Task(7, 2, (4, 5)).to_wire() == [7, [4, 5]]
+
+
+# -- dealer ---------------------------------------------------------------------------
+
+def test_deal_is_round_robin_and_happens_once():
+    plan = TaskPlan(num_samples=70, batch_size=70, tasks_per_step=7, shuffle=False)
+    dealer = Dealer(plan, num_workers=3)
+    dealer.deal(0)
+    tasks = plan.tasks(0)
+    assert [list(d) for d in dealer.deques[0]] == [tasks[0::3], tasks[1::3], tasks[2::3]]
+    assert dealer.step_tasks[0] == 7
+    dealer.take(1, 0)
+    dealer.deal(0)                                            # a second deal changes nothing
+    assert [len(d) for d in dealer.deques[0]] == [3, 0, 2]
+
+
+def test_take_leases_only_the_workers_own_tasks():
+    plan = TaskPlan(num_samples=40, batch_size=20, tasks_per_step=5, shuffle=False)
+    dealer = Dealer(plan, num_workers=2)
+    taken = dealer.take(0, step=1)                            # take deals on demand
+    assert taken == plan.tasks(1)[0::2]
+    assert dealer.leases == {t.id: 0 for t in taken}
+    assert [len(d) for d in dealer.deques[1]] == [0, 2]       # worker 1's deque untouched
+    assert dealer.take(0, step=1) == []                       # nothing left to lease twice
+    assert dealer.leases == {t.id: 0 for t in taken}
+
+
+def test_complete_ends_leases():
+    plan = TaskPlan(num_samples=40, batch_size=20, tasks_per_step=4, shuffle=False)
+    dealer = Dealer(plan, num_workers=2)
+    a, b = dealer.take(0, 0), dealer.take(1, 0)
+    assert set(dealer.leases) == {t.id for t in a + b}
+    dealer.complete([t.id for t in a])
+    assert dealer.leases == {t.id: 1 for t in b}
+    dealer.complete([t.id for t in a])                        # completing again is harmless
+    dealer.complete([t.id for t in b] + [999])                # unknown ids are ignored
+    assert dealer.leases == {}
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 5, 8])
+def test_every_task_of_a_step_is_taken_exactly_once(workers):
+    plan = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
+    dealer = Dealer(plan, num_workers=workers)
+    for step in range(2 * plan.steps_per_epoch):
+        taken = [t for w in reversed(range(workers)) for t in dealer.take(w, step)]
+        assert sorted(t.id for t in taken) == [t.id for t in plan.tasks(step)]
+        assert sorted(i for t in taken for i in t.samples) == sorted(plan.batch(step).tolist())
+        assert dealer.step_tasks[step] == len(plan.tasks(step))
+    # Every sample of each epoch went to exactly one task lease.
+    assert len(dealer.leases) == sum(len(plan.tasks(s)) for s in range(2 * plan.steps_per_epoch))
+
+
+def test_step_with_fewer_samples_than_workers():
+    plan = TaskPlan(num_samples=10, batch_size=4, tasks_per_step=4, shuffle=False)
+    dealer = Dealer(plan, num_workers=3)
+    assert plan.batch(2).tolist() == [8, 9]                   # the epoch's short last step
+    got = [dealer.take(w, 2) for w in range(3)]
+    assert [[t.samples for t in g] for g in got] == [[(8,)], [(9,)], []]
+    assert dealer.step_tasks[2] == 2                          # the shard must wait for 2, not 4
+    assert dealer.leases == {8: 0, 9: 1}
+
+
+def test_forget_drops_deques_and_the_plan_rebuilds_them():
+    plan = TaskPlan(num_samples=8, batch_size=4, tasks_per_step=2, shuffle=False)
+    dealer = Dealer(plan, num_workers=2)
+    first = dealer.take(0, 0)
+    dealer.forget(0)
+    assert 0 not in dealer.deques
+    assert dealer.take(0, 0) == first                         # re-dealt from the same plan
+    dealer.forget(5)                                          # forgetting an unknown step is fine
