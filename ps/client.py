@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from . import wire
-from .protocol import Error, Kind, ProtocolError, decode, encode
+from .protocol import Kind, ProtocolError, decode, encode
 
 
 class RemoteError(RuntimeError):
@@ -136,14 +136,3 @@ class ShardClient:
         for p in self.peers:
             p.close()
 
-
-def retry_until(deadline_s: float, fn, *args, **kwargs):
-    """Call ``fn`` until it stops raising NOT_READY or the deadline passes."""
-    deadline = time.monotonic() + deadline_s
-    while True:
-        try:
-            return fn(*args, **kwargs)
-        except RemoteError as exc:
-            if exc.code != Error.NOT_READY or time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)

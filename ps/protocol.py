@@ -57,7 +57,6 @@ class Error:
     BAD_DTYPE = "bad_dtype"
     BAD_PAYLOAD = "bad_payload"         # payload bytes do not match what the header claims
     NOT_READY = "not_ready"             # the shard has no parameters yet / the cluster is not configured
-    STALE = "stale"                     # push for a step this shard has already completed
     DUPLICATE = "duplicate"             # push containing a task id this shard already applied
     TIMEOUT = "timeout"                 # a deferred request waited past its deadline
     UNKNOWN_SENDER = "unknown_sender"
@@ -126,11 +125,11 @@ def decode(frame) -> dict:
         raise ProtocolError(Error.BAD_HEADER, f"undecodable header: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Error.BAD_HEADER, "header is not a map")
-    if header.get("v") != PROTOCOL_VERSION:
+    if not _is_int(header.get("v")) or header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(Error.BAD_VERSION, f"protocol version {header.get('v')!r}, "
                                                f"expected {PROTOCOL_VERSION}")
     kind = header.get("kind")
-    if kind not in SCHEMA:
+    if not isinstance(kind, str) or kind not in SCHEMA:
         raise ProtocolError(Error.UNKNOWN_KIND, f"unknown message kind {kind!r}")
     if not _is_int(header.get("rid")):
         raise ProtocolError(Error.MISSING_FIELD, "missing or non-integer 'rid'")

@@ -122,8 +122,9 @@ class Shard:
             raise ProtocolError(Error.UNKNOWN_SENDER, f"no worker {worker}")
         if samples < 0 or (samples > 0) != bool(tasks):
             raise ProtocolError(Error.BAD_FIELD, "samples must be > 0 exactly when tasks are named")
-        if samples and sum(c.size for c in chunks) != self.size:
-            raise ProtocolError(Error.BAD_PAYLOAD, f"gradient must have {self.size} floats")
+        if sum(c.size for c in chunks) != (self.size if samples else 0):
+            raise ProtocolError(Error.BAD_PAYLOAD, f"a gradient of {self.size} floats must come "
+                                                   "with samples > 0, and only then")
 
     # -- pulls ----------------------------------------------------------------------
     def pull_ready(self, step: int) -> bool:

@@ -66,7 +66,7 @@ def check_payload(frames: list, dtype: str, size: int) -> list[np.ndarray]:
     itemsize = np.dtype(dtype).itemsize
     total = 0
     for frame in frames:
-        n = len(frame.buffer) if hasattr(frame, "buffer") else len(frame)
+        n = memoryview(frame.buffer if hasattr(frame, "buffer") else frame).nbytes
         if n > MAX_FRAME_BYTES or n % itemsize:
             raise ProtocolError(Error.BAD_PAYLOAD, f"payload frame of {n} bytes")
         total += n

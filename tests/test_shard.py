@@ -190,9 +190,6 @@ def test_bsp_zero_sample_push_changes_nothing():
     assert_unchanged(shard, before)
 
 
-@pytest.mark.xfail(strict=True, reason="Shard._check checks the payload size only when "
-                   "samples > 0, and _push_bsp then sums the payload of a zero-sample push "
-                   "into the step's aggregation buffer")
 def test_bsp_zero_sample_push_with_a_payload_is_refused_or_ignored():
     shard, _ = make("bsp", 2)
     before = snapshot(shard)

@@ -1,0 +1,67 @@
+"""Command lines: every role has a useful --help; bad invocations fail fast and clearly."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from cluster import ROOT, launch
+
+
+@pytest.mark.parametrize("cmd", [["-m", "ps.scheduler"], ["-m", "ps.server"], ["-m", "worker"],
+                                 ["-m", "ps.launch"]])
+def test_help(cmd):
+    out = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0
+    assert "usage:" in out.stdout and "--" in out.stdout
+
+
+def test_start_cluster_help_lists_the_flags():
+    out = subprocess.run([os.path.join(ROOT, "scripts", "start_cluster.sh"), "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--job", "--servers", "--workers", "--mode", "--staleness", "--steps", "--epochs",
+                 "--seed", "--device", "--out", "--quiet"):
+        assert flag in out.stdout
+
+
+def test_missing_job_file_is_a_clear_error(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ps.launch", "--job", str(tmp_path / "nope.py")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "does not exist" in out.stderr
+
+
+def test_broken_job_fails_the_run_naming_the_role(tmp_path):
+    job = tmp_path / "broken.py"
+    job.write_text("BATCH_SIZE = 4\n")            # no model, no data, no loss
+    run = launch(tmp_path / "out", "--job", str(job), "--steps", "2", timeout_s=60)
+    assert run.rc != 0
+    assert "does not define" in run.stderr and "worker" in run.stderr
+
+
+def test_ctrl_c_stops_every_role(tmp_path):
+    import json
+    import signal
+    import time
+    proc = subprocess.Popen([sys.executable, "-m", "ps.launch", "--quiet", "--out", str(tmp_path),
+                             "--steps", "100000"], cwd=ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "cluster.json").exists():
+            assert time.monotonic() < deadline, "cluster.json never appeared"
+            time.sleep(0.05)
+        time.sleep(1.0)
+        pids = [r["pid"] for r in json.loads((tmp_path / "cluster.json").read_text())["roles"].values()]
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        for pid in pids:           # every role is gone (reaped by the launcher)
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -1,0 +1,40 @@
+"""Each example runs on a real local cluster (tiny settings) and writes its results."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from cluster import EXAMPLES, ROOT, launch
+
+SUMMARY_FIELDS = {"mode", "staleness", "servers", "workers", "steps", "samples", "final_loss",
+                  "wall_s", "samples_per_s", "max_staleness", "per_worker", "duplicates_rejected"}
+
+
+@pytest.mark.parametrize("example,mode", [("linear_regression", "bsp"),
+                                          ("mlp_classifier", "ssp"),
+                                          ("char_transformer", "asp")])
+def test_example_runs_on_a_cluster(tmp_path, example, mode):
+    run = launch(tmp_path, "--job", os.path.join(EXAMPLES, f"{example}.py"), "--mode", mode,
+                 "--steps", "4")
+    assert run.rc == 0, run.stderr[-3000:]
+    summary = run.summary
+    assert SUMMARY_FIELDS <= set(summary)
+    assert summary["mode"] == mode and summary["steps"] == 4 and summary["workers"] == 2
+    assert sum(w["samples"] for w in summary["per_worker"]) == summary["samples"] > 0
+    assert np.isfinite(summary["final_loss"])
+    with open(tmp_path / "cluster.json") as f:
+        roles = json.load(f)["roles"]
+    assert set(roles) == {"scheduler", "server0", "server1", "worker0", "worker1"}
+    assert all(r["pid"] > 0 for r in roles.values())
+    assert roles["server0"]["endpoint"].startswith("tcp://")
+    params = run.params
+    assert params and all(v.dtype == np.float32 and np.isfinite(v).all() for v in params.values())
+
+
+def test_char_transformer_prints_a_sample(tmp_path):
+    run = launch(tmp_path, "--job", os.path.join(EXAMPLES, "char_transformer.py"), "--steps", "2",
+                 "--workers", "1", "--servers", "1")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert "def " in run.stdout       # finish() prints generated text after the prompt
