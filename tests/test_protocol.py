@@ -217,7 +217,7 @@ def test_kinds_without_fields_need_only_the_envelope():
 def test_protocol_error_carries_code_and_reason():
     err = ProtocolError(Error.DUPLICATE, "step 3 done")
     assert (err.code, err.reason) == (Error.DUPLICATE, "step 3 done")
-    assert str(err) == "stale: step 3 done"
+    assert str(err) == "duplicate: step 3 done"
 
 
 # -- check_int_list -------------------------------------------------------------------
