@@ -91,7 +91,8 @@ class Cluster:
         sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
         for k in range(a.servers):
             self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", "tcp://127.0.0.1:*",
-                                                   "--endpoint-file", ep_file(f"server{k}"), *common])
+                                                   "--endpoint-file", ep_file(f"server{k}"), "--shard", str(k),
+                                                   *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):

@@ -129,9 +129,9 @@ class Scheduler:
         if self.phase != "forming":
             raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
         if header["role"] == "server":
-            index = len(self.servers)
-            if index >= self.config.servers or not isinstance(header.get("endpoint"), str):
-                raise ProtocolError(Error.BAD_FIELD, "unexpected server registration")
+            index = self._pick_index(header.get("shard"), self.servers, self.config.servers, "shard")
+            if not isinstance(header.get("endpoint"), str):
+                raise ProtocolError(Error.MISSING_FIELD, "a server registers its endpoint")
             self.servers[index] = {"endpoint": header["endpoint"]}
         elif header["role"] == "worker":
             index = self._register_worker(header)
@@ -145,11 +145,7 @@ class Scheduler:
     def _register_worker(self, header) -> int:
         info = {k: header.get(k) for k in ("layout", "dataset_size", "batch_size", "shuffle",
                                            "optimizer", "epochs")}
-        wanted = header.get("worker")
-        index = wanted if isinstance(wanted, int) and wanted >= 0 else next(
-            i for i in range(self.config.workers + 1) if i not in self.workers)
-        if index >= self.config.workers or index in self.workers:
-            raise ProtocolError(Error.BAD_FIELD, f"worker id {index} is taken or out of range")
+        index = self._pick_index(header.get("worker"), self.workers, self.config.workers, "worker")
         if not (isinstance(info["layout"], list) and isinstance(info["dataset_size"], int)
                 and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
             raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
@@ -163,6 +159,15 @@ class Scheduler:
                                                      "(model layout, data set or optimizer)")
         self.workers[index] = info
         return index
+
+    @staticmethod
+    def _pick_index(wanted, taken: dict, count: int, what: str) -> int:
+        """The index a role asked for (launchers pin them), else the lowest free one."""
+        if not (isinstance(wanted, int) and not isinstance(wanted, bool)) or wanted < 0:
+            wanted = next((i for i in range(count) if i not in taken), count)
+        if wanted >= count or wanted in taken:
+            raise ProtocolError(Error.BAD_FIELD, f"{what} {wanted} is taken or out of range [0, {count})")
+        return wanted
 
     def _form(self) -> None:
         cfg, job = self.config, self.workers[0]

@@ -41,6 +41,7 @@ class ServerConfig:
     bind: str = "tcp://127.0.0.1:*"      # where workers reach this shard (* = any free port)
     advertise: str | None = None         # endpoint to give workers, if not the bound one
     endpoint_file: str | None = None     # where to publish the endpoint (for launchers)
+    shard: int = -1                      # which shard to serve (-1: the scheduler picks)
     heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
 
@@ -65,7 +66,8 @@ class Server:
     def register(self) -> None:
         """Join the cluster; the scheduler answers once every role has registered."""
         reply, _ = self.scheduler.request(Kind.REGISTER, self.config.timeout_s,
-                                          role="server", endpoint=self.endpoint)
+                                          role="server", endpoint=self.endpoint,
+                                          shard=self.config.shard)
         self.index = reply["shard"]
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
                            reply["staleness"], reply["workers"])
@@ -232,6 +234,8 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--advertise", default=None,
                    help="endpoint workers should connect to, when it differs from --bind")
     p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
+    p.add_argument("--shard", type=int, default=-1,
+                   help="shard index in [0, S) (default: assigned by the scheduler)")
     p.add_argument("--heartbeat-interval-s", type=float, default=ServerConfig.heartbeat_interval_s)
     p.add_argument("--timeout-s", type=float, default=ServerConfig.timeout_s,
                    help="give up on a silent scheduler or an unanswerable pull after this long")
@@ -239,7 +243,7 @@ def parse_args(argv=None) -> ServerConfig:
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s server %(levelname)s %(message)s")
-    return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file,
+    return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file, args.shard,
                         args.heartbeat_interval_s, args.timeout_s)
 
 

@@ -116,8 +116,7 @@ class Shard:
             offset += chunk.size
 
     def _check(self, worker, tasks, samples, chunks) -> None:
-        if self.params is None:
-            raise ProtocolError(Error.NOT_READY, "shard has no parameters yet")
+        """Refuse a malformed push before looking at state (cheapest, most certain first)."""
         if not 0 <= worker < len(self.clocks):
             raise ProtocolError(Error.UNKNOWN_SENDER, f"no worker {worker}")
         if samples < 0 or (samples > 0) != bool(tasks):
@@ -125,6 +124,8 @@ class Shard:
         if sum(c.size for c in chunks) != (self.size if samples else 0):
             raise ProtocolError(Error.BAD_PAYLOAD, f"a gradient of {self.size} floats must come "
                                                    "with samples > 0, and only then")
+        if self.params is None:
+            raise ProtocolError(Error.NOT_READY, "shard has no parameters yet")
 
     # -- pulls ----------------------------------------------------------------------
     def pull_ready(self, step: int) -> bool:
