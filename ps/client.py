@@ -32,7 +32,13 @@ class RemoteError(RuntimeError):
 
 
 class Peer:
-    """A DEALER connected to one endpoint, with request ids and deadlines."""
+    """A DEALER connected to one endpoint, with request ids and deadlines.
+
+    Several requests may be in flight at once (a worker leases its next task while
+    computing the current one). Replies are matched by rid: one that arrives while
+    we wait for another outstanding request is kept for later; one nobody waits
+    for any more (abandoned, or sent with ``want_reply=False``) is dropped.
+    """
 
     _rids = itertools.count(1)
 
@@ -40,18 +46,23 @@ class Peer:
         self.endpoint, self.name = endpoint, name
         self.sock = wire.make_socket(ctx, zmq.DEALER)
         self.sock.connect(endpoint)
+        self.outstanding: set[int] = set()              # rids whose replies we still want
+        self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
 
-    def send(self, kind: str, frames=(), **fields) -> int:
+    def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
         self.sock.send_multipart([encode(kind, rid, **fields), *frames], copy=False)
+        if want_reply:
+            self.outstanding.add(rid)
         return rid
 
     def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
         """Wait for the reply to ``rid``; raise TimeoutError naming what we waited for."""
         deadline = time.monotonic() + timeout_s
-        while True:
+        while rid not in self.arrived:
             left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
             if not self.sock.poll(left_ms):
+                self.outstanding.discard(rid)       # abandoned: a late reply will be dropped
                 raise TimeoutError(f"no reply from {self.name} ({self.endpoint}) "
                                    f"to {what or 'request'} within {timeout_s:.0f} s")
             frames = self.sock.recv_multipart(copy=False)
@@ -59,11 +70,14 @@ class Peer:
                 header = decode(frames[0])
             except ProtocolError:
                 continue        # garbage from the wire is dropped, not trusted
-            if header["rid"] != rid:
-                continue        # a late reply to an earlier, abandoned request
-            if header["kind"] == Kind.ERROR:
-                raise RemoteError(self.name, header["code"], header["reason"])
-            return header, frames[1:]
+            if header["rid"] in self.outstanding:
+                self.arrived[header["rid"]] = (header, frames[1:])
+            # else: a late reply to an abandoned request, or one nobody asked for
+        self.outstanding.discard(rid)
+        header, frames = self.arrived.pop(rid)
+        if header["kind"] == Kind.ERROR:
+            raise RemoteError(self.name, header["code"], header["reason"])
+        return header, frames
 
     def request(self, kind: str, timeout_s: float, frames=(), **fields) -> tuple[dict, list]:
         return self.recv(self.send(kind, frames, **fields), timeout_s, what=kind)

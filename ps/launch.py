@@ -24,6 +24,7 @@ import zmq
 
 from .client import Peer, RemoteError
 from .protocol import Kind
+from .trace import merge as merge_traces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
@@ -87,6 +88,7 @@ class Cluster:
                             ("--tasks-per-step", a.tasks_per_step)):
             if value is not None:
                 sched_argv += [flag, str(value)]
+        sched_argv += ["--no-steal"] * a.no_steal + ["--trace"] * a.trace
         self.spawn("scheduler", "ps.scheduler", sched_argv)
         sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
         for k in range(a.servers):
@@ -98,7 +100,9 @@ class Cluster:
         for w in range(a.workers):
             self.spawn(f"worker{w}", "worker",
                        ["--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
-                        "--seed", str(a.seed), "--out", a.out, "--threads", str(threads), *common],
+                        "--seed", str(a.seed), "--out", a.out, "--threads", str(threads),
+                        "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
+                        *(["--trace"] * a.trace), *common],
                        env=worker_env)
         for k in range(a.servers):
             self.endpoint(self.roles[1 + k], ep_file(f"server{k}"))
@@ -197,6 +201,9 @@ def run(args) -> int:
         if failed:
             print(f"{failed.name} exited with status {failed.proc.returncode}", file=sys.stderr)
             return 1
+        if args.trace:
+            print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
+                  file=sys.stderr)
         return report(args.out)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the cluster", file=sys.stderr)
@@ -245,6 +252,14 @@ def parse_args(argv=None):
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.add_argument("--tasks-per-step", type=int, default=None,
                    help="tasks a global batch is cut into (default: one per worker)")
+    p.add_argument("--no-steal", action="store_true",
+                   help="deal tasks statically (equal shares, no stealing), for comparison")
+    p.add_argument("--slow", action="append", default=[], metavar="W=F",
+                   help="straggler emulation: worker W takes F times as long per task (repeatable)")
+    p.add_argument("--jitter", default="0:1", metavar="P:F",
+                   help="straggler emulation: any task F times slower with probability P (seeded)")
+    p.add_argument("--trace", action="store_true",
+                   help="write a Chrome trace of every role to OUT/trace.json")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / M)")
     p.add_argument("--timeout-s", type=float, default=120.0,
                    help="any wait longer than this fails the run with a diagnosis")
@@ -252,6 +267,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         p.error("--servers and --workers must be at least 1")
+    try:
+        args.slow = {int(w): float(f) for w, f in (item.split("=") for item in args.slow)}
+    except ValueError:
+        p.error("--slow wants W=F, e.g. --slow 1=3")
+    if any(not 0 <= w < args.workers or f < 1 for w, f in args.slow.items()):
+        p.error("--slow W=F needs 0 <= W < workers and F >= 1")
     if args.staleness is None:
         args.staleness = 2 if args.mode == "ssp" else 0
     if args.staleness < 0:

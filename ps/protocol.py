@@ -31,8 +31,8 @@ class Kind:
     # control path: worker/server -> scheduler
     REGISTER = "register"       # join the cluster; the reply (sent once all roles are in) is the config
     HEARTBEAT = "heartbeat"     # a server's periodic report (stats); the reply says whether to stop
-    LEASE = "lease"             # worker asks for its tasks of one step (or clock)
-    REPORT = "report"           # worker reports a finished step: loss, samples, timings
+    LEASE = "lease"             # worker asks for its next task of a step (or clock); steals if need be
+    REPORT = "report"           # worker reports pushed tasks: loss, samples, timings, rejections
     DONE = "done"               # worker finished all steps; reply is deferred until every worker is done
     FINISHED = "finished"       # worker 0 has written the final parameters; the run may end
     STATUS = "status"           # anyone (the launcher) asks how the run is going
@@ -85,7 +85,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.REGISTER: {"role": _STR},
     Kind.HEARTBEAT: {"shard": _INT, "stats": _MAP},
     Kind.LEASE: {"worker": _INT, "step": _INT},
-    Kind.REPORT: {"worker": _INT, "step": _INT, "loss_sum": _NUM, "samples": _INT,
+    Kind.REPORT: {"worker": _INT, "step": _INT, "tasks": _LIST, "rejected": _LIST,
+                  "loss_sum": _NUM, "samples": _INT,
                   "compute_s": _NUM, "wait_s": _NUM},
     Kind.DONE: {"worker": _INT},
     Kind.FINISHED: {"worker": _INT},

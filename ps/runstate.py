@@ -28,6 +28,7 @@ class RunState:
         self.workers = [WorkerTally() for _ in range(num_workers)]
         self.loss_sum: dict[int, float] = defaultdict(float)     # step -> sum of sample losses
         self.loss_samples: dict[int, int] = defaultdict(int)     # step -> samples behind it
+        self.epochs: dict[int, dict] = {}    # epoch -> samples applied, duplicates rejected
         self.t_start: float | None = None
         self.t_end: float | None = None
 
@@ -46,6 +47,15 @@ class RunState:
         if samples:
             self.loss_sum[step] += loss_sum
             self.loss_samples[step] += samples
+
+    def count_task(self, epoch: int, samples: int, rejected: bool) -> None:
+        """A task's push came back: applied (its samples count) or rejected as a duplicate."""
+        tally = self.epochs.setdefault(epoch, {"epoch": epoch, "samples_applied": 0,
+                                               "duplicates_rejected": 0})
+        if rejected:
+            tally["duplicates_rejected"] += 1
+        else:
+            tally["samples_applied"] += samples
 
     def done(self, worker: int) -> None:
         self.workers[worker].done = True
@@ -86,11 +96,16 @@ class RunState:
                   for i, w in enumerate(self.workers) if not w.done]
         return ", ".join(behind) or "nobody (all workers done)"
 
-    def summary(self) -> dict:
+    def summary(self, stolen_by: list[int], stolen_from: list[int]) -> dict:
+        """The run's part of summary.json. A worker's idle_s is the run's wall time
+        minus its compute time: waiting on transfers, gates, leases and the others."""
         elapsed = self.elapsed()
+        per_worker = [{"worker": i, **asdict(w), "stolen_by": stolen_by[i],
+                       "stolen_from": stolen_from[i], "idle_s": max(0.0, elapsed - w.compute_s)}
+                      for i, w in enumerate(self.workers)]
         return {"steps": self.steps, "epochs": self.steps / self.steps_per_epoch,
                 "samples": self.samples(), "final_loss": self.last_loss(),
                 "wall_s": elapsed,
                 "samples_per_s": self.samples() / elapsed if elapsed > 0 else 0.0,
-                "losses": self.losses(),
-                "per_worker": [{"worker": i, **asdict(w)} for i, w in enumerate(self.workers)]}
+                "losses": self.losses(), "per_worker": per_worker,
+                "per_epoch": [self.epochs[e] for e in sorted(self.epochs)]}

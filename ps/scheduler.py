@@ -31,9 +31,14 @@ import zmq
 from . import sharding, wire
 from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
 from .runstate import RunState
-from .tasks import Dealer, TaskPlan
+from .dealer import Dealer
+from .tasks import TaskPlan
+from .trace import Tracer
 
 log = logging.getLogger("ps.scheduler")
+
+TASKS_PER_WORKER = 4       # default tasks per worker per step (the grain of stealing)
+MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
 
 
 @dataclass
@@ -45,7 +50,9 @@ class SchedulerConfig:
     steps: int | None = None             # total global steps; default: epochs x steps per epoch
     epochs: int | None = None            # default: the job's EPOCHS, else 1
     seed: int = 0
-    tasks_per_step: int | None = None    # default: one task per worker per step
+    tasks_per_step: int | None = None    # default: see default_tasks_per_step
+    steal: bool = True                   # work stealing and speed-proportional dealing
+    trace: bool = False                  # write trace/scheduler.json into out
     bind: str = "tcp://127.0.0.1:*"
     endpoint_file: str | None = None     # where to write the bound endpoint (for launchers)
     out: str | None = None               # where summary.json goes
@@ -70,6 +77,8 @@ class Scheduler:
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
+        self.next_round = 0                      # ASP: the next epoch to deal
+        self.tracer = Tracer(config.out if config.trace else None, "scheduler", 0)
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -83,6 +92,7 @@ class Scheduler:
             if time.monotonic() > self.deadline:
                 self._on_deadline()
         self.write_summary()
+        self.tracer.write()
         return 0 if self.failure is None else 1
 
     def _on_deadline(self) -> None:
@@ -173,10 +183,11 @@ class Scheduler:
         cfg, job = self.config, self.workers[0]
         specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
         ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
-        plan = TaskPlan(job["dataset_size"], job["batch_size"], cfg.tasks_per_step or cfg.workers,
+        tasks_per_step = cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
+        plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
                         seed=cfg.seed, shuffle=bool(job["shuffle"]))
         steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * plan.steps_per_epoch
-        self.dealer = Dealer(plan, cfg.workers)
+        self.dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal)
         self.run = RunState(steps, cfg.workers, plan.steps_per_epoch)
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
@@ -196,21 +207,52 @@ class Scheduler:
 
     # -- training -------------------------------------------------------------------
     def on_lease(self, ident, header) -> None:
+        """Lease the worker's next task: BSP from its step, SSP from its clock or older
+        rounds, ASP from any dealt epoch. None means: nothing left for this step/clock
+        (or, in ASP, for the run)."""
         self._check_training(header)
-        step = header["step"]
-        if not 0 <= step < self.run.steps:
-            raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [0, {self.run.steps})")
-        tasks = self.dealer.take(header["worker"], step)
+        worker, step = header["worker"], header["step"]
+        if self.config.mode == "asp":
+            task, victim = self._lease_asp(worker)
+        else:
+            if not 0 <= step < self.run.steps:
+                raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [0, {self.run.steps})")
+            self.dealer.deal(step)
+            rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
+            task, victim = self.dealer.take(worker, rounds, rounds)
         self.run.started()
-        self.reply(ident, Kind.OK, header["rid"], tasks=[t.to_wire() for t in tasks],
-                   step_tasks=self.dealer.step_tasks[step])
+        if victim is not None:
+            self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
+                                tasks=self.dealer.steal_log[-1][3])
+        self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
+                   step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0)
+
+    def _lease_asp(self, worker: int):
+        """ASP deals a whole epoch at a time; the next only when the current is drained."""
+        while True:
+            rounds = sorted(self.dealer.deques)
+            task, victim = self.dealer.take(worker, rounds, rounds)
+            if task is not None or self.next_round >= self.dealer.rounds:
+                return task, victim
+            self.dealer.deal(self.next_round)
+            self.next_round += 1
 
     def on_report(self, ident, header) -> None:
+        """A worker pushed some tasks' gradients; ``rejected`` lists those a shard refused
+        as already applied."""
         self._check_training(header)
-        tasks = check_int_list(header, "tasks", 1 << 16)
-        self.dealer.complete(tasks)
-        self.run.report(header["worker"], header["step"], len(tasks), header["samples"],
-                        float(header["loss_sum"]), float(header["compute_s"]), float(header["wait_s"]))
+        ids = check_int_list(header, "tasks", 1 << 16)
+        rejected = set(check_int_list(header, "rejected", 1 << 16))
+        worker = header["worker"]
+        tasks = self.dealer.complete(ids)
+        spe = self.dealer.plan.steps_per_epoch
+        for task in tasks:
+            self.run.count_task(task.step // spe, len(task.samples), task.id in rejected)
+        compute_s, samples = float(header["compute_s"]), header["samples"]
+        if compute_s > 0 and samples:
+            self.dealer.note_speed(worker, samples / compute_s)
+        self.run.report(worker, header["step"], len(ids), samples, float(header["loss_sum"]),
+                        compute_s, float(header["wait_s"]))
         self.deadline = time.monotonic() + self.config.timeout_s
         self.reply(ident, Kind.OK, header["rid"])
 
@@ -267,7 +309,9 @@ class Scheduler:
         cfg = self.config
         summary = {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
                    "workers": cfg.workers, "seed": cfg.seed, "ok": self.failure is None,
-                   "failure": self.failure, **self.run.summary(),
+                   "failure": self.failure, "steal": cfg.steal,
+                   "tasks_per_step": self.dealer.plan.tasks_per_step,
+                   **self.run.summary(self.dealer.stolen_by, self.dealer.stolen_from),
                    "max_staleness": self._max_staleness(),
                    "duplicates_rejected": sum(s.get("duplicates_rejected", 0)
                                               for s in self.shard_stats.values()),
@@ -283,6 +327,13 @@ class Scheduler:
         self.ctx.term()
 
 
+def default_tasks_per_step(batch_size: int, workers: int) -> int:
+    """Four tasks per worker per step, so stealing can move quarters of a worker's share,
+    but none smaller than MIN_TASK_SAMPLES: a task's compute should dwarf the ~0.2 ms
+    scheduler round trip of its lease (which the worker overlaps with compute anyway)."""
+    return max(workers, min(TASKS_PER_WORKER * workers, batch_size // MIN_TASK_SAMPLES))
+
+
 def parse_args(argv=None) -> SchedulerConfig:
     p = argparse.ArgumentParser(prog="python -m ps.scheduler",
                                 description="Run the scheduler of a parameter-server cluster.")
@@ -294,7 +345,10 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="tasks each global batch is cut into (default: one per worker)")
+                   help="tasks each global batch is cut into (default: 4 per worker, >= 16 samples each)")
+    p.add_argument("--no-steal", action="store_true",
+                   help="deal tasks statically (equal round-robin shares, no stealing)")
+    p.add_argument("--trace", action="store_true", help="write trace/scheduler.json into --out")
     p.add_argument("--bind", default=SchedulerConfig.bind, help="control endpoint (default: %(default)s)")
     p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
     p.add_argument("--out", default=None, help="directory for summary.json")
@@ -306,8 +360,10 @@ def parse_args(argv=None) -> SchedulerConfig:
                         format="%(asctime)s scheduler %(levelname)s %(message)s")
     if a.servers < 1 or a.workers < 1 or a.staleness < 0:
         p.error("--servers and --workers must be >= 1 and --staleness >= 0")
-    return SchedulerConfig(a.servers, a.workers, a.mode, a.staleness, a.steps, a.epochs, a.seed,
-                           a.tasks_per_step, a.bind, a.endpoint_file, a.out, a.timeout_s)
+    return SchedulerConfig(
+        servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness, steps=a.steps,
+        epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
+        trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s)
 
 
 def main(argv=None) -> int:

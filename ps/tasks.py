@@ -6,15 +6,11 @@ possibly smaller (as torch's DataLoader gives it). Each step is cut into tasks o
 nearly equal size; a task is the unit that is leased, computed, pushed and
 de-duplicated. Task ids are unique in the run: ``step * tasks_per_step + j``.
 
-``Dealer`` holds one deque per worker for each step. A worker takes tasks from the
-front of its own deque; every lease is recorded until its task completes. (Work
-stealing takes from the back of another worker's deque; the deques are laid out
-for it.) The scheduler owns the only Dealer; everything here is pure and replayable:
-the same seed gives the same tasks.
+``ps.dealer`` deals these tasks to workers and lets idle workers steal them.
+Everything here is pure and replayable: the same seed gives the same tasks.
 """
 from __future__ import annotations
 
-from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +34,7 @@ class Task:
     samples: tuple[int, ...]
 
     def to_wire(self) -> list:
-        return [self.id, list(self.samples)]
+        return [self.id, self.step, list(self.samples)]
 
 
 @dataclass
@@ -63,47 +59,13 @@ class TaskPlan:
             self._orders = {epoch: epoch_order(self.num_samples, epoch, self.seed, self.shuffle)}
         return self._orders[epoch][k * self.batch_size:(k + 1) * self.batch_size]
 
+    def num_tasks(self, step: int) -> int:
+        return min(self.tasks_per_step, len(self.batch(step)))
+
     def tasks(self, step: int) -> list[Task]:
         """The step's batch cut into at most ``tasks_per_step`` non-empty tasks."""
         ids = self.batch(step)
-        parts = np.array_split(ids, min(self.tasks_per_step, len(ids)))
+        parts = np.array_split(ids, self.num_tasks(step))
         return [Task(step * self.tasks_per_step + j, step, tuple(int(i) for i in part))
                 for j, part in enumerate(parts)]
 
-
-class Dealer:
-    """Per-step deques of tasks, one per worker, and the leases taken from them."""
-
-    def __init__(self, plan: TaskPlan, num_workers: int):
-        self.plan = plan
-        self.num_workers = num_workers
-        self.deques: dict[int, list[deque]] = {}      # step -> one deque per worker
-        self.step_tasks: dict[int, int] = {}          # step -> number of tasks in it
-        self.leases: dict[int, int] = {}              # task id -> worker holding it
-
-    def deal(self, step: int) -> None:
-        """Deal a step's tasks round-robin into the workers' deques (once per step)."""
-        if step in self.deques:
-            return
-        tasks = self.plan.tasks(step)
-        self.deques[step] = [deque(tasks[w::self.num_workers]) for w in range(self.num_workers)]
-        self.step_tasks[step] = len(tasks)
-
-    def take(self, worker: int, step: int) -> list[Task]:
-        """Lease everything left in ``worker``'s own deque for ``step``."""
-        self.deal(step)
-        own = self.deques[step][worker]
-        taken = list(own)
-        own.clear()
-        for task in taken:
-            self.leases[task.id] = worker
-        return taken
-
-    def complete(self, task_ids: list[int]) -> None:
-        """A lease ends when its task's gradient has been pushed."""
-        for tid in task_ids:
-            self.leases.pop(tid, None)
-
-    def forget(self, step: int) -> None:
-        """Drop a finished step's deques (the plan can always rebuild them)."""
-        self.deques.pop(step, None)

@@ -42,9 +42,21 @@ def test_per_worker_tallies():
     assert (w1.samples, w1.tasks, w1.step, w1.done) == (0, 0, -1, False)
     assert (w2.samples, w2.tasks, w2.step) == (7, 3, 0)
     assert state.samples() == 19
-    per_worker = state.summary()["per_worker"]
+    per_worker = state.summary([0, 1, 2], [2, 1, 0])["per_worker"]
     assert [w["worker"] for w in per_worker] == [0, 1, 2]
     assert per_worker[0]["samples"] == 12 and per_worker[2]["tasks"] == 3
+    assert [(w["stolen_by"], w["stolen_from"]) for w in per_worker] == [(0, 2), (1, 1), (2, 0)]
+
+
+def test_per_epoch_counts_applied_samples_and_rejected_duplicates():
+    state = RunState(steps=4, num_workers=2, steps_per_epoch=2)
+    state.count_task(0, 5, rejected=False)
+    state.count_task(0, 3, rejected=False)
+    state.count_task(0, 5, rejected=True)          # a duplicate adds no samples
+    state.count_task(1, 4, rejected=False)
+    assert state.summary([0, 0], [0, 0])["per_epoch"] == [
+        {"epoch": 0, "samples_applied": 8, "duplicates_rejected": 1},
+        {"epoch": 1, "samples_applied": 4, "duplicates_rejected": 0}]
 
 
 def test_diagnose_names_exactly_the_unfinished_workers():
@@ -76,7 +88,7 @@ def test_progress_and_summary_before_and_after_work():
     assert progress["step"] == 3 and progress["steps"] == 4
     assert progress["samples"] == 6 and progress["workers_done"] == 1
     assert progress["loss"] == pytest.approx(0.5)
-    summary = state.summary()
+    summary = state.summary([0, 0], [0, 0])
     assert summary["epochs"] == 2.0 and summary["samples"] == 6
     assert summary["final_loss"] == pytest.approx(0.5)
     assert summary["wall_s"] == state.elapsed() >= 0.0           # frozen once finished

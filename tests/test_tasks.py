@@ -2,13 +2,13 @@
 
 What the rest of the system relies on: step k of an epoch is batch k of that epoch's
 order (the last one possibly smaller), the tasks of a step partition its batch exactly,
-task ids never repeat, the order is a pure function of (seed, epoch), and the Dealer
-hands every task of a step to exactly one worker and remembers who holds it.
+task ids never repeat, the order is a pure function of (seed, epoch), and ``num_tasks``
+says how many tasks a step has (a shard waits for exactly that many in BSP).
 """
 import numpy as np
 import pytest
 
-from ps.tasks import Dealer, Task, TaskPlan, epoch_order, steps_per_epoch
+from ps.tasks import Task, TaskPlan, epoch_order, steps_per_epoch
 
 
 def all_samples(plan: TaskPlan, steps) -> list[int]:
@@ -119,74 +119,4 @@ def test_task_ids_are_unique_across_steps_and_follow_the_formula():
 
 
 def test_task_to_wire_is_plain_lists():
-    assert Task(7, 2, (4, 5)).to_wire() == [7, [4, 5]]
-
-
-# -- dealer ---------------------------------------------------------------------------
-
-def test_deal_is_round_robin_and_happens_once():
-    plan = TaskPlan(num_samples=70, batch_size=70, tasks_per_step=7, shuffle=False)
-    dealer = Dealer(plan, num_workers=3)
-    dealer.deal(0)
-    tasks = plan.tasks(0)
-    assert [list(d) for d in dealer.deques[0]] == [tasks[0::3], tasks[1::3], tasks[2::3]]
-    assert dealer.step_tasks[0] == 7
-    dealer.take(1, 0)
-    dealer.deal(0)                                            # a second deal changes nothing
-    assert [len(d) for d in dealer.deques[0]] == [3, 0, 2]
-
-
-def test_take_leases_only_the_workers_own_tasks():
-    plan = TaskPlan(num_samples=40, batch_size=20, tasks_per_step=5, shuffle=False)
-    dealer = Dealer(plan, num_workers=2)
-    taken = dealer.take(0, step=1)                            # take deals on demand
-    assert taken == plan.tasks(1)[0::2]
-    assert dealer.leases == {t.id: 0 for t in taken}
-    assert [len(d) for d in dealer.deques[1]] == [0, 2]       # worker 1's deque untouched
-    assert dealer.take(0, step=1) == []                       # nothing left to lease twice
-    assert dealer.leases == {t.id: 0 for t in taken}
-
-
-def test_complete_ends_leases():
-    plan = TaskPlan(num_samples=40, batch_size=20, tasks_per_step=4, shuffle=False)
-    dealer = Dealer(plan, num_workers=2)
-    a, b = dealer.take(0, 0), dealer.take(1, 0)
-    assert set(dealer.leases) == {t.id for t in a + b}
-    dealer.complete([t.id for t in a])
-    assert dealer.leases == {t.id: 1 for t in b}
-    dealer.complete([t.id for t in a])                        # completing again is harmless
-    dealer.complete([t.id for t in b] + [999])                # unknown ids are ignored
-    assert dealer.leases == {}
-
-
-@pytest.mark.parametrize("workers", [1, 2, 3, 5, 8])
-def test_every_task_of_a_step_is_taken_exactly_once(workers):
-    plan = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
-    dealer = Dealer(plan, num_workers=workers)
-    for step in range(2 * plan.steps_per_epoch):
-        taken = [t for w in reversed(range(workers)) for t in dealer.take(w, step)]
-        assert sorted(t.id for t in taken) == [t.id for t in plan.tasks(step)]
-        assert sorted(i for t in taken for i in t.samples) == sorted(plan.batch(step).tolist())
-        assert dealer.step_tasks[step] == len(plan.tasks(step))
-    # Every sample of each epoch went to exactly one task lease.
-    assert len(dealer.leases) == sum(len(plan.tasks(s)) for s in range(2 * plan.steps_per_epoch))
-
-
-def test_step_with_fewer_samples_than_workers():
-    plan = TaskPlan(num_samples=10, batch_size=4, tasks_per_step=4, shuffle=False)
-    dealer = Dealer(plan, num_workers=3)
-    assert plan.batch(2).tolist() == [8, 9]                   # the epoch's short last step
-    got = [dealer.take(w, 2) for w in range(3)]
-    assert [[t.samples for t in g] for g in got] == [[(8,)], [(9,)], []]
-    assert dealer.step_tasks[2] == 2                          # the shard must wait for 2, not 4
-    assert dealer.leases == {8: 0, 9: 1}
-
-
-def test_forget_drops_deques_and_the_plan_rebuilds_them():
-    plan = TaskPlan(num_samples=8, batch_size=4, tasks_per_step=2, shuffle=False)
-    dealer = Dealer(plan, num_workers=2)
-    first = dealer.take(0, 0)
-    dealer.forget(0)
-    assert 0 not in dealer.deques
-    assert dealer.take(0, 0) == first                         # re-dealt from the same plan
-    dealer.forget(5)                                          # forgetting an unknown step is fine
+    assert Task(7, 2, (4, 5)).to_wire() == [7, 2, [4, 5]]

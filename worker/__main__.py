@@ -8,6 +8,7 @@ import sys
 from ps.client import RemoteError
 
 from .runner import Worker, WorkerConfig
+from .straggler import parse_jitter
 
 log = logging.getLogger("worker")
 
@@ -26,13 +27,21 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--timeout-s", type=float, default=WorkerConfig.timeout_s,
                    help="deadline of every request to the scheduler or a server")
+    p.add_argument("--slow", type=float, default=1.0,
+                   help="straggler emulation: every task F times slower (sleeps (F-1) x compute)")
+    p.add_argument("--jitter", default="0:1", help="P:F: any task F times slower with probability P")
+    p.add_argument("--trace", action="store_true", help="write trace/worker<id>.json into --out")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker{'' if a.worker_id < 0 else a.worker_id} "
                                "%(levelname)s %(message)s")
+    try:
+        jitter = parse_jitter(a.jitter)
+    except ValueError as exc:
+        p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
-                        a.timeout_s)
+                        a.timeout_s, a.slow, jitter, a.trace)
 
 
 def main(argv=None) -> int:

@@ -27,8 +27,12 @@ import zmq
 from ps.client import Peer, ShardClient, ShardInfo
 from ps.protocol import Kind
 
+from ps.trace import Tracer
+
 from .flat import FlatModel
 from .job import collate, load_job
+from .leases import Leases
+from .straggler import Slowdown
 
 log = logging.getLogger("worker")
 
@@ -43,6 +47,9 @@ class WorkerConfig:
     out: str | None = None          # worker 0 writes params.npz here
     threads: int = 0                # torch intra-op threads (0: torch's default)
     timeout_s: float = 120.0        # deadline of every request
+    slow: float = 1.0               # straggler emulation: every task this many times slower
+    jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
+    trace: bool = False             # write trace/worker<id>.json into out
 
 
 def pick_device(name: str) -> torch.device:
@@ -67,6 +74,9 @@ class Worker:
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shards: ShardClient | None = None
         self.id = config.worker_id
+        self.slowdown = Slowdown(config.slow, config.jitter, config.seed)
+        self.tracer = Tracer(None, "worker", 0)
+        self.leases: Leases | None = None
 
     def register(self) -> dict:
         job = self.job
@@ -75,6 +85,8 @@ class Worker:
             layout=self.flat.layout, dataset_size=len(self.dataset), batch_size=job.batch_size,
             shuffle=job.shuffle, optimizer=job.optimizer, epochs=job.epochs, seed=self.config.seed)
         self.id = reply["worker"]
+        if self.config.trace and self.config.out:
+            self.tracer = Tracer(self.config.out, f"worker{self.id}", 100 + self.id)
         shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
         self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s)
         if self.id == 0:                     # worker 0's build_model() is the starting point
@@ -83,49 +95,89 @@ class Worker:
         return reply
 
     # -- one unit of work -----------------------------------------------------------
-    def compute(self, tasks: list) -> tuple[float, int]:
-        """Sum of n * grad(mean loss) over the tasks into the flat gradient buffer."""
-        self.flat.zero_grad()
-        loss_sum, samples = 0.0, 0
-        for _, sample_ids in tasks:
+    def compute(self, task: list) -> tuple[float, int]:
+        """Add n * grad(mean loss) of one task into the flat gradient; (loss sum, n)."""
+        task_id, _, sample_ids = task
+        with self.tracer.span("task", "task", task=task_id, step=task[1]):
+            t0 = time.perf_counter()
             batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
             n = len(sample_ids)
-            (loss * n).backward()            # gradient of the task's loss SUM
-            loss_sum += float(loss.detach()) * n
-            samples += n
+            (loss * n).backward()            # gradient of the task's loss SUM, accumulated
+            loss_sum = float(loss.detach()) * n
+            self.slowdown.after(task_id, time.perf_counter() - t0)
+        return loss_sum, n
+
+    def pull(self, step: int) -> None:
+        with self.tracer.span("pull", "wait", step=step):
+            self.shards.pull_into(self.flat.params_np, step)
+            self.flat.after_pull()
+
+    def push(self, step: int, tasks: list, samples: int, step_tasks: int) -> list[int]:
+        """Push the gradient sum of ``tasks``; return the ids any shard refused as duplicates."""
         self.flat.grads_to_host()
-        return loss_sum, samples
+        ids = [t[0] for t in tasks]
+        with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
+            replies = self.shards.push(self.flat.grads_np, step, ids, samples, max(step_tasks, 1))
+        return ids if not all(r.get("applied", True) for r in replies) else []
+
+    def train_step(self, mode: str, step: int) -> None:
+        """BSP step or SSP clock: pull once, compute every task leased for it, push one sum.
+
+        In SSP the clock advances when this worker's deque for it is empty, whether
+        its tasks were done here or stolen; a clock with no task is pushed as a tick.
+        """
+        t0 = time.perf_counter()
+        task, step_tasks = self.leases.next(step)
+        done, loss_sum, samples, compute_s = [], 0.0, 0, 0.0
+        if task is not None:
+            self.pull(step)
+            self.flat.zero_grad()
+        while task is not None:
+            t1 = time.perf_counter()
+            task_loss, n = self.compute(task)
+            compute_s += time.perf_counter() - t1
+            done.append(task)
+            loss_sum, samples = loss_sum + task_loss, samples + n
+            task, next_step_tasks = self.leases.next(step)
+            step_tasks = next_step_tasks or step_tasks
+        rejected = []
+        if done or mode == "ssp":
+            rejected = self.push(step, done, samples, step_tasks)
+        self.report(step, done, rejected, loss_sum, samples, compute_s,
+                    time.perf_counter() - t0 - compute_s)
+
+    def train_asp(self) -> None:
+        """ASP: each task is pulled, computed and pushed on its own, as fast as it goes."""
+        while True:
+            t0 = time.perf_counter()
+            task, step_tasks = self.leases.next(-1)
+            if task is None:
+                return
+            step = task[1]
+            self.pull(step)
+            self.flat.zero_grad()
+            t1 = time.perf_counter()
+            loss_sum, n = self.compute(task)
+            compute_s = time.perf_counter() - t1
+            rejected = self.push(step, [task], n, step_tasks)
+            self.report(step, [task], rejected, loss_sum, n, compute_s,
+                        time.perf_counter() - t0 - compute_s)
+
+    def report(self, step, tasks, rejected, loss_sum, samples, compute_s, wait_s) -> None:
+        """Tell the scheduler what was pushed. Fire and forget: nothing waits on the
+        answer, and the connection keeps it ahead of our next LEASE and DONE."""
+        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, step=step,
+                            tasks=[t[0] for t in tasks], rejected=rejected, loss_sum=loss_sum,
+                            samples=samples, compute_s=compute_s, wait_s=wait_s)
 
     def train(self, mode: str, steps: int) -> None:
-        c = self.config
-        for step in range(steps):
-            t0 = time.perf_counter()
-            lease, _ = self.scheduler.request(Kind.LEASE, c.timeout_s, worker=self.id, step=step)
-            tasks, step_tasks = lease["tasks"], lease["step_tasks"]
-            compute_s, loss_sum, samples = 0.0, 0.0, 0
-            # ASP pushes each task on its own; BSP and SSP push one sum per step/clock.
-            groups = [[t] for t in tasks] if mode == "asp" else [tasks]
-            for group in groups:
-                if not group and mode == "bsp":
-                    break                    # nothing to add to this step; skip its pull
-                if group:
-                    self.shards.pull_into(self.flat.params_np, step)
-                    self.flat.after_pull()
-                    t1 = time.perf_counter()
-                    group_loss, group_samples = self.compute(group)
-                    compute_s += time.perf_counter() - t1
-                    loss_sum += group_loss
-                    samples += group_samples
-                    grad_samples = group_samples
-                else:                        # SSP with no task this clock: a clock tick only
-                    grad_samples = 0
-                self.shards.push(self.flat.grads_np, step, [t[0] for t in group], grad_samples,
-                                 step_tasks)
-            wait_s = time.perf_counter() - t0 - compute_s
-            self.scheduler.request(Kind.REPORT, c.timeout_s, worker=self.id, step=step,
-                                   tasks=[t[0] for t in tasks], loss_sum=loss_sum, samples=samples,
-                                   compute_s=compute_s, wait_s=wait_s)
+        self.leases = Leases(self.scheduler, self.id, self.config.timeout_s)
+        if mode == "asp":
+            self.train_asp()
+        else:
+            for step in range(steps):
+                self.train_step(mode, step)
 
     def wait_for_all(self) -> None:
         """DONE is answered once every worker is done; keep checking the scheduler lives."""
@@ -158,9 +210,11 @@ class Worker:
     def run(self) -> None:
         reply = self.register()
         self.train(reply["mode"], reply["steps"])
-        self.wait_for_all()
+        with self.tracer.span("wait for others", "wait"):
+            self.wait_for_all()
         if self.id == 0:
             self.finish(reply["steps"])
+        self.tracer.write()
 
     def close(self) -> None:
         if self.shards:

@@ -1,0 +1,147 @@
+"""Dealing tasks to workers, leasing them, and work stealing.
+
+The scheduler deals each *round* of tasks into one deque per worker: a round is a
+step in BSP, a clock in SSP (the same numbers) and an epoch in ASP. A worker takes
+from the **front** of its own deque; a worker whose deque is empty **steals** from
+the **back** of the most loaded deque, about half of what is left there (the Cilk
+discipline: the owner and the thief work at opposite ends, so the thief takes the
+work the owner would have reached last). Stolen tasks move into the thief's deque
+of the same round and are taken from there.
+
+Dealing is in proportion to the workers' measured speeds once they are known
+(smooth weighted round-robin, so shares interleave), so stealing only corrects what
+changes; ``steal=False`` deals round-robin in equal shares and never steals, the
+static baseline.
+
+A lease lasts from ``take`` until ``complete`` (the task's gradient was pushed);
+``leases`` says who holds what. Pure logic: no sockets, no clocks.
+"""
+from __future__ import annotations
+
+from collections import deque
+
+from .tasks import Task, TaskPlan
+
+
+def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
+    """How many of the ``left`` tasks at the back of a deque the thief should take.
+
+    The count that makes the pair finish soonest: the thief needs ``k / thief_speed``,
+    the owner ``(left - k + 0.5) / owner_speed`` (the 0.5: on average half of the
+    task it is computing remains). With equal speeds this is about half (Cilk's
+    rule); a slow thief takes less, or nothing: a straggler must not steal the work
+    a fast worker would have finished first.
+    """
+    def makespan(k: int) -> float:
+        return max(k / thief_speed, (left - k + 0.5) / owner_speed)
+    return min(range(left + 1), key=lambda k: (makespan(k), k))
+
+
+class Dealer:
+    def __init__(self, plan: TaskPlan, num_workers: int, total_steps: int,
+                 per_epoch: bool = False, steal: bool = True):
+        self.plan = plan
+        self.num_workers = num_workers
+        self.total_steps = total_steps
+        self.per_epoch = per_epoch             # ASP: a round is an epoch, not a step
+        self.steal = steal
+        self.deques: dict[int, list[deque]] = {}     # round -> one deque of Tasks per worker
+        self.dealt: set[int] = set()                 # rounds dealt (emptied rounds leave deques)
+        self.leases: dict[int, tuple[int, Task]] = {}  # task id -> (worker, task)
+        self.speeds: list[float | None] = [None] * num_workers   # samples per compute second
+        self.stolen_by = [0] * num_workers     # tasks each worker stole
+        self.stolen_from = [0] * num_workers   # tasks stolen from each worker
+        self.steal_log: list[tuple[int, int, int, int]] = []   # (thief, victim, round, tasks)
+
+    # -- rounds ---------------------------------------------------------------------
+    @property
+    def rounds(self) -> int:
+        spe = self.plan.steps_per_epoch
+        return -(-self.total_steps // spe) if self.per_epoch else self.total_steps
+
+    def steps_of(self, rnd: int) -> range:
+        if not self.per_epoch:
+            return range(rnd, rnd + 1)
+        spe = self.plan.steps_per_epoch
+        return range(rnd * spe, min((rnd + 1) * spe, self.total_steps))
+
+    def deal(self, rnd: int) -> None:
+        """Deal a round's tasks into the workers' deques (once per round)."""
+        if rnd in self.dealt:
+            return
+        self.dealt.add(rnd)
+        tasks = [t for step in self.steps_of(rnd) for t in self.plan.tasks(step)]
+        self.deques[rnd] = [deque() for _ in range(self.num_workers)]
+        for task, worker in zip(tasks, self._owners(len(tasks))):
+            self.deques[rnd][worker].append(task)
+
+    def _owners(self, n: int) -> list[int]:
+        """Who gets each of n tasks: equal round-robin, or smooth weighted round-robin."""
+        if not self.steal or None in self.speeds:
+            return [i % self.num_workers for i in range(n)]
+        total = sum(self.speeds)
+        credit = [0.0] * self.num_workers
+        owners = []
+        for _ in range(n):
+            for w, speed in enumerate(self.speeds):
+                credit[w] += speed
+            w = max(range(self.num_workers), key=lambda i: credit[i])
+            credit[w] -= total
+            owners.append(w)
+        return owners
+
+    def note_speed(self, worker: int, samples_per_s: float) -> None:
+        """Blend in a new measurement (half-life of one report: speeds drift; follow them)."""
+        old = self.speeds[worker]
+        self.speeds[worker] = samples_per_s if old is None else 0.5 * (old + samples_per_s)
+
+    # -- leases ---------------------------------------------------------------------
+    def take(self, worker: int, own_rounds, steal_rounds) -> tuple[Task | None, int | None]:
+        """Lease ``worker``'s next task: own deque first, else steal. Returns (task, victim)."""
+        for rnd in own_rounds:
+            if rnd in self.deques and self.deques[rnd][worker]:
+                return self._lease(worker, rnd, self.deques[rnd][worker].popleft()), None
+        if not self.steal:
+            return None, None
+        victim = self._most_loaded(worker, steal_rounds)
+        if victim is None:
+            return None, None
+        rnd, v = victim
+        theirs, mine = self.deques[rnd][v], self.deques[rnd][worker]
+        count = steal_count(len(theirs), self._speed(worker), self._speed(v))
+        if count == 0:
+            return None, None             # the owner will finish them sooner than we could
+        stolen = [theirs.pop() for _ in range(count)][::-1]       # from the back, order kept
+        mine.extend(stolen)
+        self.stolen_by[worker] += count
+        self.stolen_from[v] += count
+        self.steal_log.append((worker, v, rnd, count))
+        return self._lease(worker, rnd, mine.popleft()), v
+
+    def _speed(self, worker: int) -> float:
+        """Measured speed, or 1.0 for everyone until all are measured (then equal)."""
+        return 1.0 if None in self.speeds else self.speeds[worker]
+
+    def _most_loaded(self, thief: int, rounds) -> tuple[int, int] | None:
+        """The deque with the most work left, in time: tasks / owner's speed."""
+        best, best_work = None, 0.0
+        for rnd in rounds:
+            for v, dq in enumerate(self.deques.get(rnd, ())):
+                work = len(dq) / self._speed(v)
+                if v != thief and work > best_work:
+                    best, best_work = (rnd, v), work
+        return best
+
+    def _lease(self, worker: int, rnd: int, task: Task) -> Task:
+        self.leases[task.id] = (worker, task)
+        if not any(self.deques[rnd]):
+            del self.deques[rnd]        # an empty round stays empty: tasks move only within one
+        return task
+
+    def complete(self, task_ids: list[int]) -> list[Task]:
+        """End the leases of tasks whose gradients were pushed; return those tasks."""
+        return [self.leases.pop(tid)[1] for tid in task_ids if tid in self.leases]
+
+    def left(self, rnd: int) -> int:
+        """Tasks of a round not yet leased."""
+        return sum(len(dq) for dq in self.deques.get(rnd, ()))

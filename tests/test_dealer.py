@@ -1,0 +1,152 @@
+"""Dealing, leases and work stealing (ps.dealer), as pure logic.
+
+What the rest of the system relies on: every task of a round is leased exactly once,
+whoever takes it; a worker takes from the front of its own deque and steals from the
+back of the most loaded one, about half with equal speeds and less (or nothing) for
+a slow thief; leases end at completion; static dealing never steals.
+"""
+import pytest
+
+from ps.dealer import Dealer, steal_count
+from ps.tasks import TaskPlan
+
+
+def plan(n=64, b=16, t=8):
+    return TaskPlan(num_samples=n, batch_size=b, tasks_per_step=t, shuffle=False)
+
+
+def ids(tasks):
+    return [t.id for t in tasks]
+
+
+def test_deal_is_round_robin_until_speeds_are_known_and_happens_once():
+    p = plan(t=7)
+    d = Dealer(p, num_workers=3, total_steps=4)
+    d.deal(0)
+    tasks = p.tasks(0)
+    assert [list(q) for q in d.deques[0]] == [tasks[0::3], tasks[1::3], tasks[2::3]]
+    d.take(1, [0], [0])
+    d.deal(0)                                                 # a second deal changes nothing
+    assert [len(q) for q in d.deques[0]] == [3, 1, 2]
+
+
+def test_owner_takes_from_the_front_of_its_own_deque():
+    p = plan()
+    d = Dealer(p, 2, total_steps=4)
+    d.deal(0)
+    got = [d.take(0, [0], [0])[0] for _ in range(4)]
+    assert ids(got) == ids(p.tasks(0)[0::2])                  # in order, only its own
+    assert d.stolen_by == [0, 0]
+    assert d.leases == {t.id: (0, t) for t in got}
+
+
+def test_idle_worker_steals_about_half_from_the_back_of_the_most_loaded_deque():
+    p = plan(n=96, b=48, t=12)
+    d = Dealer(p, 3, total_steps=2)
+    d.deal(0)
+    own1 = list(d.deques[0][1])
+    for _ in range(4):                                        # worker 0 drains its deque
+        d.take(0, [0], [0])
+    d.take(2, [0], [0])                                       # worker 2 has 3 left, worker 1 has 4
+    task, victim = d.take(0, [0], [0])
+    assert victim == 1
+    # 4 left: the pair finishes soonest with 2 stolen; the thief gets the back two, in order
+    assert d.stolen_by == [2, 0, 0] and d.stolen_from == [0, 2, 0]
+    assert task is own1[2] and list(d.deques[0][0]) == [own1[3]]
+    assert list(d.deques[0][1]) == own1[:2]                   # the owner keeps its front
+
+
+@pytest.mark.parametrize("left,expected", [(0, 0), (1, 1), (2, 1), (3, 2), (4, 2), (7, 4)])
+def test_steal_count_with_equal_speeds_is_about_half(left, expected):
+    assert steal_count(left, 1.0, 1.0) == expected
+
+
+def test_slow_thief_steals_less_or_nothing():
+    assert steal_count(2, 0.25, 1.0) == 0        # it would finish after the owner
+    assert steal_count(8, 0.25, 1.0) == 1
+    assert steal_count(3, 1.0, 0.25) == 3        # a fast thief empties a straggler's deque
+
+
+def test_slow_worker_cannot_steal_from_a_fast_one():
+    p = plan(n=64, b=64, t=8)
+    d = Dealer(p, 2, total_steps=1)
+    d.speeds = [4.0, 1.0]                        # worker 1 is 4x slower
+    d.deal(0)
+    assert [len(q) for q in d.deques[0]] == [6, 2]           # dealt in proportion (smooth WRR)
+    d.take(1, [0], [0])
+    d.take(1, [0], [0])
+    for _ in range(4):
+        d.take(0, [0], [0])                                   # fast worker: 2 left, 0.625 units
+    assert d.take(1, [0], [0]) == (None, None)                # a steal would end at 1 unit
+
+
+def test_every_task_is_leased_exactly_once_whoever_takes_it():
+    p = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
+    d = Dealer(p, 3, total_steps=2 * p.steps_per_epoch)
+    order = [2, 2, 0, 2, 1, 2, 2, 2]                          # worker 2 is the fast one
+    for step in range(d.total_steps):
+        d.deal(step)
+        taken, i = [], 0
+        while True:
+            w = order[i % len(order)]
+            task, _ = d.take(w, [step], [step])
+            i += 1
+            if task is None and all(d.take(x, [step], [step])[0] is None for x in range(3)):
+                break
+            if task is not None:
+                taken.append(task)
+        taken += [t for _, t in d.leases.values() if t.step == step and t not in taken]
+        assert sorted(ids(taken)) == ids(p.tasks(step))
+    assert d.stolen_by[2] > 0
+    assert len(d.leases) == sum(len(p.tasks(s)) for s in range(d.total_steps))
+
+
+def test_complete_ends_leases_and_returns_the_tasks():
+    d = Dealer(plan(), 2, total_steps=1)
+    d.deal(0)
+    a = d.take(0, [0], [0])[0]
+    b = d.take(1, [0], [0])[0]
+    assert d.complete([a.id, 999]) == [a]                     # unknown ids are ignored
+    assert d.complete([a.id]) == []                           # completing twice is harmless
+    assert list(d.leases) == [b.id]
+
+
+def test_no_steal_never_steals_and_ignores_speeds():
+    d = Dealer(plan(), 2, total_steps=1, steal=False)
+    d.speeds = [4.0, 1.0]
+    d.deal(0)
+    assert [len(q) for q in d.deques[0]] == [4, 4]
+    for _ in range(4):
+        d.take(0, [0], [0])
+    assert d.take(0, [0], [0]) == (None, None)
+    assert d.stolen_by == [0, 0]
+
+
+def test_asp_rounds_are_epochs_and_stop_at_total_steps():
+    p = plan(n=64, b=16, t=2)                                  # 4 steps per epoch
+    d = Dealer(p, 2, total_steps=6, per_epoch=True)
+    assert d.rounds == 2
+    assert list(d.steps_of(0)) == [0, 1, 2, 3] and list(d.steps_of(1)) == [4, 5]
+    d.deal(1)
+    assert sorted(t.step for q in d.deques[1] for t in q) == [4, 4, 5, 5]
+
+
+def test_ssp_thief_steals_from_an_older_clock():
+    d = Dealer(plan(), 2, total_steps=4)
+    for r in (0, 1, 2):
+        d.deal(r)
+    for r in (0, 1, 2):                                        # worker 0 ran ahead to clock 2
+        while d.take(0, [r], [])[0] is not None:
+            pass
+    task, victim = d.take(0, [0, 1, 2], [0, 1, 2])             # its deques empty: steal
+    assert victim == 1 and task.step in (0, 1, 2)
+
+
+def test_emptied_rounds_are_dropped_but_never_dealt_again():
+    d = Dealer(plan(n=16, b=16, t=2), 2, total_steps=1)
+    d.deal(0)
+    d.take(0, [0], [0])
+    d.take(1, [0], [0])
+    assert 0 not in d.deques
+    d.deal(0)
+    assert 0 not in d.deques

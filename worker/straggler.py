@@ -1,0 +1,40 @@
+"""Straggler emulation, for experiments and tests (``--slow`` and ``--jitter``).
+
+``--slow F`` makes every task of this worker take F times as long, by sleeping
+(F - 1) times its measured compute; ``--jitter P:F`` makes any task F times slower
+with probability P. The draw is seeded by (seed, task id), so a task is slow no
+matter which worker computes it and every run sees the same slow tasks.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+class Slowdown:
+    def __init__(self, slow: float = 1.0, jitter: tuple[float, float] = (0.0, 1.0), seed: int = 0):
+        if slow < 1.0 or jitter[1] < 1.0 or not 0.0 <= jitter[0] <= 1.0:
+            raise ValueError("slow factors must be >= 1 and jitter probability in [0, 1]")
+        self.slow, self.jitter, self.seed = slow, jitter, seed
+
+    def factor(self, task_id: int) -> float:
+        p, f = self.jitter
+        if p > 0 and np.random.default_rng([self.seed, task_id]).random() < p:
+            return self.slow * f
+        return self.slow
+
+    def after(self, task_id: int, compute_s: float) -> None:
+        """Sleep so that the task took factor x its real compute time."""
+        extra = (self.factor(task_id) - 1.0) * compute_s
+        if extra > 0:
+            time.sleep(extra)
+
+
+def parse_jitter(text: str) -> tuple[float, float]:
+    """'0.2:3' -> (0.2, 3.0)."""
+    try:
+        p, f = text.split(":")
+        return float(p), float(f)
+    except ValueError:
+        raise ValueError(f"--jitter wants P:F, e.g. 0.2:3, not {text!r}") from None
