@@ -37,7 +37,9 @@ class Peer:
     Several requests may be in flight at once (a worker leases its next task while
     computing the current one). Replies are matched by rid: one that arrives while
     we wait for another outstanding request is kept for later; one nobody waits
-    for any more (abandoned, or sent with ``want_reply=False``) is dropped.
+    for any more (``abandon``-ed, or sent with ``want_reply=False``) is dropped. A
+    ``recv`` that times out leaves its request outstanding, so the caller may wait
+    again for the same reply.
     """
 
     _rids = itertools.count(1)
@@ -62,7 +64,6 @@ class Peer:
         while rid not in self.arrived:
             left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
             if not self.sock.poll(left_ms):
-                self.outstanding.discard(rid)       # abandoned: a late reply will be dropped
                 raise TimeoutError(f"no reply from {self.name} ({self.endpoint}) "
                                    f"to {what or 'request'} within {timeout_s:.0f} s")
             frames = self.sock.recv_multipart(copy=False)
@@ -80,7 +81,17 @@ class Peer:
         return header, frames
 
     def request(self, kind: str, timeout_s: float, frames=(), **fields) -> tuple[dict, list]:
-        return self.recv(self.send(kind, frames, **fields), timeout_s, what=kind)
+        rid = self.send(kind, frames, **fields)
+        try:
+            return self.recv(rid, timeout_s, what=kind)
+        except TimeoutError:
+            self.abandon(rid)
+            raise
+
+    def abandon(self, rid: int) -> None:
+        """Stop waiting for ``rid``: a reply that still comes is dropped, not kept."""
+        self.outstanding.discard(rid)
+        self.arrived.pop(rid, None)
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -98,50 +109,63 @@ class ShardInfo:
 class ShardClient:
     """Pull and push a flat float32 parameter vector to/from all shards."""
 
-    def __init__(self, ctx: zmq.Context, shards: list[ShardInfo], worker: int, timeout_s: float):
+    def __init__(self, ctx: zmq.Context, shards: list[ShardInfo], worker: int, timeout_s: float,
+                 incarnation: int = 0):
         self.shards = shards
         self.worker = worker
+        self.inc = incarnation          # our fencing number, given at registration
         self.timeout_s = timeout_s
         self.peers = [Peer(ctx, s.endpoint, f"server{s.index}") for s in shards]
 
     def init(self, flat: np.ndarray) -> None:
         """Set every shard's initial values (idempotent on the server)."""
         rids = [p.send(Kind.INIT, wire.split(flat[s.lo:s.hi]), worker=self.worker,
-                       dtype="float32", size=s.hi - s.lo)
+                       inc=self.inc, dtype="float32", size=s.hi - s.lo)
                 for p, s in zip(self.peers, self.shards)]
         for p, rid in zip(self.peers, rids):
             p.recv(rid, self.timeout_s, "init")
 
-    def pull_into(self, flat: np.ndarray, step: int) -> list[int]:
+    def pull_into(self, flat: np.ndarray, step: int, timeout_s: float | None = None) -> list[int]:
         """Fill ``flat`` with the shards' parameters for ``step``; return their versions.
 
         Each server answers once its consistency gate allows (BSP: it has version
         ``step``; SSP: every worker is within the staleness bound; ASP: at once).
+        All or nothing: ``flat`` is written only once every shard has answered, so a
+        timed-out pull never leaves a mix of versions in the model.
         """
-        rids = [p.send(Kind.PULL, worker=self.worker, step=step) for p in self.peers]
-        versions = []
-        for p, s, rid in zip(self.peers, self.shards, rids):
-            header, frames = p.recv(rid, self.timeout_s, f"pull of step {step}")
-            chunks = wire.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
-            wire.copy_into(flat[s.lo:s.hi], chunks)   # the one unavoidable copy: into the model
-            versions.append(header.get("version", -1))
-        return versions
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        rids = [p.send(Kind.PULL, worker=self.worker, inc=self.inc, step=step) for p in self.peers]
+        try:
+            replies = [p.recv(rid, timeout_s, f"pull of step {step}") for p, rid in zip(self.peers, rids)]
+        except TimeoutError:
+            for p, rid in zip(self.peers, rids):
+                p.abandon(rid)
+            raise
+        chunks = [wire.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
+                  for (header, frames), s in zip(replies, self.shards)]
+        for shard_chunks, s in zip(chunks, self.shards):
+            wire.copy_into(flat[s.lo:s.hi], shard_chunks)   # the one unavoidable copy: into the model
+        return [header.get("version", -1) for header, _ in replies]
 
     def push(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
-             step_tasks: int) -> list[dict]:
+             step_tasks: int, ends_clock: bool = True, only: list[int] | None = None) -> list[dict]:
         """Send each shard its slice of a gradient sum; return each shard's reply.
 
         A shard that rejects the push as a duplicate answers OK with ``applied``
         False: the gradient is already in, which is what the sender wanted.
         """
-        rids = []
+        rids, peers = [], []
         for p, s in zip(self.peers, self.shards):
+            if only is not None and s.index not in only:     # a fault hook's partial push
+                continue
+            peers.append(p)
             frames = wire.split(grad[s.lo:s.hi]) if samples else []
-            rids.append(p.send(Kind.PUSH, frames, worker=self.worker, step=step, tasks=tasks,
-                               samples=samples, step_tasks=step_tasks, dtype="float32",
+            rids.append(p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step, tasks=tasks,
+                               samples=samples, step_tasks=step_tasks, ends_clock=ends_clock,
+                               dtype="float32",
                                size=(s.hi - s.lo) if samples else 0))
         return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
-                for p, rid in zip(self.peers, rids)]
+                for p, rid in zip(peers, rids)]
 
     def stats(self) -> list[dict]:
         return [p.request(Kind.STATS, self.timeout_s)[0] for p in self.peers]

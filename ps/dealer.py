@@ -22,6 +22,8 @@ from collections import deque
 
 from .tasks import Task, TaskPlan
 
+SPEED_ALPHA = 0.2     # weight of a new speed measurement in the running average
+
 
 def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
     """How many of the ``left`` tasks at the back of a deque the thief should take.
@@ -52,6 +54,8 @@ class Dealer:
         self.stolen_by = [0] * num_workers     # tasks each worker stole
         self.stolen_from = [0] * num_workers   # tasks stolen from each worker
         self.steal_log: list[tuple[int, int, int, int]] = []   # (thief, victim, round, tasks)
+        self.gone: set[int] = set()            # dead workers: dealt nothing, stolen from by all
+        self.redo: set[int] = set()            # ids of tasks dealt again after their holder died
 
     # -- rounds ---------------------------------------------------------------------
     @property
@@ -77,23 +81,29 @@ class Dealer:
 
     def _owners(self, n: int) -> list[int]:
         """Who gets each of n tasks: equal round-robin, or smooth weighted round-robin."""
-        if not self.steal or None in self.speeds:
-            return [i % self.num_workers for i in range(n)]
-        total = sum(self.speeds)
-        credit = [0.0] * self.num_workers
+        live = [w for w in range(self.num_workers) if w not in self.gone]
+        if not live:
+            return []
+        speeds = [self.speeds[w] for w in live]
+        if not self.steal or None in speeds:
+            return [live[i % len(live)] for i in range(n)]
+        total = sum(speeds)
+        credit = [0.0] * len(live)
         owners = []
         for _ in range(n):
-            for w, speed in enumerate(self.speeds):
-                credit[w] += speed
-            w = max(range(self.num_workers), key=lambda i: credit[i])
-            credit[w] -= total
-            owners.append(w)
+            for i, speed in enumerate(speeds):
+                credit[i] += speed
+            i = max(range(len(live)), key=lambda j: credit[j])
+            credit[i] -= total
+            owners.append(live[i])
         return owners
 
     def note_speed(self, worker: int, samples_per_s: float) -> None:
-        """Blend in a new measurement (half-life of one report: speeds drift; follow them)."""
+        """Blend in a new measurement: an exponential average over about five reports,
+        smooth enough that one preempted task does not starve a worker of work, quick
+        enough to follow a worker that really slows down."""
         old = self.speeds[worker]
-        self.speeds[worker] = samples_per_s if old is None else 0.5 * (old + samples_per_s)
+        self.speeds[worker] = samples_per_s if old is None else old + SPEED_ALPHA * (samples_per_s - old)
 
     # -- leases ---------------------------------------------------------------------
     def take(self, worker: int, own_rounds, steal_rounds) -> tuple[Task | None, int | None]:
@@ -119,8 +129,10 @@ class Dealer:
         return self._lease(worker, rnd, mine.popleft()), v
 
     def _speed(self, worker: int) -> float:
-        """Measured speed, or 1.0 for everyone until all are measured (then equal)."""
-        return 1.0 if None in self.speeds else self.speeds[worker]
+        """Measured speed, or 1.0 for everyone until all live workers are measured."""
+        if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
+            return 1.0
+        return self.speeds[worker] or 1.0
 
     def _most_loaded(self, thief: int, rounds) -> tuple[int, int] | None:
         """The deque with the most work left, in time: tasks / owner's speed."""
@@ -141,6 +153,40 @@ class Dealer:
     def complete(self, task_ids: list[int]) -> list[Task]:
         """End the leases of tasks whose gradients were pushed; return those tasks."""
         return [self.leases.pop(tid)[1] for tid in task_ids if tid in self.leases]
+
+    # -- failures -------------------------------------------------------------------
+    def reassign(self, dead: int, live: list[int]) -> list[Task]:
+        """A worker died: its leased tasks go to the front of live workers' deques (and are
+        marked ``redo``: pushed on their own, since the dead worker's push may have reached
+        some shards), and its undealt tasks are shared out. Returns the leased ones."""
+        self.gone.add(dead)
+        redo = [task for worker, task in self.leases.values() if worker == dead]
+        for i, task in enumerate(sorted(redo, key=lambda t: t.id, reverse=True)):
+            del self.leases[task.id]
+            self.redo.add(task.id)
+            self._round_deques(self._round_of(task.step))[live[i % len(live)]].appendleft(task)
+        for rnd, deques in self.deques.items():
+            for i, task in enumerate(list(deques[dead])):
+                deques[live[i % len(live)]].append(task)
+            deques[dead].clear()
+        return redo
+
+    def revive(self, worker: int) -> None:
+        """A replacement took a dead worker's id: deal to it again, speed unknown."""
+        self.gone.discard(worker)
+        self.speeds[worker] = None
+
+    def _round_of(self, step: int) -> int:
+        return step // self.plan.steps_per_epoch if self.per_epoch else step
+
+    def _round_deques(self, rnd: int) -> list[deque]:
+        if rnd not in self.deques:           # an emptied round: open it again for the redo
+            self.deques[rnd] = [deque() for _ in range(self.num_workers)]
+        return self.deques[rnd]
+
+    def unfinished(self) -> int:
+        """Tasks leased and not yet completed, or still waiting in a deque."""
+        return len(self.leases) + sum(len(dq) for deques in self.deques.values() for dq in deques)
 
     def left(self, rnd: int) -> int:
         """Tasks of a round not yet leased."""

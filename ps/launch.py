@@ -23,13 +23,16 @@ from dataclasses import dataclass
 import zmq
 
 from .client import Peer, RemoteError
+from .membership import DEAD_AFTER_S
 from .protocol import Kind
+from .faults import parse as parse_fault
 from .trace import merge as merge_traces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
 STATUS_INTERVAL_S = 0.5          # how often the status line refreshes
 LOG_STATUS_INTERVAL_S = 5.0      # when stderr is not a terminal, one status line this often
+INJECT_INTERVAL_S = 0.1          # with faults to inject, progress is polled this often
 STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 EXIT_GRACE_S = 30.0              # after the scheduler exits, how long the others may take
 ENDPOINT_WAIT_S = 60.0           # how long a role may take to bind and publish its endpoint
@@ -54,6 +57,9 @@ class Cluster:
     def __init__(self, args):
         self.args = args
         self.roles: list[Role] = []
+        self.retired: list[Role] = []            # roles that exited and were replaced
+        self.worker_argv: dict[str, list[str]] = {}
+        self.faults = [parse_fault(spec) for spec in args.inject]
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
     def spawn(self, name: str, module: str, argv: list[str], env: dict | None = None) -> None:
@@ -89,6 +95,7 @@ class Cluster:
             if value is not None:
                 sched_argv += [flag, str(value)]
         sched_argv += ["--no-steal"] * a.no_steal + ["--trace"] * a.trace
+        sched_argv += ["--dead-after-s", str(a.dead_after_s)]
         self.spawn("scheduler", "ps.scheduler", sched_argv)
         sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
         for k in range(a.servers):
@@ -96,14 +103,15 @@ class Cluster:
                                                    "--endpoint-file", ep_file(f"server{k}"), "--shard", str(k),
                                                    *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
-        worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
+        self.worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):
-            self.spawn(f"worker{w}", "worker",
-                       ["--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
-                        "--seed", str(a.seed), "--out", a.out, "--threads", str(threads),
-                        "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
-                        *(["--trace"] * a.trace), *common],
-                       env=worker_env)
+            self.worker_argv[f"worker{w}"] = [
+                "--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
+                "--seed", str(a.seed), "--out", a.out, "--threads", str(threads),
+                "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
+                *(["--trace"] * a.trace), *common]
+            crash = ["--crash-at", a.crash_at[w]] if w in a.crash_at else []   # not for replacements
+            self.spawn(f"worker{w}", "worker", self.worker_argv[f"worker{w}"] + crash, env=self.worker_env)
         for k in range(a.servers):
             self.endpoint(self.roles[1 + k], ep_file(f"server{k}"))
         self.write_cluster_json()
@@ -114,10 +122,88 @@ class Cluster:
         with open(os.path.join(self.args.out, "cluster.json"), "w") as f:
             json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
 
-    def failed_role(self) -> Role | None:
-        return next((r for r in self.roles if r.proc.poll() not in (None, 0)), None)
+    def check_roles(self, line: "StatusLine") -> bool:
+        """Look at every role that exited. A server's failure is fatal; a worker's is the
+        scheduler's business (it deals the tasks again), and with --respawn a
+        replacement is started. Returns True when the run must stop."""
+        for i, r in enumerate(self.roles):
+            code = r.proc.poll()
+            if code in (None, 0) or r.name == "scheduler":
+                continue
+            if r.name.startswith("server"):
+                line.end()
+                print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
+                return True
+            line.end()
+            print(f"{r.name} exited with status {code}" +
+                  ("; starting a replacement" if self.args.respawn else ""), file=sys.stderr)
+            self.retired.append(r)
+            self.roles.pop(i)
+            if self.args.respawn:
+                self.spawn(r.name, "worker", self.worker_argv[r.name], env=self.worker_env)
+            return False
+        return False
+
+    def inject(self, step: int, elapsed_s: float) -> None:
+        """Fire every fault whose trigger has come; resume pauses whose time is up."""
+        for fault in self.faults:
+            if fault.due(step, elapsed_s):
+                role = self.find(fault.target)
+                if role is None or role.proc.poll() is not None:
+                    continue
+                fault.fired_at_s = round(elapsed_s, 3)
+                fault.pid = role.proc.pid
+                os.kill(role.proc.pid, signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
+                print(f"injected {fault.spec} at {elapsed_s:.2f} s (step {step})", file=sys.stderr)
+            elif (fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed
+                  and elapsed_s >= fault.fired_at_s + fault.duration_s):
+                fault.resumed = True
+                try:
+                    os.kill(fault.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+    def find(self, name: str) -> Role | None:
+        return next((r for r in self.roles if r.name == name), None)
+
+    def wait_all(self, grace_s: float) -> bool:
+        """After the scheduler exits, every other role must exit too, within grace_s."""
+        for fault in self.faults:              # a role still paused could never exit
+            if fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed:
+                fault.resumed = True
+                try:
+                    os.kill(fault.pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        deadline = time.monotonic() + grace_s
+        for r in self.roles[1:]:
+            try:
+                r.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                print(f"{r.name} did not exit after the run ended", file=sys.stderr)
+                return False
+            if r.proc.returncode != 0 and r.name.startswith("server"):
+                print(f"{r.name} exited with status {r.proc.returncode}", file=sys.stderr)
+                return False
+        return True
+
+    def record_faults(self) -> None:
+        """Add what was injected to summary.json (the scheduler wrote the rest)."""
+        path = os.path.join(self.args.out, "summary.json")
+        if not self.faults or not os.path.exists(path):
+            return
+        with open(path) as f:
+            summary = json.load(f)
+        summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s}
+                                      for f in self.faults]
+        with open(path, "w") as f:
+            json.dump(summary, f, indent=2)
 
     def stop(self) -> None:
+        for r in self.retired:
+            if r.proc.poll() is None:
+                r.proc.kill()
+            r.proc.wait()
         for r in self.roles:
             if r.proc.poll() is None:
                 r.proc.terminate()
@@ -175,35 +261,31 @@ def run(args) -> int:
         observer = Peer(ctx, sched_ep, "scheduler")
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
+        t_train = None
         while scheduler.poll() is None:
-            failed = cluster.failed_role()
-            if failed:
-                line.end()
-                print(f"{failed.name} exited with status {failed.proc.returncode}; stopping the cluster",
-                      file=sys.stderr)
+            fatal = cluster.check_roles(line)
+            if fatal:
                 return 1
-            if not args.quiet:
+            if not args.quiet or cluster.faults:
                 try:
                     status, _ = observer.request(Kind.STATUS, 1.0)
                     line.show(status_line(status, args.mode))
+                    if t_train is None and status["phase"] == "training":
+                        t_train = time.monotonic()
+                    if t_train is not None:
+                        cluster.inject(status.get("step", 0), time.monotonic() - t_train)
                 except (TimeoutError, RemoteError):   # best effort; the run decides success
                     pass
-            time.sleep(STATUS_INTERVAL_S)
+            time.sleep(INJECT_INTERVAL_S if cluster.faults else STATUS_INTERVAL_S)
         line.end()
-        deadline = time.monotonic() + EXIT_GRACE_S
-        for r in cluster.roles[1:]:
-            try:
-                r.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                print(f"{r.name} did not exit after the run ended", file=sys.stderr)
-                return 1
-        failed = cluster.failed_role()
-        if failed:
-            print(f"{failed.name} exited with status {failed.proc.returncode}", file=sys.stderr)
+        if not cluster.wait_all(EXIT_GRACE_S):
             return 1
+        if scheduler.returncode != 0:
+            print(f"the scheduler exited with status {scheduler.returncode}", file=sys.stderr)
         if args.trace:
             print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
                   file=sys.stderr)
+        cluster.record_faults()
         return report(args.out)
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the cluster", file=sys.stderr)
@@ -263,10 +345,29 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / M)")
     p.add_argument("--timeout-s", type=float, default=120.0,
                    help="any wait longer than this fails the run with a diagnosis")
+    p.add_argument("--inject", action="append", default=[], metavar="SPEC",
+                   help="fault injection, repeatable: kill:worker1@step=20, kill:worker0@time=3s, "
+                        "pause:worker1@step=10,for=5s")
+    p.add_argument("--respawn", action="store_true",
+                   help="start a replacement for every worker that dies; it joins mid-run")
+    p.add_argument("--crash-at", action="append", default=[], metavar="W:POINT@STEP",
+                   help="worker W kills itself at a precise point: before_push, mid_push "
+                        "(after shard 0 took its push, before the others) or after_push, at STEP")
+    p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
+                   help="declare a worker or server dead after this long without a heartbeat")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         p.error("--servers and --workers must be at least 1")
+    try:
+        for spec in args.inject:
+            parse_fault(spec)
+    except ValueError as exc:
+        p.error(str(exc))
+    try:
+        args.crash_at = {int(item.split(":", 1)[0]): item.split(":", 1)[1] for item in args.crash_at}
+    except ValueError:
+        p.error("--crash-at wants W:POINT@STEP, e.g. 1:mid_push@20")
     try:
         args.slow = {int(w): float(f) for w, f in (item.split("=") for item in args.slow)}
     except ValueError:

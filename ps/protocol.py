@@ -30,7 +30,7 @@ class Kind:
     """Message kinds. Requests go to a ROUTER; every request gets exactly one reply."""
     # control path: worker/server -> scheduler
     REGISTER = "register"       # join the cluster; the reply (sent once all roles are in) is the config
-    HEARTBEAT = "heartbeat"     # a server's periodic report (stats); the reply says whether to stop
+    HEARTBEAT = "heartbeat"     # "I am alive" (servers add stats); the reply fences and stops
     LEASE = "lease"             # worker asks for its next task of a step (or clock); steals if need be
     REPORT = "report"           # worker reports pushed tasks: loss, samples, timings, rejections
     DONE = "done"               # worker finished all steps; reply is deferred until every worker is done
@@ -60,6 +60,8 @@ class Error:
     DUPLICATE = "duplicate"             # push containing a task id this shard already applied
     TIMEOUT = "timeout"                 # a deferred request waited past its deadline
     UNKNOWN_SENDER = "unknown_sender"
+    FENCED = "fenced"                   # the sender's incarnation was declared dead
+    GONE = "gone"                       # a BSP version older than the shard still holds
     INTERNAL = "internal"               # a bug on the receiving side; the process keeps serving
 
 
@@ -83,17 +85,16 @@ _BOOL = (bool,)
 
 SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.REGISTER: {"role": _STR},
-    Kind.HEARTBEAT: {"shard": _INT, "stats": _MAP},
-    Kind.LEASE: {"worker": _INT, "step": _INT},
-    Kind.REPORT: {"worker": _INT, "step": _INT, "tasks": _LIST, "rejected": _LIST,
-                  "loss_sum": _NUM, "samples": _INT,
-                  "compute_s": _NUM, "wait_s": _NUM},
-    Kind.DONE: {"worker": _INT},
-    Kind.FINISHED: {"worker": _INT},
+    Kind.HEARTBEAT: {"role": _STR, "index": _INT, "inc": _INT},
+    Kind.LEASE: {"worker": _INT, "inc": _INT, "step": _INT},
+    Kind.REPORT: {"worker": _INT, "inc": _INT, "step": _INT, "tasks": _LIST, "rejected": _LIST,
+                  "loss_sum": _NUM, "samples": _INT, "compute_s": _NUM, "wait_s": _NUM},
+    Kind.DONE: {"worker": _INT, "inc": _INT},
+    Kind.FINISHED: {"worker": _INT, "inc": _INT},
     Kind.STATUS: {},
-    Kind.INIT: {"worker": _INT, "dtype": _STR, "size": _INT},
-    Kind.PULL: {"worker": _INT, "step": _INT},
-    Kind.PUSH: {"worker": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,
+    Kind.INIT: {"worker": _INT, "inc": _INT, "dtype": _STR, "size": _INT},
+    Kind.PULL: {"worker": _INT, "inc": _INT, "step": _INT},
+    Kind.PUSH: {"worker": _INT, "inc": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,
                 "step_tasks": _INT, "dtype": _STR, "size": _INT},
     Kind.STATS: {},
     Kind.OK: {},

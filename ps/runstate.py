@@ -19,6 +19,7 @@ class WorkerTally:
     wait_s: float = 0.0
     step: int = -1                # last step (or clock) this worker reported
     done: bool = False
+    dead: bool = False            # declared dead (until a replacement takes its id)
 
 
 class RunState:
@@ -29,6 +30,7 @@ class RunState:
         self.loss_sum: dict[int, float] = defaultdict(float)     # step -> sum of sample losses
         self.loss_samples: dict[int, int] = defaultdict(int)     # step -> samples behind it
         self.epochs: dict[int, dict] = {}    # epoch -> samples applied, duplicates rejected
+        self.counted: set[int] = set()       # task ids whose samples are in the tally
         self.t_start: float | None = None
         self.t_end: float | None = None
 
@@ -48,20 +50,32 @@ class RunState:
             self.loss_sum[step] += loss_sum
             self.loss_samples[step] += samples
 
-    def count_task(self, epoch: int, samples: int, rejected: bool) -> None:
-        """A task's push came back: applied (its samples count) or rejected as a duplicate."""
+    def count_task(self, task_id: int, epoch: int, samples: int, rejected: bool) -> None:
+        """A task's push came back. Its samples count once, the first time it is known to
+        be applied on every shard; a push that every shard refused (it already had the
+        task) counts as a duplicate. A task pushed, then dealt again because its worker
+        died before reporting, is refused on the second push: that is when it counts."""
         tally = self.epochs.setdefault(epoch, {"epoch": epoch, "samples_applied": 0,
                                                "duplicates_rejected": 0})
         if rejected:
             tally["duplicates_rejected"] += 1
-        else:
+        if task_id not in self.counted:
+            self.counted.add(task_id)
             tally["samples_applied"] += samples
 
     def done(self, worker: int) -> None:
         self.workers[worker].done = True
 
     def all_done(self) -> bool:
-        return all(w.done for w in self.workers)
+        """Every live worker is done (the dead are not waited for)."""
+        return all(w.done or w.dead for w in self.workers) and not all(w.dead for w in self.workers)
+
+    def mark_dead(self, worker: int) -> None:
+        self.workers[worker].dead = True
+
+    def revive(self, worker: int) -> None:
+        self.workers[worker].dead = False
+        self.workers[worker].done = False
 
     def finish(self) -> None:
         self.t_end = time.monotonic()
@@ -93,7 +107,7 @@ class RunState:
     def diagnose(self) -> str:
         """Who is behind: each unfinished worker and the last step it reported."""
         behind = [f"worker {i} (last reported step {w.step})"
-                  for i, w in enumerate(self.workers) if not w.done]
+                  for i, w in enumerate(self.workers) if not w.done and not w.dead]
         return ", ".join(behind) or "nobody (all workers done)"
 
     def summary(self, stolen_by: list[int], stolen_from: list[int]) -> dict:

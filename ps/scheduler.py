@@ -19,8 +19,10 @@ waiting for and exits non-zero rather than hang.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
+import signal
 import os
 import sys
 import time
@@ -32,6 +34,7 @@ from . import sharding, wire
 from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
 from .runstate import RunState
 from .dealer import Dealer
+from .membership import DEAD_AFTER_S, Membership
 from .tasks import TaskPlan
 from .trace import Tracer
 
@@ -57,6 +60,7 @@ class SchedulerConfig:
     endpoint_file: str | None = None     # where to write the bound endpoint (for launchers)
     out: str | None = None               # where summary.json goes
     timeout_s: float = 120.0             # per phase: forming, a step without progress, finishing
+    dead_after_s: float = DEAD_AFTER_S   # silence after which a worker or server is declared dead
 
 
 class Scheduler:
@@ -78,6 +82,12 @@ class Scheduler:
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
         self.next_round = 0                      # ASP: the next epoch to deal
+        self.members = Membership(config.dead_after_s)
+        self.lease_step: dict[int, int] = {}     # worker -> latest step it leased
+        self.deaths: list[dict] = []             # each death verdict, for the summary
+        self.rejoins: list[dict] = []            # each replacement that joined mid-run
+        self.finisher: int | None = None         # the worker that writes the final parameters
+        self.t0 = time.monotonic()
         self.tracer = Tracer(config.out if config.trace else None, "scheduler", 0)
 
     # -- the loop -------------------------------------------------------------------
@@ -86,9 +96,11 @@ class Scheduler:
             wire.write_endpoint(self.config.endpoint_file, self.endpoint)
         log.info("scheduler at %s", self.endpoint)
         while self.phase != "exit":
-            if self.router.poll(200):
+            if self.router.poll(100):
                 frames = self.router.recv_multipart(copy=False)
                 self.handle(frames)
+            if self.phase not in ("forming", "exit"):
+                self._check_liveness()
             if time.monotonic() > self.deadline:
                 self._on_deadline()
         self.write_summary()
@@ -100,7 +112,7 @@ class Scheduler:
             "forming": lambda: "servers " + str(sorted(set(range(self.config.servers)) - set(self.servers)))
                                + " and workers " + str(sorted(set(range(self.config.workers)) - set(self.workers))),
             "training": lambda: self.run.diagnose(),
-            "finishing": lambda: "worker 0 to write the final parameters (FINISHED)",
+            "finishing": lambda: f"worker {self.finisher} to write the final parameters (FINISHED)",
             "stopping": lambda: "final heartbeats from servers "
                                 + str(sorted(set(range(self.config.servers)) - self.stopped)),
         }[self.phase]()
@@ -136,6 +148,8 @@ class Scheduler:
 
     # -- forming --------------------------------------------------------------------
     def on_register(self, ident, header) -> None:
+        if self.phase == "training" and header["role"] == "worker":
+            return self._replace_worker(ident, header)
         if self.phase != "forming":
             raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
         if header["role"] == "server":
@@ -147,6 +161,7 @@ class Scheduler:
             index = self._register_worker(header)
         else:
             raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
+        self.members.join(header["role"], index, time.monotonic())
         self.held.append((ident, header["rid"], header["role"], index))
         log.info("%s %d registered", header["role"], index)
         if len(self.servers) == self.config.servers and len(self.workers) == self.config.workers:
@@ -191,19 +206,96 @@ class Scheduler:
         self.run = RunState(steps, cfg.workers, plan.steps_per_epoch)
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
+        self.shard_map = shards
+        now = time.monotonic()
         for ident, rid, role, index in self.held:
+            member = self.members.members[(role, index)]
+            member.last_seen = now              # liveness is judged from formation on
             if role == "server":
                 lo, hi = ranges[index]
-                self.reply(ident, Kind.OK, rid, shard=index, lo=lo, hi=hi, optimizer=job["optimizer"],
-                           mode=cfg.mode, staleness=cfg.staleness, workers=cfg.workers)
+                self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
+                           optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
+                           workers=cfg.workers)
             else:
-                self.reply(ident, Kind.OK, rid, worker=index, shards=shards, mode=cfg.mode,
-                           staleness=cfg.staleness, steps=steps, workers=cfg.workers, seed=cfg.seed)
+                self._welcome(ident, rid, index, member.inc, start_step=0)
         self.held.clear()
         self.phase = "training"
         self.deadline = time.monotonic() + cfg.timeout_s
         log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
                  cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
+
+    def _welcome(self, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
+        cfg = self.config
+        self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map, mode=cfg.mode,
+                   staleness=cfg.staleness, steps=self.run.steps, workers=cfg.workers, seed=cfg.seed,
+                   start_step=start_step)
+
+    def _replace_worker(self, ident, header) -> None:
+        """A worker joining mid-run takes the id of a dead one, with a new incarnation, and
+        starts at the step (or clock) the slowest live worker is on."""
+        dead = [w for w in range(self.config.workers) if w not in self.members.live("worker")]
+        wanted = header.get("worker")
+        index = wanted if wanted in dead else (dead[0] if dead and wanted in (None, -1) else None)
+        if index is None:
+            # The worker it replaces may not have been declared dead yet: ask it to retry.
+            raise ProtocolError(Error.NOT_READY, f"no dead worker to replace (asked for {wanted!r})")
+        info = {k: header.get(k) for k in ("layout", "dataset_size", "batch_size", "shuffle",
+                                           "optimizer", "epochs")}
+        if info != self.workers[0] or header.get("seed") != self.config.seed:
+            raise ProtocolError(Error.BAD_FIELD, "the replacement's job differs from the cluster's")
+        member = self.members.join("worker", index, time.monotonic())
+        self.dealer.revive(index)
+        self.run.revive(index)
+        live_steps = [self.lease_step.get(w, 0) for w in self.members.live("worker") if w != index]
+        start = -1 if self.config.mode == "asp" else min(live_steps, default=0)
+        self.lease_step[index] = start
+        log.warning("worker %d rejoins as incarnation %d at step %d", index, member.inc, start)
+        self.tracer.instant("rejoin", "fault", worker=index, inc=member.inc, step=start)
+        self.rejoins.append({"worker": index, "incarnation": member.inc, "start_step": start,
+                             "at_s": round(time.monotonic() - self.t0, 3)})
+        self._welcome(ident, header["rid"], index, member.inc, start_step=max(start, 0))
+
+    # -- liveness -------------------------------------------------------------------
+    def _check_liveness(self) -> None:
+        for member in self.members.overdue(time.monotonic()):
+            if member.role == "worker":
+                self._worker_died(member)
+            elif self.phase in ("training", "finishing"):
+                self.failure = (f"server {member.index} silent for {self.config.dead_after_s:.1f} s; "
+                                "the run cannot continue without it")
+                log.error("%s", self.failure)
+                self.phase = "exit"
+                return
+
+    def _worker_died(self, member) -> None:
+        """Fence the incarnation, deal its tasks again, and let the run go on without it."""
+        self.members.retire(member)
+        live = self.members.live("worker")
+        if self.config.mode == "bsp":
+            # Tasks of steps every shard has completed were applied: nothing to redo.
+            versions = [st.get("version", 0) for st in self.shard_stats.values()]
+            complete_below = min(versions) if len(versions) == self.config.servers else 0
+            done = [t.id for w, t in self.dealer.leases.values()
+                    if w == member.index and t.step < complete_below]
+            spe = self.dealer.plan.steps_per_epoch
+            for task in self.dealer.complete(done):
+                self.run.count_task(task.id, task.step // spe, len(task.samples), rejected=False)
+        redealt = self.dealer.reassign(member.index, live) if live else []
+        self.run.mark_dead(member.index)
+        death = {"worker": member.index, "incarnation": member.inc,
+                 "detected_at_s": round(time.monotonic() - self.t0, 3), "tasks_redealt": len(redealt)}
+        self.deaths.append(death)
+        self.tracer.instant("death", "fault", **death)
+        log.warning("worker %d (incarnation %d) declared dead; %d leased tasks dealt again",
+                    member.index, member.inc, len(redealt))
+        if not live and self.phase == "training":
+            self.failure = "every worker is dead"
+            self.phase = "exit"
+        elif self.phase == "finishing" and member.index == self.finisher:
+            self.failure = f"worker {member.index} died while writing the final parameters"
+            self.phase = "exit"
+        else:
+            self._release_done()
 
     # -- training -------------------------------------------------------------------
     def on_lease(self, ident, header) -> None:
@@ -214,18 +306,23 @@ class Scheduler:
         worker, step = header["worker"], header["step"]
         if self.config.mode == "asp":
             task, victim = self._lease_asp(worker)
+        elif step == -1:                 # "anything dealt again?" from a worker done stepping
+            rounds = sorted(self.dealer.deques)
+            task, victim = self.dealer.take(worker, rounds, rounds)
         else:
             if not 0 <= step < self.run.steps:
-                raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [0, {self.run.steps})")
+                raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
             self.dealer.deal(step)
             rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
             task, victim = self.dealer.take(worker, rounds, rounds)
+            self.lease_step[worker] = max(self.lease_step.get(worker, 0), step)
         self.run.started()
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
-                   step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0)
+                   step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
+                   redo=bool(task and task.id in self.dealer.redo))
 
     def _lease_asp(self, worker: int):
         """ASP deals a whole epoch at a time; the next only when the current is drained."""
@@ -247,7 +344,7 @@ class Scheduler:
         tasks = self.dealer.complete(ids)
         spe = self.dealer.plan.steps_per_epoch
         for task in tasks:
-            self.run.count_task(task.step // spe, len(task.samples), task.id in rejected)
+            self.run.count_task(task.id, task.step // spe, len(task.samples), task.id in rejected)
         compute_s, samples = float(header["compute_s"]), header["samples"]
         if compute_s > 0 and samples:
             self.dealer.note_speed(worker, samples / compute_s)
@@ -255,22 +352,34 @@ class Scheduler:
                         compute_s, float(header["wait_s"]))
         self.deadline = time.monotonic() + self.config.timeout_s
         self.reply(ident, Kind.OK, header["rid"])
+        self._release_done()            # the last task dealt again may just have come back
 
     def on_done(self, ident, header) -> None:
         self._check_training(header)
         self.run.done(header["worker"])
-        self.done_waiting.append((ident, header["rid"]))
-        if self.run.all_done():
-            self.run.finish()
-            for waiting_ident, waiting_rid in self.done_waiting:
-                self.reply(waiting_ident, Kind.OK, waiting_rid)
-            self.done_waiting.clear()
-            self.phase = "finishing"
-            self.deadline = time.monotonic() + self.config.timeout_s
+        self.done_waiting.append((ident, header["rid"], header["worker"]))
+        self._release_done()
+
+    def _release_done(self) -> None:
+        """Once every live worker is done and no task is left (a dead worker's tasks may
+        have been dealt again to workers already waiting here), answer their DONE; one
+        of them finishes the run."""
+        if (self.phase != "training" or not self.done_waiting or not self.run.all_done()
+                or self.dealer.unfinished()):
+            return
+        self.run.finish()
+        waiting = {w for _, _, w in self.done_waiting}
+        self.finisher = min(w for w in self.members.live("worker") if w in waiting)
+        for ident, rid, worker in self.done_waiting:
+            self.reply(ident, Kind.OK, rid, finisher=worker == self.finisher)
+        self.done_waiting.clear()
+        self.phase = "finishing"
+        self.deadline = time.monotonic() + self.config.timeout_s
 
     def on_finished(self, ident, header) -> None:
-        if self.phase != "finishing":
-            raise ProtocolError(Error.NOT_READY, f"FINISHED in phase {self.phase}")
+        if self.phase != "finishing" or header["worker"] != self.finisher:
+            raise ProtocolError(Error.NOT_READY, f"FINISHED from worker {header['worker']} "
+                                                 f"in phase {self.phase}")
         self.reply(ident, Kind.OK, header["rid"])
         self.phase = "stopping"
         self.deadline = time.monotonic() + self.config.timeout_s
@@ -280,17 +389,25 @@ class Scheduler:
             raise ProtocolError(Error.NOT_READY, f"the cluster is {self.phase}")
         if not 0 <= header["worker"] < self.config.workers:
             raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown worker {header['worker']}")
+        self.members.seen("worker", header["worker"], header["inc"], time.monotonic())
 
     # -- servers and observers ------------------------------------------------------
     def on_heartbeat(self, ident, header) -> None:
-        shard = header["shard"]
-        if shard not in self.servers:
-            raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown shard {shard}")
-        self.shard_stats[shard] = header["stats"]
+        """Servers and workers say they are alive. A server's reply lists the incarnations
+        to fence and says when to stop; a retired incarnation gets FENCED."""
+        role, index = header["role"], header["index"]
+        if role not in ("server", "worker"):
+            raise ProtocolError(Error.BAD_FIELD, f"unknown role {role!r}")
+        self.members.seen(role, index, header["inc"], time.monotonic())
+        if role == "worker":
+            self.reply(ident, Kind.OK, header["rid"])
+            return
+        if isinstance(header.get("stats"), dict):
+            self.shard_stats[index] = header["stats"]
         stop = self.phase == "stopping"
-        self.reply(ident, Kind.OK, header["rid"], stop=stop)
+        self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
         if stop:
-            self.stopped.add(shard)
+            self.stopped.add(index)
             if len(self.stopped) == self.config.servers:
                 self.phase = "exit"
 
@@ -315,6 +432,9 @@ class Scheduler:
                    "max_staleness": self._max_staleness(),
                    "duplicates_rejected": sum(s.get("duplicates_rejected", 0)
                                               for s in self.shard_stats.values()),
+                   "fenced_rejected": sum(s.get("fenced_rejected", 0)
+                                          for s in self.shard_stats.values()),
+                   "deaths": self.deaths, "rejoins": self.rejoins,
                    "shards": [self.shard_stats.get(k, {}) for k in range(cfg.servers)]}
         os.makedirs(cfg.out, exist_ok=True)
         tmp = os.path.join(cfg.out, "summary.json.tmp")
@@ -354,6 +474,8 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--out", default=None, help="directory for summary.json")
     p.add_argument("--timeout-s", type=float, default=SchedulerConfig.timeout_s,
                    help="deadline of each phase without progress")
+    p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
+                   help="declare a worker or server dead after this long without a heartbeat")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -363,11 +485,13 @@ def parse_args(argv=None) -> SchedulerConfig:
     return SchedulerConfig(
         servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness, steps=a.steps,
         epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
-        trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s)
+        trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
+        dead_after_s=a.dead_after_s)
 
 
 def main(argv=None) -> int:
     scheduler = Scheduler(parse_args(argv))
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:
         return scheduler.serve()
     except KeyboardInterrupt:

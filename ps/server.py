@@ -17,10 +17,12 @@ this file only receives, validates, calls the core and sends.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 import zmq
@@ -33,6 +35,8 @@ from .shard import Shard
 log = logging.getLogger("ps.server")
 
 MAX_TASKS_PER_PUSH = 1 << 16     # a push names at most this many task ids
+PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a retried or
+                                 # duplicated push gets its first answer again, not a second apply
 
 
 @dataclass
@@ -58,9 +62,11 @@ class Server:
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shard: Shard | None = None
         self.index = -1
+        self.inc = 0                         # our incarnation, from the scheduler
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
         self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
         self.errors: Counter = Counter()     # rejected requests by reason code
+        self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
 
     # -- life cycle -----------------------------------------------------------------
     def register(self) -> None:
@@ -68,7 +74,7 @@ class Server:
         reply, _ = self.scheduler.request(Kind.REGISTER, self.config.timeout_s,
                                           role="server", endpoint=self.endpoint,
                                           shard=self.config.shard)
-        self.index = reply["shard"]
+        self.index, self.inc = reply["shard"], reply["inc"]
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
                            reply["staleness"], reply["workers"])
         log.info("shard %d: elements [%d, %d) at %s, %s", self.index, reply["lo"], reply["hi"],
@@ -82,7 +88,8 @@ class Server:
         while True:
             now = time.monotonic()
             if now >= next_beat:
-                self.scheduler.send(Kind.HEARTBEAT, shard=self.index, stats=self.stats())
+                self.scheduler.send(Kind.HEARTBEAT, want_reply=False, role="server",
+                                    index=self.index, inc=self.inc, stats=self.stats())
                 next_beat = now + self.config.heartbeat_interval_s
             if now - last_heard > self.config.timeout_s:
                 raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
@@ -101,11 +108,21 @@ class Server:
             self._expire_parked()
 
     def _heartbeat_reply(self) -> bool:
+        """Apply what the scheduler says: incarnations to fence; whether to stop."""
         try:
             header = decode(self.scheduler.sock.recv_multipart(copy=False)[0])
-        except ProtocolError as exc:
-            log.warning("bad reply from scheduler: %s", exc)
+            if header["kind"] == Kind.ERROR:
+                raise RuntimeError(f"the scheduler refused our heartbeat: {header['reason']}")
+            fenced = header.get("fenced", [])
+            for worker, inc in fenced:
+                if inc not in self.shard.fenced:
+                    log.warning("fencing worker %d incarnation %d", worker, inc)
+                    self.shard.fence(worker, inc)
+        except (ProtocolError, TypeError, ValueError) as exc:
+            log.warning("bad heartbeat reply from the scheduler: %s", exc)
             return False
+        if fenced:
+            self._answer_parked()       # an SSP gate may open now that a clock left the minimum
         return bool(header.get("stop"))
 
     # -- requests -------------------------------------------------------------------
@@ -131,6 +148,7 @@ class Server:
 
     def on_init(self, ident, header, payload) -> None:
         self._check_worker(header)
+        self.shard.check_live(header["inc"])
         chunks = wire.check_payload(payload, header["dtype"], header["size"])
         fresh = self.shard.init(chunks)
         self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
@@ -140,9 +158,14 @@ class Server:
         self._check_worker(header)
         if header["step"] < 0:
             raise ProtocolError(Error.BAD_FIELD, "step must be >= 0")
+        self.shard.check_live(header["inc"])
         if self.shard.pull_ready(header["step"]):
             self._answer_pull(ident, header)
         else:
+            # A worker waits on one pull at a time: a newer one replaces any it gave up
+            # on (its client timed out and asked again), so the gate opening later sends
+            # the parameters once, not once per retry.
+            self.parked = [p for p in self.parked if p[2]["worker"] != header["worker"]]
             self.parked.append((time.monotonic() + self.config.timeout_s, ident, header))
 
     def on_push(self, ident, header, payload) -> None:
@@ -151,11 +174,21 @@ class Server:
         if header["step"] < 0 or header["step_tasks"] < 1:
             raise ProtocolError(Error.BAD_FIELD, "step must be >= 0 and step_tasks >= 1")
         chunks = wire.check_payload(payload, header["dtype"], header["size"])
+        key = (header["inc"], header["rid"])
+        if key in self.push_replies:      # the same request again (a retry, or duplicated
+            self.reply(ident, self.push_replies[key])   # on the wire): same answer, no apply
+            return
         self._release_params()
+        ends_clock = header.get("ends_clock", True)
+        if not isinstance(ends_clock, bool):
+            raise ProtocolError(Error.BAD_FIELD, "ends_clock must be a bool")
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
-                                  header["step_tasks"], chunks)
-        self.reply(ident, encode(Kind.OK, header["rid"], applied=applied,
-                                 version=self.shard.version))
+                                  header["step_tasks"], chunks, header["inc"], ends_clock)
+        answer = encode(Kind.OK, header["rid"], applied=applied, version=self.shard.version)
+        self.push_replies[key] = answer
+        if len(self.push_replies) > PUSH_REPLY_CACHE:
+            self.push_replies.popitem(last=False)
+        self.reply(ident, answer)
         self._answer_parked()
 
     def on_stats(self, ident, header, payload) -> None:
@@ -167,13 +200,19 @@ class Server:
             raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown worker {header.get('worker')!r}")
 
     def _answer_pull(self, ident, header) -> None:
+        try:
+            params, version = self.shard.params_for(header["step"])
+        except ProtocolError as exc:
+            self.errors[exc.code] += 1
+            self.reply(ident, encode(Kind.ERROR, header["rid"], code=exc.code, reason=exc.reason))
+            return
         stale = self.shard.note_read(header["step"])
-        head = encode(Kind.OK, header["rid"], version=self.shard.version, staleness=stale,
+        head = encode(Kind.OK, header["rid"], version=version, staleness=stale,
                       dtype="float32", size=self.shard.size)
-        # Zero-copy reply straight from the live parameter buffer. zmq sends it later,
-        # from its I/O thread, so the buffer must not change until the tracker says the
+        # Zero-copy reply straight from the parameter buffer. zmq sends it later, from
+        # its I/O thread, so the buffer must not change until the tracker says the
         # bytes are gone: _release_params() enforces that before any update.
-        tracker = self.reply(ident, head, wire.split(self.shard.params), track=True)
+        tracker = self.reply(ident, head, wire.split(params), track=True)
         if tracker is not None and not tracker.done:
             self.in_flight.append(tracker)
 
@@ -187,6 +226,8 @@ class Server:
         self.in_flight = [t for t in self.in_flight if not t.done]
         if self.in_flight:
             self.shard.params = self.shard.params.copy()
+            if self.shard.prev is not None:           # BSP: the step's end rewrites prev too
+                self.shard.prev = self.shard.prev.copy()
             self.in_flight.clear()
 
     def _answer_parked(self) -> None:
@@ -249,11 +290,12 @@ def parse_args(argv=None) -> ServerConfig:
 
 def main(argv=None) -> int:
     server = Server(parse_args(argv))
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:
         server.register()
         server.serve()
         return 0
-    except (TimeoutError, ProtocolError, RemoteError) as exc:
+    except (TimeoutError, ProtocolError, RemoteError, RuntimeError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

@@ -15,6 +15,13 @@ here. Invariants:
   moves its worker's clock to ``step + 1``. A pull at clock ``c`` is answered once
   every worker's clock is at least ``c - s``: no read misses more than s clocks.
 * **ASP**: pushes applied on arrival, pulls answered at once.
+* **Fencing**: a worker incarnation declared dead is retired; its pushes and pulls are
+  refused, and (SSP) its clock no longer holds anyone back, until a new incarnation
+  of that worker pushes.
+* **BSP keeps the previous version** (``prev``): if a worker dies after its push
+  reached some shards but not others, a shard may complete step t while another
+  waits for the task, which is then computed again on version t. One extra copy of
+  the shard buys exact replay; it is taken once per step.
 
 Staleness of a read at step/clock ``c`` is ``c - min(worker clocks)``: how many
 clocks of some worker's updates it may be missing. The largest is kept.
@@ -38,6 +45,7 @@ class Shard:
         self.mode = mode
         self.staleness = staleness
         self.params: np.ndarray | None = None            # (size,) float32, set by init()
+        self.prev: np.ndarray | None = None              # BSP: params of version - 1
         self.optimizer = make_optimizer(optimizer, size)
         self.grad = np.zeros(size, dtype=np.float32)     # BSP: the step's sum; else scratch
         self.version = 0                                 # optimizer updates applied
@@ -48,6 +56,9 @@ class Shard:
         self.duplicates_rejected = 0
         self.max_staleness = 0
         self.pushes_applied = 0
+        self.fenced: set[int] = set()                    # retired incarnations
+        self.dead: set[int] = set()                      # workers whose clocks gate nobody
+        self.fenced_rejected = 0
 
     # -- initial values -------------------------------------------------------------
     def init(self, chunks: list[np.ndarray]) -> bool:
@@ -58,17 +69,34 @@ class Shard:
             raise ProtocolError(Error.BAD_PAYLOAD, f"initial values must have {self.size} floats")
         self.params = np.empty(self.size, dtype=np.float32)
         copy_into(self.params, chunks)
+        if self.mode == "bsp":
+            self.prev = self.params.copy()
         return True
+
+    # -- membership -----------------------------------------------------------------
+    def fence(self, worker: int, incarnation: int) -> None:
+        """Retire a dead incarnation: its messages are refused from now on."""
+        self.fenced.add(incarnation)
+        if 0 <= worker < len(self.clocks):
+            self.dead.add(worker)
+
+    def check_live(self, incarnation: int) -> None:
+        if incarnation in self.fenced:
+            self.fenced_rejected += 1
+            raise ProtocolError(Error.FENCED, f"incarnation {incarnation} was declared dead")
 
     # -- pushes ---------------------------------------------------------------------
     def push(self, worker: int, step: int, tasks: list[int], samples: int, step_tasks: int,
-             chunks: list[np.ndarray]) -> bool:
+             chunks: list[np.ndarray], incarnation: int = 0, ends_clock: bool = True) -> bool:
         """Apply (or, in BSP, aggregate) one push. Returns False for a rejected duplicate.
 
         ``chunks`` are read-only views of the received frames, in order, together
         ``size`` floats (or empty when ``samples`` is 0: an SSP clock tick).
+        ``ends_clock`` False: the push does not finish the sender's clock ``step``.
         """
         self._check(worker, tasks, samples, chunks)
+        self.check_live(incarnation)
+        self.dead.discard(worker)           # a live incarnation of this worker is back
         if self.mode == "bsp":
             return self._push_bsp(step, tasks, samples, step_tasks, chunks)
         if any(t in self.applied for t in tasks):
@@ -79,7 +107,8 @@ class Shard:
             self.optimizer.step(self.params, self.grad)
             self.version += 1
         self.applied.update(tasks)
-        self.clocks[worker] = max(self.clocks[worker], step + 1)
+        if ends_clock:                      # a task dealt again is pushed mid-clock, alone
+            self.clocks[worker] = max(self.clocks[worker], step + 1)
         self.pushes_applied += 1
         return True
 
@@ -100,6 +129,7 @@ class Shard:
         self.pushes_applied += 1
         if len(self.step_tasks_seen) == step_tasks:             # the step's global batch is in
             np.divide(self.grad, self.step_samples, out=self.grad)   # sample-weighted mean
+            np.copyto(self.prev, self.params)
             self.optimizer.step(self.params, self.grad)
             self.grad.fill(0.0)
             self.step_tasks_seen.clear()
@@ -135,16 +165,34 @@ class Shard:
         if self.mode == "bsp":
             return self.version >= step
         if self.mode == "ssp":
-            return min(self.clocks) >= step - self.staleness
+            return self.min_clock(step) >= step - self.staleness
         return True
+
+    def min_clock(self, default: int) -> int:
+        """The slowest live worker's clock (dead workers hold nobody back)."""
+        return min((c for w, c in enumerate(self.clocks) if w not in self.dead), default=default)
+
+    def params_for(self, step: int) -> tuple[np.ndarray, int]:
+        """The buffer answering a ready read at ``step``, and its version.
+
+        BSP answers exactly version ``step``: the live buffer, or ``prev`` when this
+        shard has already moved one step past it.
+        """
+        if self.mode != "bsp" or step >= self.version:
+            return self.params, self.version
+        if step == self.version - 1:
+            return self.prev, step
+        raise ProtocolError(Error.GONE, f"version {step} is gone; this shard holds "
+                                        f"{self.version - 1} and {self.version}")
 
     def note_read(self, step: int) -> int:
         """Record the staleness of a read being answered now; return it."""
-        stale = 0 if self.mode == "bsp" else max(0, step - min(self.clocks))
+        stale = 0 if self.mode == "bsp" else max(0, step - self.min_clock(step))
         self.max_staleness = max(self.max_staleness, stale)
         return stale
 
     def stats(self) -> dict:
         return {"version": self.version, "pushes_applied": self.pushes_applied,
                 "duplicates_rejected": self.duplicates_rejected,
-                "max_staleness": self.max_staleness, "clocks": list(self.clocks)}
+                "max_staleness": self.max_staleness, "clocks": list(self.clocks),
+                "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead)}

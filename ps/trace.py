@@ -18,9 +18,9 @@ from contextlib import contextmanager
 
 
 class Tracer:
-    def __init__(self, out_dir: str | None, role: str, pid: int):
+    def __init__(self, out_dir: str | None, role: str, pid: int, file: str | None = None):
         self.enabled = out_dir is not None
-        self.path = os.path.join(out_dir, "trace", f"{role}.json") if out_dir else None
+        self.path = os.path.join(out_dir, "trace", f"{file or role}.json") if out_dir else None
         self.pid = pid
         self.events: list[dict] = [{"ph": "M", "name": "process_name", "pid": pid, "tid": 0,
                                     "args": {"name": role}}] if self.enabled else []

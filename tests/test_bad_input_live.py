@@ -50,14 +50,14 @@ def test_server_rejects_bad_messages_and_the_run_is_unharmed(tmp_path):
             ([msgpack.packb({"v": 99, "kind": "pull", "rid": 1})], Error.BAD_VERSION),
             ([msgpack.packb({"v": v, "kind": "explode", "rid": 1})], Error.UNKNOWN_KIND),
             ([msgpack.packb({"v": v, "kind": "pull", "rid": 1})], Error.MISSING_FIELD),
-            ([encode("pull", 1, worker=7, step=0)], Error.UNKNOWN_SENDER),
-            ([encode("push", 1, worker=0, step=0, tasks=[0], samples=1, step_tasks=2,
+            ([encode("pull", 1, worker=7, inc=0, step=0)], Error.UNKNOWN_SENDER),
+            ([encode("push", 1, worker=0, inc=0, step=0, tasks=[0], samples=1, step_tasks=2,
                      dtype="float64", size=4), b"\0" * 32], Error.BAD_DTYPE),
-            ([encode("push", 1, worker=0, step=0, tasks=[0], samples=1, step_tasks=2,
+            ([encode("push", 1, worker=0, inc=0, step=0, tasks=[0], samples=1, step_tasks=2,
                      dtype="float32", size=1 << 40), b"\0" * 8], Error.BAD_PAYLOAD),
-            ([encode("push", 1, worker=0, step=0, tasks=[0], samples=1, step_tasks=2,
+            ([encode("push", 1, worker=0, inc=0, step=0, tasks=[0], samples=1, step_tasks=2,
                      dtype="float32", size=3), b"\0" * 12], Error.BAD_PAYLOAD),
-            ([encode("lease", 1, worker=0, step=0)], Error.UNKNOWN_KIND),
+            ([encode("lease", 1, worker=0, inc=0, step=0)], Error.UNKNOWN_KIND),
         ]
         for frames, code in cases:
             reply = ask(sock, frames)

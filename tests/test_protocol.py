@@ -62,7 +62,7 @@ def test_round_trip_keeps_extra_fields_and_big_ints():
 
 def test_decode_accepts_a_zmq_frame():
     # The server decodes zmq.Frame objects (recv with copy=False); no socket is needed.
-    frame = zmq.Frame(encode(Kind.PULL, 5, worker=1, step=2))
+    frame = zmq.Frame(encode(Kind.PULL, 5, worker=1, inc=0, step=2))
     assert decode(frame)["step"] == 2
 
 

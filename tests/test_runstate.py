@@ -50,10 +50,10 @@ def test_per_worker_tallies():
 
 def test_per_epoch_counts_applied_samples_and_rejected_duplicates():
     state = RunState(steps=4, num_workers=2, steps_per_epoch=2)
-    state.count_task(0, 5, rejected=False)
-    state.count_task(0, 3, rejected=False)
-    state.count_task(0, 5, rejected=True)          # a duplicate adds no samples
-    state.count_task(1, 4, rejected=False)
+    state.count_task(1, 0, 5, rejected=False)
+    state.count_task(2, 0, 3, rejected=False)
+    state.count_task(1, 0, 5, rejected=True)       # a duplicate adds no samples
+    state.count_task(3, 1, 4, rejected=False)
     assert state.summary([0, 0], [0, 0])["per_epoch"] == [
         {"epoch": 0, "samples_applied": 8, "duplicates_rejected": 1},
         {"epoch": 1, "samples_applied": 4, "duplicates_rejected": 0}]
@@ -92,3 +92,11 @@ def test_progress_and_summary_before_and_after_work():
     assert summary["epochs"] == 2.0 and summary["samples"] == 6
     assert summary["final_loss"] == pytest.approx(0.5)
     assert summary["wall_s"] == state.elapsed() >= 0.0           # frozen once finished
+
+
+def test_a_task_first_known_applied_through_a_refused_push_counts_once():
+    state = RunState(steps=2, num_workers=2, steps_per_epoch=2)
+    state.count_task(7, 0, 5, rejected=True)       # pushed by a worker that died unreported
+    state.count_task(7, 0, 5, rejected=True)
+    assert state.summary([0, 0], [0, 0])["per_epoch"] == [
+        {"epoch": 0, "samples_applied": 5, "duplicates_rejected": 2}]

@@ -395,4 +395,45 @@ def test_unknown_mode_is_refused():
 def test_stats_names_the_counters():
     shard, _ = make("ssp", 2, staleness=1)
     assert shard.stats() == {"version": 0, "pushes_applied": 0, "duplicates_rejected": 0,
-                             "max_staleness": 0, "clocks": [0, 0]}
+                             "max_staleness": 0, "clocks": [0, 0], "fenced_rejected": 0,
+                             "dead": []}
+
+
+# -- fencing and the previous version (fault tolerance) --------------------------------
+
+def test_fenced_incarnation_is_refused_and_changes_nothing():
+    shard, _ = make("ssp", 2, staleness=1)
+    shard.fence(1, incarnation=7)
+    before = shard.params.copy()
+    with pytest.raises(ProtocolError) as err:
+        shard.push(1, 0, [0], 1, 1, [np.ones(shard.size, np.float32)], incarnation=7)
+    assert err.value.code == Error.FENCED
+    assert np.array_equal(shard.params, before) and shard.fenced_rejected == 1
+    with pytest.raises(ProtocolError):
+        shard.check_live(7)
+
+
+def test_a_dead_worker_holds_no_ssp_reader_back_until_its_replacement_pushes():
+    shard, _ = make("ssp", 2, staleness=1)
+    shard.push(0, 0, [], 0, 1, [])
+    shard.push(0, 1, [], 0, 1, [])                  # worker 0 at clock 2, worker 1 at 0
+    assert not shard.pull_ready(2)
+    shard.fence(1, incarnation=7)
+    assert shard.pull_ready(2) and shard.min_clock(0) == 2   # only worker 0 counts now
+    shard.push(1, 0, [], 0, 1, [], incarnation=8)   # a new incarnation of worker 1 ticks
+    assert 1 not in shard.dead and shard.clocks[1] == 1
+
+
+def test_bsp_serves_the_previous_version_exactly():
+    shard, _ = make("bsp", 1)
+    v0 = shard.params.copy()
+    shard.push(0, 0, [0], 1, 1, [np.ones(shard.size, np.float32)])
+    assert shard.version == 1
+    buf, version = shard.params_for(0)
+    assert version == 0 and np.array_equal(buf, v0)
+    buf, version = shard.params_for(1)
+    assert version == 1 and buf is shard.params
+    shard.push(0, 1, [1], 1, 1, [np.ones(shard.size, np.float32)])
+    with pytest.raises(ProtocolError) as err:
+        shard.params_for(0)
+    assert err.value.code == Error.GONE

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 
 from ps.client import RemoteError
+from ps.protocol import Error
 
+from .heartbeat import Fenced
 from .runner import Worker, WorkerConfig
 from .straggler import parse_jitter
 
@@ -31,6 +35,8 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="straggler emulation: every task F times slower (sleeps (F-1) x compute)")
     p.add_argument("--jitter", default="0:1", help="P:F: any task F times slower with probability P")
     p.add_argument("--trace", action="store_true", help="write trace/worker<id>.json into --out")
+    p.add_argument("--crash-at", default=None, metavar="POINT@STEP",
+                   help="fault hook: SIGKILL this worker at before_push, mid_push or after_push of STEP")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -41,17 +47,27 @@ def parse_args(argv=None) -> WorkerConfig:
     except ValueError as exc:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
-                        a.timeout_s, a.slow, jitter, a.trace)
+                        a.timeout_s, a.slow, jitter, a.trace, a.crash_at)
 
 
 def main(argv=None) -> int:
     config = parse_args(argv)
+    faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     worker = None
     try:
         worker = Worker(config)
         worker.run()
         return 0
-    except (TimeoutError, RemoteError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except Fenced as exc:
+        log.error("stopping: %s", exc)
+        return 3
+    except RemoteError as exc:
+        if exc.code == Error.FENCED:        # a server refused us: we were declared dead
+            log.error("stopping: %s", exc)
+            return 3
+        log.error("%s", exc)
+        return 1
+    except (TimeoutError, ValueError, FileNotFoundError, RuntimeError) as exc:
         log.error("%s", exc)
         return 1
     except KeyboardInterrupt:

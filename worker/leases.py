@@ -7,26 +7,32 @@ leased ahead) that nobody else can steal.
 """
 from __future__ import annotations
 
-from ps.client import Peer
-from ps.protocol import Kind
+from ps.client import Peer, RemoteError
+from ps.protocol import Error, Kind
+
+from .heartbeat import Fenced
 
 
 class Leases:
-    def __init__(self, scheduler: Peer, worker: int, timeout_s: float):
+    def __init__(self, scheduler: Peer, worker: int, inc: int, timeout_s: float):
         self.scheduler = scheduler
-        self.worker = worker
+        self.worker, self.inc = worker, inc
         self.timeout_s = timeout_s
         self.ahead: tuple[int, int] | None = None    # (rid, step) of the request in flight
 
-    def next(self, step: int) -> tuple[list | None, int]:
+    def next(self, step: int) -> tuple[list | None, int, bool]:
         """The next task ``[id, step, sample ids]`` for ``step`` (-1 in ASP: any), or None
-        when there is none left; and the number of tasks in the task's step."""
+        when there is none left; the number of tasks in the task's step; and whether it
+        is a task dealt again (``redo``)."""
         if self.ahead is None or self.ahead[1] != step:
             self.ahead = (self._ask(step), step)
-        reply, _ = self.scheduler.recv(self.ahead[0], self.timeout_s, f"lease for step {step}")
+        try:
+            reply, _ = self.scheduler.recv(self.ahead[0], self.timeout_s, f"lease for step {step}")
+        except RemoteError as exc:
+            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
         task = reply["task"]
         self.ahead = (self._ask(step), step) if task else None   # lease ahead while we compute
-        return task, reply["step_tasks"]
+        return task, reply["step_tasks"], bool(reply.get("redo"))
 
     def _ask(self, step: int) -> int:
-        return self.scheduler.send(Kind.LEASE, worker=self.worker, step=step)
+        return self.scheduler.send(Kind.LEASE, worker=self.worker, inc=self.inc, step=step)

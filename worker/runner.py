@@ -12,29 +12,48 @@ state. Its loop, for each step (BSP), clock (SSP) or task (ASP)::
 The gradient pushed is a **sum** over the task's samples; the shard divides by the
 sample count (BSP: of the whole step; SSP/ASP: of this push), which is what makes
 the cluster's BSP update equal single-process training on the global batch.
+
+Failures: a heartbeat thread keeps this worker alive in the scheduler's eyes; if it
+is declared dead anyway (paused too long), it is fenced and stops. A task dealt
+again after its holder died (``redo``) is pushed on its own, on the parameters of
+its step. While a BSP pull waits for a step to complete, the worker asks every
+second whether a task of that step was dealt again, since it may be the one the
+step is waiting for.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import zmq
 
-from ps.client import Peer, ShardClient, ShardInfo
-from ps.protocol import Kind
-
+from ps.client import Peer, RemoteError, ShardClient, ShardInfo
+from ps.protocol import Error, Kind
 from ps.trace import Tracer
 
 from .flat import FlatModel
+from .heartbeat import Fenced, Heartbeat
 from .job import collate, load_job
 from .leases import Leases
-from .straggler import Slowdown
+from .straggler import CrashAt, Slowdown
 
 log = logging.getLogger("worker")
+
+POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re-dealt tasks
+
+
+@dataclass
+class Group:
+    """Tasks whose gradients are summed in the flat buffer and pushed together."""
+    tasks: list = field(default_factory=list)
+    loss_sum: float = 0.0
+    samples: int = 0
+    compute_s: float = 0.0
+    step_tasks: int = 1          # tasks in the step (BSP: the shard waits for that many)
 
 
 @dataclass
@@ -50,6 +69,7 @@ class WorkerConfig:
     slow: float = 1.0               # straggler emulation: every task this many times slower
     jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
     trace: bool = False             # write trace/worker<id>.json into out
+    crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
 
 
 def pick_device(name: str) -> torch.device:
@@ -73,129 +93,209 @@ class Worker:
         self.ctx = zmq.Context()
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shards: ShardClient | None = None
-        self.id = config.worker_id
+        self.heartbeat: Heartbeat | None = None
+        self.id, self.inc = config.worker_id, 0
+        self.mode = "bsp"
+        self.held = -1                       # the step whose parameters the model holds (BSP)
         self.slowdown = Slowdown(config.slow, config.jitter, config.seed)
+        self.crash = CrashAt.parse(config.crash_at)
         self.tracer = Tracer(None, "worker", 0)
         self.leases: Leases | None = None
+        self.last_report = time.perf_counter()
 
     def register(self) -> dict:
         job = self.job
-        reply, _ = self.scheduler.request(
-            Kind.REGISTER, self.config.timeout_s, role="worker", worker=self.id,
-            layout=self.flat.layout, dataset_size=len(self.dataset), batch_size=job.batch_size,
-            shuffle=job.shuffle, optimizer=job.optimizer, epochs=job.epochs, seed=self.config.seed)
-        self.id = reply["worker"]
+        deadline = time.monotonic() + self.config.timeout_s
+        while True:       # a replacement retries until the worker it replaces is declared dead
+            try:
+                reply, _ = self.scheduler.request(
+                    Kind.REGISTER, self.config.timeout_s, role="worker", worker=self.id,
+                    layout=self.flat.layout, dataset_size=len(self.dataset),
+                    batch_size=job.batch_size, shuffle=job.shuffle, optimizer=job.optimizer,
+                    epochs=job.epochs, seed=self.config.seed)
+                break
+            except RemoteError as exc:
+                if exc.code != Error.NOT_READY or time.monotonic() > deadline:
+                    raise
+                time.sleep(POLL_S / 4)
+        self.id, self.inc, self.mode = reply["worker"], reply["inc"], reply["mode"]
         if self.config.trace and self.config.out:
-            self.tracer = Tracer(self.config.out, f"worker{self.id}", 100 + self.id)
+            self.tracer = Tracer(self.config.out, f"worker{self.id}", 100 + self.inc,
+                                 file=f"worker{self.id}-{self.inc}")   # a replacement: new file
         shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
-        self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s)
-        if self.id == 0:                     # worker 0's build_model() is the starting point
+        self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc)
+        self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
+        self.heartbeat.start()
+        self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s)
+        if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start
             self.shards.init(self.flat.params_np)
-        log.info("worker %d on %s, %d steps, %s", self.id, self.device, reply["steps"], reply["mode"])
+        log.info("worker %d (incarnation %d) on %s, steps %d..%d, %s", self.id, self.inc,
+                 self.device, reply["start_step"], reply["steps"], reply["mode"])
         return reply
 
-    # -- one unit of work -----------------------------------------------------------
-    def compute(self, task: list) -> tuple[float, int]:
-        """Add n * grad(mean loss) of one task into the flat gradient; (loss sum, n)."""
-        task_id, _, sample_ids = task
-        with self.tracer.span("task", "task", task=task_id, step=task[1]):
+    # -- the pieces of a step -------------------------------------------------------
+    def compute(self, task: list, step_tasks: int, group: Group) -> None:
+        """Add n * grad(mean loss) of one task into the flat gradient."""
+        task_id, step, sample_ids = task
+        with self.tracer.span("task", "task", task=task_id, step=step):
             t0 = time.perf_counter()
             batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
             n = len(sample_ids)
             (loss * n).backward()            # gradient of the task's loss SUM, accumulated
-            loss_sum = float(loss.detach()) * n
+            group.loss_sum += float(loss.detach()) * n
             self.slowdown.after(task_id, time.perf_counter() - t0)
-        return loss_sum, n
+            group.compute_s += time.perf_counter() - t0
+        group.tasks.append(task)
+        group.samples += n
+        group.step_tasks = step_tasks
 
-    def pull(self, step: int) -> None:
+    def pull(self, step: int, redo_step: int | None = None) -> None:
+        """Read the parameters for ``step``, however long the gate takes (up to the
+        deadline); while it is closed, look for re-dealt tasks of ``redo_step``."""
+        deadline = time.monotonic() + self.config.timeout_s
         with self.tracer.span("pull", "wait", step=step):
-            self.shards.pull_into(self.flat.params_np, step)
-            self.flat.after_pull()
+            while True:
+                self.check_fenced()
+                try:
+                    self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S)
+                    break
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"worker {self.id}: step {step} still unreadable after "
+                                           f"{self.config.timeout_s:.0f} s") from None
+                    if redo_step is not None and redo_step >= 0:
+                        self.redo_waiting(redo_step)
+        self.flat.after_pull()
+        self.held = step
 
-    def push(self, step: int, tasks: list, samples: int, step_tasks: int) -> list[int]:
-        """Push the gradient sum of ``tasks``; return the ids any shard refused as duplicates."""
+    def push(self, step: int, group: Group, ends_clock: bool = True) -> None:
+        """Push a group's gradient sum (an empty group: an SSP clock tick), then report it."""
         self.flat.grads_to_host()
-        ids = [t[0] for t in tasks]
+        ids = [t[0] for t in group.tasks]
+        self.crash.maybe("before_push", step)
+        if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
+            self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
+                             ends_clock, only=[0])
+            self.crash.now()
         with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
-            replies = self.shards.push(self.flat.grads_np, step, ids, samples, max(step_tasks, 1))
-        return ids if not all(r.get("applied", True) for r in replies) else []
+            replies = self.shards.push(self.flat.grads_np, step, ids, group.samples,
+                                       group.step_tasks, ends_clock)
+        self.crash.maybe("after_push", step)
+        # Rejected: no shard took it (all had it already). A push some shards refused and
+        # others took is the second half of a dead worker's partial push: applied now.
+        rejected = ids if not any(r.get("applied", True) for r in replies) else []
+        now = time.perf_counter()
+        # Fire and forget: nothing waits on the answer, and the connection keeps the
+        # report ahead of our next LEASE and DONE.
+        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, inc=self.inc, step=step,
+                            tasks=ids, rejected=rejected, loss_sum=group.loss_sum,
+                            samples=group.samples, compute_s=group.compute_s,
+                            wait_s=max(0.0, now - self.last_report - group.compute_s))
+        self.last_report = now
 
-    def train_step(self, mode: str, step: int) -> None:
+    def run_alone(self, task: list, step_tasks: int) -> None:
+        """A task dealt again (its holder died, or stolen while we wait): computed on
+        the parameters of its own step (BSP) and pushed alone, so a shard that already
+        has it can refuse just this task."""
+        step = task[1]
+        if self.mode == "bsp" and self.held != step:
+            try:
+                self.pull(step)
+            except RemoteError as exc:
+                if exc.code != Error.GONE:
+                    raise
+                # Every shard is past this step, so the task was applied by its first
+                # holder before it died: report it done, push nothing.
+                self.push_nothing(task)
+                return
+        self.flat.zero_grad()
+        group = Group()
+        self.compute(task, step_tasks, group)
+        self.push(step, group, ends_clock=False)
+
+    def push_nothing(self, task: list) -> None:
+        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, inc=self.inc,
+                            step=task[1], tasks=[task[0]], rejected=[], loss_sum=0.0, samples=0,
+                            compute_s=0.0, wait_s=0.0)
+
+    def redo_waiting(self, step: int) -> None:
+        """While blocked: take every task still leasable for ``step`` (-1: any) and do it."""
+        while True:
+            reply, _ = self.request(Kind.LEASE, step=step)
+            if reply["task"] is None:
+                return
+            self.run_alone(reply["task"], reply["step_tasks"])
+
+    # -- the loops ------------------------------------------------------------------
+    def train_step(self, step: int) -> None:
         """BSP step or SSP clock: pull once, compute every task leased for it, push one sum.
 
         In SSP the clock advances when this worker's deque for it is empty, whether
         its tasks were done here or stolen; a clock with no task is pushed as a tick.
         """
-        t0 = time.perf_counter()
-        task, step_tasks = self.leases.next(step)
-        done, loss_sum, samples, compute_s = [], 0.0, 0, 0.0
-        if task is not None:
-            self.pull(step)
-            self.flat.zero_grad()
+        task, step_tasks, redo = self.leases.next(step)
+        if task is None and self.mode == "bsp":
+            return
+        # SSP pulls even for an empty clock: the gate is what keeps this worker within
+        # s clocks of the slowest; ticking through empty clocks unread would escape it.
+        self.pull(step, redo_step=step - 1 if self.mode == "bsp" else None)
+        self.flat.zero_grad()
+        group = Group()
         while task is not None:
-            t1 = time.perf_counter()
-            task_loss, n = self.compute(task)
-            compute_s += time.perf_counter() - t1
-            done.append(task)
-            loss_sum, samples = loss_sum + task_loss, samples + n
-            task, next_step_tasks = self.leases.next(step)
-            step_tasks = next_step_tasks or step_tasks
-        rejected = []
-        if done or mode == "ssp":
-            rejected = self.push(step, done, samples, step_tasks)
-        self.report(step, done, rejected, loss_sum, samples, compute_s,
-                    time.perf_counter() - t0 - compute_s)
+            if redo:
+                if group.tasks:
+                    self.push(step, group, ends_clock=False)
+                    group = Group()
+                self.run_alone(task, step_tasks)
+                if self.mode == "bsp" and self.held != step:
+                    self.pull(step)
+                self.flat.zero_grad()
+            else:
+                self.compute(task, step_tasks, group)
+            task, step_tasks, redo = self.leases.next(step)
+        if group.tasks or self.mode == "ssp":
+            self.push(step, group)
 
     def train_asp(self) -> None:
         """ASP: each task is pulled, computed and pushed on its own, as fast as it goes."""
         while True:
-            t0 = time.perf_counter()
-            task, step_tasks = self.leases.next(-1)
+            task, step_tasks, _ = self.leases.next(-1)
             if task is None:
                 return
-            step = task[1]
-            self.pull(step)
+            self.pull(task[1])
             self.flat.zero_grad()
-            t1 = time.perf_counter()
-            loss_sum, n = self.compute(task)
-            compute_s = time.perf_counter() - t1
-            rejected = self.push(step, [task], n, step_tasks)
-            self.report(step, [task], rejected, loss_sum, n, compute_s,
-                        time.perf_counter() - t0 - compute_s)
+            group = Group()
+            self.compute(task, step_tasks, group)
+            self.push(task[1], group)
 
-    def report(self, step, tasks, rejected, loss_sum, samples, compute_s, wait_s) -> None:
-        """Tell the scheduler what was pushed. Fire and forget: nothing waits on the
-        answer, and the connection keeps it ahead of our next LEASE and DONE."""
-        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, step=step,
-                            tasks=[t[0] for t in tasks], rejected=rejected, loss_sum=loss_sum,
-                            samples=samples, compute_s=compute_s, wait_s=wait_s)
-
-    def train(self, mode: str, steps: int) -> None:
-        self.leases = Leases(self.scheduler, self.id, self.config.timeout_s)
-        if mode == "asp":
+    def train(self, start_step: int, steps: int) -> None:
+        if self.mode == "asp":
             self.train_asp()
         else:
-            for step in range(steps):
-                self.train_step(mode, step)
+            for step in range(start_step, steps):
+                self.train_step(step)
 
-    def wait_for_all(self) -> None:
-        """DONE is answered once every worker is done; keep checking the scheduler lives."""
-        rid = self.scheduler.send(Kind.DONE, worker=self.id)
+    def wait_for_all(self) -> bool:
+        """DONE is answered once every live worker is done; until then, do any task dealt
+        again. Returns whether this worker writes the final parameters."""
+        rid = self.scheduler.send(Kind.DONE, worker=self.id, inc=self.inc)
         deadline = time.monotonic() + 10 * self.config.timeout_s
         while True:
+            self.check_fenced()
             try:
-                self.scheduler.recv(rid, min(5.0, self.config.timeout_s), "done")
-                return
+                reply, _ = self.scheduler.recv(rid, POLL_S, "done")
+                return bool(reply.get("finisher"))
             except TimeoutError:
                 if time.monotonic() > deadline:
                     raise
-                self.scheduler.request(Kind.STATUS, self.config.timeout_s)   # alive?
+                self.redo_waiting(-1)
+            except RemoteError as exc:
+                raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
 
     def finish(self, steps: int) -> None:
-        """Worker 0: pull the final parameters, save them, run the job's finish()."""
-        self.shards.pull_into(self.flat.params_np, steps)
-        self.flat.after_pull()
+        """Pull the final parameters, save them, run the job's finish()."""
+        self.pull(steps)
         if self.config.out:
             os.makedirs(self.config.out, exist_ok=True)
             tmp = os.path.join(self.config.out, "params.tmp.npz")
@@ -205,18 +305,32 @@ class Worker:
             self.model.eval()
             with torch.no_grad():
                 self.job.finish(self.model)
-        self.scheduler.request(Kind.FINISHED, self.config.timeout_s, worker=self.id)
+        self.request(Kind.FINISHED)
+
+    def request(self, kind: str, **fields) -> tuple[dict, list]:
+        """A request to the scheduler on our own behalf (FENCED becomes ``Fenced``)."""
+        try:
+            return self.scheduler.request(kind, self.config.timeout_s, worker=self.id,
+                                          inc=self.inc, **fields)
+        except RemoteError as exc:
+            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+
+    def check_fenced(self) -> None:
+        if self.heartbeat is not None and self.heartbeat.fenced.is_set():
+            raise Fenced(f"worker {self.id} incarnation {self.inc} was declared dead")
 
     def run(self) -> None:
         reply = self.register()
-        self.train(reply["mode"], reply["steps"])
+        self.train(reply["start_step"], reply["steps"])
         with self.tracer.span("wait for others", "wait"):
-            self.wait_for_all()
-        if self.id == 0:
+            finisher = self.wait_for_all()
+        if finisher:
             self.finish(reply["steps"])
         self.tracer.write()
 
     def close(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
         if self.shards:
             self.shards.close()
         self.scheduler.close()

@@ -1,12 +1,19 @@
-"""Straggler emulation, for experiments and tests (``--slow`` and ``--jitter``).
+"""Straggler and crash emulation, for experiments and tests.
 
 ``--slow F`` makes every task of this worker take F times as long, by sleeping
 (F - 1) times its measured compute; ``--jitter P:F`` makes any task F times slower
 with probability P. The draw is seeded by (seed, task id), so a task is slow no
 matter which worker computes it and every run sees the same slow tasks.
+
+``--crash-at POINT@STEP`` kills this worker with SIGKILL at a precise point of step
+STEP: ``before_push``, ``mid_push`` (after shard 0 has taken the push, before the
+others: the partial push a crash can leave) or ``after_push``. Faults land where
+the test says, not where a timer happens to fall.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import numpy as np
@@ -38,3 +45,30 @@ def parse_jitter(text: str) -> tuple[float, float]:
         return float(p), float(f)
     except ValueError:
         raise ValueError(f"--jitter wants P:F, e.g. 0.2:3, not {text!r}") from None
+
+
+class CrashAt:
+    POINTS = ("before_push", "mid_push", "after_push")
+
+    def __init__(self, point: str | None = None, step: int = -1):
+        self.point, self.step = point, step
+
+    @classmethod
+    def parse(cls, text: str | None) -> "CrashAt":
+        if not text:
+            return cls()
+        point, _, step = text.partition("@")
+        if point not in cls.POINTS or not step.isdigit():
+            raise ValueError(f"--crash-at wants POINT@STEP with POINT in {cls.POINTS}, not {text!r}")
+        return cls(point, int(step))
+
+    def at(self, point: str, step: int) -> bool:
+        return self.point == point and self.step == step
+
+    def maybe(self, point: str, step: int) -> None:
+        if self.at(point, step):
+            self.now()
+
+    @staticmethod
+    def now() -> None:
+        os.kill(os.getpid(), signal.SIGKILL)

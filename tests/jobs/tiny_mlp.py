@@ -6,6 +6,7 @@ launcher's environment, so all of them see the same setting.
 """
 import json
 import os
+import time
 
 import torch
 from torch import nn
@@ -13,6 +14,7 @@ from torch import nn
 OPTIMIZER = json.loads(os.environ.get("TINY_MLP_OPTIMIZER", '{"name": "sgd", "lr": 0.05, "momentum": 0.9}'))
 BATCH_SIZE = int(os.environ.get("TINY_MLP_BATCH", "24"))
 SHUFFLE = os.environ.get("TINY_MLP_SHUFFLE", "0") == "1"
+DELAY_S = float(os.environ.get("TINY_MLP_DELAY_S", "0"))   # fault tests: make a task take time
 
 
 def build_model():
@@ -27,5 +29,7 @@ def build_dataset():
 
 
 def loss_fn(model, batch):
+    if DELAY_S:
+        time.sleep(DELAY_S)
     x, y = batch
     return nn.functional.mse_loss(model(x), y)

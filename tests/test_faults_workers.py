@@ -1,0 +1,96 @@
+"""Worker failures: nothing is lost, nothing is applied twice, BSP stays exact.
+
+Each test injects one failure into a BSP run and asserts that the final parameters
+equal the no-fault run's (the single-process oracle, to a relative 1e-5), that every
+epoch's applied samples equal the data set's size, and that the run ends.
+Crash points are exact (the worker's --crash-at hook); kills and pauses by the
+launcher land on a step the test names (tasks are slowed to ~20 ms so the
+launcher's 0.1 s progress polling can hit them).
+"""
+import os
+
+import pytest
+
+from cluster import JOBS, assert_params_close, launch, oracle
+
+JOB = os.path.join(JOBS, "tiny_mlp.py")
+STEPS = 60
+FAST = ["--dead-after-s", "1.5"]          # detect deaths quickly (3 missed heartbeats)
+SLOW_TASKS = {"TINY_MLP_DELAY_S": "0.02"}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return oracle(JOB, STEPS)
+
+
+def check(run, reference, deaths):
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert summary["ok"], summary["failure"]
+    assert len(summary["deaths"]) == deaths, summary["deaths"]
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * 6 + [6 * 24], applied        # every sample exactly once
+    assert_params_close(run.params, reference, rtol=1e-5)
+    return summary
+
+
+@pytest.mark.parametrize("point", ["before_push", "mid_push", "after_push"])
+def test_worker_crash_at_a_precise_point(tmp_path, reference, point):
+    # mid_push: shard 0 has the dead worker's gradient, shard 1 never gets it; shard 0
+    # completes the step, shard 1 waits, the task is computed again on version 20.
+    run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                 "--tasks-per-step", "6", "--crash-at", f"1:{point}@20", *FAST)
+    summary = check(run, reference, deaths=1)
+    assert "worker1 exited with status -9" in run.stderr
+    if point == "mid_push":
+        assert summary["duplicates_rejected"] >= 1           # shard 0 refused the redo
+
+
+def test_same_worker_killed_three_times_with_replacements(tmp_path, reference):
+    run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                 "--inject", "kill:worker1@step=8", "--inject", "kill:worker1@step=24",
+                 "--inject", "kill:worker1@step=40", "--respawn", *FAST,
+                 env=SLOW_TASKS, timeout_s=150)
+    summary = check(run, reference, deaths=3)
+    assert len(summary["rejoins"]) >= 2                        # replacements joined mid-run
+    assert all(r["worker"] == 1 for r in summary["rejoins"])
+    assert [f["fired_at_s"] is not None for f in summary["faults_injected"]] == [True] * 3
+
+
+def test_replacement_joins_mid_run_and_does_work(tmp_path, reference):
+    run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "2", "--steps", str(STEPS),
+                 "--inject", "kill:worker1@step=10", "--respawn", *FAST, env=SLOW_TASKS)
+    summary = check(run, reference, deaths=1)
+    (rejoin,) = summary["rejoins"]
+    assert 10 <= rejoin["start_step"] < STEPS
+    assert summary["per_worker"][1]["step"] > rejoin["start_step"]   # it reported work
+
+
+def test_worker_paused_past_the_timeout_is_fenced(tmp_path, reference):
+    # 50 steps of 60 ms remain after the pause begins: the worker wakes mid-run
+    run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                 "--inject", "pause:worker1@step=10,for=2.5s", *FAST,
+                 env={"TINY_MLP_DELAY_S": "0.06"})
+    check(run, reference, deaths=1)
+    assert "worker1 exited with status 3" in run.stderr        # woke up, learnt it was fenced
+
+
+def test_worker_paused_shorter_than_the_timeout_changes_nothing(tmp_path, reference):
+    run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                 "--inject", "pause:worker1@step=10,for=0.5s", "--dead-after-s", "3",
+                 env=SLOW_TASKS)
+    summary = check(run, reference, deaths=0)
+    assert summary["faults_injected"][0]["fired_at_s"] is not None
+
+
+@pytest.mark.parametrize("mode", ["ssp", "asp"])
+def test_ssp_and_asp_survive_a_worker_crash_applying_every_sample_once(tmp_path, mode):
+    run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                 "--tasks-per-step", "6", "--mode", mode, "--staleness", "1",
+                 "--crash-at", "1:mid_push@20", *FAST)
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert len(summary["deaths"]) == 1
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * 6 + [6 * 24], applied
