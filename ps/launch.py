@@ -122,15 +122,16 @@ class Cluster:
         with open(os.path.join(self.args.out, "cluster.json"), "w") as f:
             json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
 
-    def check_roles(self, line: "StatusLine") -> bool:
-        """Look at every role that exited. A server's failure is fatal; a worker's is the
-        scheduler's business (it deals the tasks again), and with --respawn a
-        replacement is started. Returns True when the run must stop."""
+    def check_roles(self, line: "StatusLine", phase: str) -> bool:
+        """Look at every role that exited. A server's failure is fatal, and so is any
+        failure before the cluster has formed (it never could); a worker's failure in
+        training is the scheduler's business (it deals the tasks again), and with
+        --respawn a replacement is started. Returns True when the run must stop."""
         for i, r in enumerate(self.roles):
             code = r.proc.poll()
             if code in (None, 0) or r.name == "scheduler":
                 continue
-            if r.name.startswith("server"):
+            if r.name.startswith("server") or phase == "forming":
                 line.end()
                 print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
                 return True
@@ -261,21 +262,20 @@ def run(args) -> int:
         observer = Peer(ctx, sched_ep, "scheduler")
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
-        t_train = None
+        t_train, phase = None, "forming"
         while scheduler.poll() is None:
-            fatal = cluster.check_roles(line)
-            if fatal:
+            if cluster.check_roles(line, phase):
                 return 1
-            if not args.quiet or cluster.faults:
-                try:
-                    status, _ = observer.request(Kind.STATUS, 1.0)
-                    line.show(status_line(status, args.mode))
-                    if t_train is None and status["phase"] == "training":
-                        t_train = time.monotonic()
-                    if t_train is not None:
-                        cluster.inject(status.get("step", 0), time.monotonic() - t_train)
-                except (TimeoutError, RemoteError):   # best effort; the run decides success
-                    pass
+            try:
+                status, _ = observer.request(Kind.STATUS, 1.0)
+                phase = status["phase"]
+                line.show(status_line(status, args.mode))
+                if t_train is None and phase == "training":
+                    t_train = time.monotonic()
+                if t_train is not None:
+                    cluster.inject(status.get("step", 0), time.monotonic() - t_train)
+            except (TimeoutError, RemoteError):   # best effort; the run decides success
+                pass
             time.sleep(INJECT_INTERVAL_S if cluster.faults else STATUS_INTERVAL_S)
         line.end()
         if not cluster.wait_all(EXIT_GRACE_S):
@@ -323,7 +323,8 @@ def parse_args(argv=None):
     p.add_argument("--servers", type=int, default=2, help="servers (shards) S (default: 2)")
     p.add_argument("--workers", type=int, default=2, help="workers M (default: 2)")
     p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
-    p.add_argument("--staleness", type=int, default=None, help="SSP staleness bound s (default: 2)")
+    p.add_argument("--staleness", type=int, default=None,
+                   help="SSP staleness bound s (default: 2 with --mode ssp, else 0)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, default=None, help="global steps to train")
     steps.add_argument("--epochs", type=int, default=None, help="epochs (default: the job's EPOCHS, else 1)")
@@ -333,7 +334,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="tasks a global batch is cut into (default: one per worker)")
+                   help="tasks a global batch is cut into (default: 4 per worker, >= 16 samples each)")
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal shares, no stealing), for comparison")
     p.add_argument("--slow", action="append", default=[], metavar="W=F",

@@ -48,7 +48,7 @@ class Kind:
 
 class Error:
     """Reason codes carried by an ERROR reply (and counted by the receiver)."""
-    BAD_FRAMES = "bad_frames"           # wrong number of frames for the kind
+    BAD_FRAMES = "bad_frames"           # no header frame, or payload on a kind that carries none
     BAD_HEADER = "bad_header"           # not msgpack, not a map, too large or too deep
     BAD_VERSION = "bad_version"         # protocol version we do not speak
     UNKNOWN_KIND = "unknown_kind"
@@ -57,7 +57,7 @@ class Error:
     BAD_DTYPE = "bad_dtype"
     BAD_PAYLOAD = "bad_payload"         # payload bytes do not match what the header claims
     NOT_READY = "not_ready"             # the shard has no parameters yet / the cluster is not configured
-    DUPLICATE = "duplicate"             # push containing a task id this shard already applied
+    DUPLICATE = "duplicate"             # (reserved) a duplicate push is answered OK, applied=False
     TIMEOUT = "timeout"                 # a deferred request waited past its deadline
     UNKNOWN_SENDER = "unknown_sender"
     FENCED = "fenced"                   # the sender's incarnation was declared dead
@@ -100,6 +100,15 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.OK: {},
     Kind.ERROR: {"code": _STR, "reason": _STR},
 }
+
+
+# Kinds that carry tensor payload frames; every other request must have none.
+PAYLOAD_KINDS = frozenset({Kind.INIT, Kind.PUSH})
+
+
+def check_frames(kind: str, payload: list) -> None:
+    if payload and kind not in PAYLOAD_KINDS:
+        raise ProtocolError(Error.BAD_FRAMES, f"{kind} carries no payload, got {len(payload)} frames")
 
 
 def encode(kind: str, rid: int = 0, **fields) -> bytes:

@@ -31,10 +31,11 @@ from dataclasses import dataclass
 import zmq
 
 from . import sharding, wire
-from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
+from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .runstate import RunState
 from .dealer import Dealer
 from .membership import DEAD_AFTER_S, Membership
+from .optim import make_optimizer
 from .tasks import TaskPlan
 from .trace import Tracer
 
@@ -127,6 +128,7 @@ class Scheduler:
                 raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
             header = decode(frames[1])
             rid = header["rid"]
+            check_frames(header["kind"], frames[2:])
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
                        Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
@@ -175,6 +177,10 @@ class Scheduler:
                 and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
             raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
                                                      "batch_size and optimizer")
+        try:
+            make_optimizer(info["optimizer"], 1)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
         if header.get("seed") != self.config.seed:
             raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
                                                  f"the scheduler's {self.config.seed}")

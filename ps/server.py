@@ -29,7 +29,7 @@ import zmq
 
 from . import wire
 from .client import Peer, RemoteError
-from .protocol import Error, Kind, ProtocolError, check_int_list, decode, encode
+from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -133,6 +133,7 @@ class Server:
                 raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
             header = decode(frames[1])
             rid = header["rid"]
+            check_frames(header["kind"], frames[2:])
             handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
                        Kind.INIT: self.on_init, Kind.STATS: self.on_stats}.get(header["kind"])
             if handler is None:

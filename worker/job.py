@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.utils.data import default_collate
 
+from ps.optim import make_optimizer
+
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
 
 
@@ -61,8 +63,10 @@ def load_job(path: str) -> Job:
     if missing:
         raise ValueError(f"job {path} does not define {', '.join(missing)}")
     optimizer = dict(module.OPTIMIZER)
-    if not isinstance(optimizer.get("name"), str):
-        raise ValueError(f"job {path}: OPTIMIZER needs a 'name' (sgd, adam or adamw)")
+    try:
+        make_optimizer(optimizer, 1)      # fail here, not later on every server
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"job {path}: OPTIMIZER {optimizer}: {exc}") from None
     batch_size = int(module.BATCH_SIZE)
     if batch_size < 1:
         raise ValueError(f"job {path}: BATCH_SIZE must be >= 1")
