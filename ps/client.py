@@ -18,8 +18,13 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from . import wire
+from . import netfaults, wire
 from .protocol import Kind, ProtocolError, decode, encode
+
+
+RETRY_INTERVAL_S = 0.25   # a request unanswered this long is sent again (same rid) ...
+RETRY_BYTES_PER_S = 2e8   # ... plus the time its payload takes at a pessimistic 200 MB/s,
+                          # so a large push is not sent twice just for being large
 
 
 class RemoteError(RuntimeError):
@@ -50,23 +55,38 @@ class Peer:
         self.sock.connect(endpoint)
         self.outstanding: set[int] = set()              # rids whose replies we still want
         self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
+        self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
 
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
-        self.sock.send_multipart([encode(kind, rid, **fields), *frames], copy=False)
+        message = [encode(kind, rid, **fields), *frames]
+        netfaults.send(self.sock, message, copy=False)
         if want_reply:
             self.outstanding.add(rid)
+            self.requests[rid] = message        # kept for a Lazy Pirate resend
         return rid
 
     def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
         """Wait for the reply to ``rid``; raise TimeoutError naming what we waited for."""
         deadline = time.monotonic() + timeout_s
+        interval = RETRY_INTERVAL_S + sum(
+            memoryview(f).nbytes for f in self.requests.get(rid, ())) / RETRY_BYTES_PER_S
+        resend_at = time.monotonic() + interval
         while rid not in self.arrived:
-            left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
-            if not self.sock.poll(left_ms):
+            now = time.monotonic()
+            if now >= resend_at and rid in self.requests:
+                # Lazy Pirate: the request or its reply may be lost; ask again with the
+                # same rid (handlers are idempotent by rid, so a repeat is harmless).
+                netfaults.send(self.sock, self.requests[rid], copy=False)
+                resend_at = now + interval
+            left_ms = int(max(0.0, min(deadline, resend_at) - now) * 1000)
+            if not self.sock.poll(left_ms) and time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply from {self.name} ({self.endpoint}) "
                                    f"to {what or 'request'} within {timeout_s:.0f} s")
-            frames = self.sock.recv_multipart(copy=False)
+            try:
+                frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                continue
             try:
                 header = decode(frames[0])
             except ProtocolError:
@@ -75,6 +95,7 @@ class Peer:
                 self.arrived[header["rid"]] = (header, frames[1:])
             # else: a late reply to an abandoned request, or one nobody asked for
         self.outstanding.discard(rid)
+        self.requests.pop(rid, None)
         header, frames = self.arrived.pop(rid)
         if header["kind"] == Kind.ERROR:
             raise RemoteError(self.name, header["code"], header["reason"])
@@ -91,6 +112,7 @@ class Peer:
     def abandon(self, rid: int) -> None:
         """Stop waiting for ``rid``: a reply that still comes is dropped, not kept."""
         self.outstanding.discard(rid)
+        self.requests.pop(rid, None)
         self.arrived.pop(rid, None)
 
     def close(self) -> None:

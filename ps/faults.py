@@ -6,6 +6,7 @@ A spec names an action, a target role and a trigger::
     kill:worker1@time=3s            ... 3 seconds after training starts
     pause:worker1@step=10,for=5s    SIGSTOP, then SIGCONT 5 s later
     kill:server0@step=30            a server (the run then fails unless it can recover)
+    drop:0.02  dup:0.02  delay:5ms  message faults in every role's transport (ps.netfaults)
 
 Steps are the scheduler's progress (STATUS ``step``: the highest step any worker
 reported), so a trigger fires between that step's reports, not at an exact
@@ -47,3 +48,26 @@ def parse(spec: str) -> Fault:
         raise ValueError(f"--inject {spec!r}: a pause needs ,for=Ns")
     return Fault(m["action"], m["target"], m["kind"], float(m["at"]),
                  float(m["for"] or 0.0), spec=spec.strip())
+
+
+_NET = re.compile(r"^(?P<what>drop|dup):(?P<p>0?\.\d+|0|1)$|^delay:(?P<ms>\d+(\.\d+)?)ms$")
+
+
+def parse_net(spec: str) -> tuple[str, float] | None:
+    """``drop:0.02`` -> ("drop", 0.02); ``delay:5ms`` -> ("delay_ms", 5.0); else None."""
+    m = _NET.match(spec.strip())
+    if not m:
+        return None
+    return ("delay_ms", float(m["ms"])) if m["ms"] else (m["what"], float(m["p"]))
+
+
+def split(specs: list[str]) -> tuple[list[Fault], dict[str, float]]:
+    """Process faults and message faults, each spec checked (ValueError names a bad one)."""
+    faults, net = [], {}
+    for spec in specs:
+        message_fault = parse_net(spec)
+        if message_fault:
+            net[message_fault[0]] = message_fault[1]
+        else:
+            faults.append(parse(spec))
+    return faults, net

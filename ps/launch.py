@@ -25,7 +25,8 @@ import zmq
 from .client import Peer, RemoteError
 from .membership import DEAD_AFTER_S
 from .protocol import Kind
-from .faults import parse as parse_fault
+from . import netfaults
+from .faults import split as split_faults
 from .trace import merge as merge_traces
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,9 +59,11 @@ class Cluster:
         self.args = args
         self.roles: list[Role] = []
         self.retired: list[Role] = []            # roles that exited and were replaced
-        self.worker_argv: dict[str, list[str]] = {}
-        self.faults = [parse_fault(spec) for spec in args.inject]
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.worker_argv: dict[str, list[str]] = {}
+        self.faults, net = split_faults(args.inject)
+        if net:                          # message faults: every role's transport reads this
+            self.env[netfaults.ENV] = ",".join(f"{k}={v}" for k, v in net.items()) + f",seed={args.seed}"
 
     def spawn(self, name: str, module: str, argv: list[str], env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
@@ -122,7 +125,7 @@ class Cluster:
         with open(os.path.join(self.args.out, "cluster.json"), "w") as f:
             json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
 
-    def check_roles(self, line: "StatusLine", phase: str) -> bool:
+    def check_roles(self, line: "StatusLine", phase) -> bool:
         """Look at every role that exited. A server's failure is fatal, and so is any
         failure before the cluster has formed (it never could); a worker's failure in
         training is the scheduler's business (it deals the tasks again), and with
@@ -131,7 +134,7 @@ class Cluster:
             code = r.proc.poll()
             if code in (None, 0) or r.name == "scheduler":
                 continue
-            if r.name.startswith("server") or phase == "forming":
+            if r.name.startswith("server") or phase() == "forming":
                 line.end()
                 print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
                 return True
@@ -262,15 +265,14 @@ def run(args) -> int:
         observer = Peer(ctx, sched_ep, "scheduler")
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
-        t_train, phase = None, "forming"
+        t_train = None
         while scheduler.poll() is None:
-            if cluster.check_roles(line, phase):
+            if cluster.check_roles(line, lambda: _phase(observer)):
                 return 1
             try:
                 status, _ = observer.request(Kind.STATUS, 1.0)
-                phase = status["phase"]
                 line.show(status_line(status, args.mode))
-                if t_train is None and phase == "training":
+                if t_train is None and status["phase"] == "training":
                     t_train = time.monotonic()
                 if t_train is not None:
                     cluster.inject(status.get("step", 0), time.monotonic() - t_train)
@@ -296,6 +298,14 @@ def run(args) -> int:
     finally:
         cluster.stop()
         ctx.destroy(linger=0)
+
+
+def _phase(observer: Peer) -> str:
+    """The run's phase now (asked when a role has exited: a stale answer would mislead)."""
+    try:
+        return observer.request(Kind.STATUS, 2.0)[0]["phase"]
+    except (TimeoutError, RemoteError):
+        return "unknown"
 
 
 def report(out: str) -> int:
@@ -348,7 +358,7 @@ def parse_args(argv=None):
                    help="any wait longer than this fails the run with a diagnosis")
     p.add_argument("--inject", action="append", default=[], metavar="SPEC",
                    help="fault injection, repeatable: kill:worker1@step=20, kill:worker0@time=3s, "
-                        "pause:worker1@step=10,for=5s")
+                        "pause:worker1@step=10,for=5s; message faults drop:0.02, dup:0.02, delay:5ms")
     p.add_argument("--respawn", action="store_true",
                    help="start a replacement for every worker that dies; it joins mid-run")
     p.add_argument("--crash-at", action="append", default=[], metavar="W:POINT@STEP",
@@ -361,8 +371,7 @@ def parse_args(argv=None):
     if args.servers < 1 or args.workers < 1:
         p.error("--servers and --workers must be at least 1")
     try:
-        for spec in args.inject:
-            parse_fault(spec)
+        split_faults(args.inject)
     except ValueError as exc:
         p.error(str(exc))
     try:

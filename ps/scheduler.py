@@ -26,11 +26,12 @@ import signal
 import os
 import sys
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import zmq
 
-from . import sharding, wire
+from . import netfaults, sharding, wire
 from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .runstate import RunState
 from .dealer import Dealer
@@ -43,6 +44,7 @@ log = logging.getLogger("ps.scheduler")
 
 TASKS_PER_WORKER = 4       # default tasks per worker per step (the grain of stealing)
 MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
+REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
 
 
 @dataclass
@@ -89,6 +91,7 @@ class Scheduler:
         self.rejoins: list[dict] = []            # each replacement that joined mid-run
         self.finisher: int | None = None         # the worker that writes the final parameters
         self.t0 = time.monotonic()
+        self.answered: OrderedDict = OrderedDict()   # (identity, rid) -> reply, for repeats
         self.tracer = Tracer(config.out if config.trace else None, "scheduler", 0)
 
     # -- the loop -------------------------------------------------------------------
@@ -129,6 +132,8 @@ class Scheduler:
             header = decode(frames[1])
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
+            if self._repeat(ident, rid):
+                return
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
                        Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
@@ -142,9 +147,26 @@ class Scheduler:
             log.exception("internal error handling a request")
             self.reply(ident, Kind.ERROR, rid, code=Error.INTERNAL, reason=repr(exc))
 
+    def _repeat(self, ident: bytes, rid: int) -> bool:
+        """Idempotence by request id: a request seen before (a Lazy Pirate resend, or a
+        message duplicated on the wire) gets its first answer again, or nothing while
+        that answer is still deferred; it is never handled twice."""
+        key = (ident, rid)
+        if key in self.answered:
+            self._send(ident, self.answered[key])
+            return True
+        return any((i, r) == key for i, r, *_ in self.held + self.done_waiting)
+
     def reply(self, ident, kind: str, rid: int, **fields) -> None:
+        message = encode(kind, rid, **fields)
+        self.answered[(ident, rid)] = message
+        if len(self.answered) > REPLY_CACHE:
+            self.answered.popitem(last=False)
+        self._send(ident, message)
+
+    def _send(self, ident: bytes, message: bytes) -> None:
         try:
-            self.router.send_multipart([ident, encode(kind, rid, **fields)])
+            netfaults.send(self.router, [ident, message])
         except zmq.ZMQError as exc:
             log.warning("reply to a vanished peer dropped: %s", exc)
 
@@ -496,6 +518,7 @@ def parse_args(argv=None) -> SchedulerConfig:
 
 
 def main(argv=None) -> int:
+    netfaults.configure_from_env()
     scheduler = Scheduler(parse_args(argv))
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import wire
+from . import netfaults, wire
 from .client import Peer, RemoteError
 from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .shard import Shard
@@ -251,7 +251,7 @@ class Server:
 
     def reply(self, ident, head: bytes, payload=(), track: bool = False):
         try:
-            return self.router.send_multipart([ident, head, *payload], copy=False, track=track)
+            return netfaults.send(self.router, [ident, head, *payload], copy=False, track=track)
         except zmq.ZMQError as exc:      # ROUTER_MANDATORY: the peer is gone; nothing to do
             log.warning("reply to a vanished peer dropped: %s", exc)
             return None
@@ -290,6 +290,7 @@ def parse_args(argv=None) -> ServerConfig:
 
 
 def main(argv=None) -> int:
+    netfaults.configure_from_env()
     server = Server(parse_args(argv))
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:

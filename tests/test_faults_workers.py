@@ -39,8 +39,9 @@ def check(run, reference, deaths):
 def test_worker_crash_at_a_precise_point(tmp_path, reference, point):
     # mid_push: shard 0 has the dead worker's gradient, shard 1 never gets it; shard 0
     # completes the step, shard 1 waits, the task is computed again on version 20.
+    # --no-steal: worker 1 surely holds two tasks of step 20 (stealing might leave it none)
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
-                 "--tasks-per-step", "6", "--crash-at", f"1:{point}@20", *FAST)
+                 "--tasks-per-step", "6", "--no-steal", "--crash-at", f"1:{point}@20", *FAST)
     summary = check(run, reference, deaths=1)
     assert "worker1 exited with status -9" in run.stderr
     if point == "mid_push":

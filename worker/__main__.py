@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from ps import netfaults
 from ps.client import RemoteError
 from ps.protocol import Error
 
@@ -52,6 +53,7 @@ def parse_args(argv=None) -> WorkerConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
+    netfaults.configure_from_env()
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     worker = None
     try:

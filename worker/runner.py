@@ -44,6 +44,7 @@ from .straggler import CrashAt, Slowdown
 log = logging.getLogger("worker")
 
 POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re-dealt tasks
+MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the answers
 
 
 @dataclass
@@ -102,6 +103,7 @@ class Worker:
         self.tracer = Tracer(None, "worker", 0)
         self.leases: Leases | None = None
         self.last_report = time.perf_counter()
+        self.reports: list[int] = []         # rids of reports not yet answered
 
     def register(self) -> dict:
         job = self.job
@@ -186,13 +188,33 @@ class Worker:
         # others took is the second half of a dead worker's partial push: applied now.
         rejected = ids if not any(r.get("applied", True) for r in replies) else []
         now = time.perf_counter()
-        # Fire and forget: nothing waits on the answer, and the connection keeps the
-        # report ahead of our next LEASE and DONE.
-        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, inc=self.inc, step=step,
-                            tasks=ids, rejected=rejected, loss_sum=group.loss_sum,
-                            samples=group.samples, compute_s=group.compute_s,
-                            wait_s=max(0.0, now - self.last_report - group.compute_s))
+        self.report(step, ids, rejected, group.loss_sum, group.samples, group.compute_s,
+                    max(0.0, now - self.last_report - group.compute_s))
         self.last_report = now
+
+    def report(self, step, ids, rejected, loss_sum, samples, compute_s, wait_s) -> None:
+        """Tell the scheduler which tasks were pushed. Nothing waits on the answer here:
+        the connection keeps the report ahead of our next LEASE, and the answers are
+        collected later (``collect_reports``), when a lost one is also sent again."""
+        self.reports.append(self.scheduler.send(
+            Kind.REPORT, worker=self.id, inc=self.inc, step=step, tasks=ids, rejected=rejected,
+            loss_sum=loss_sum, samples=samples, compute_s=compute_s, wait_s=wait_s))
+        if len(self.reports) > MAX_UNCONFIRMED_REPORTS:
+            self.collect_reports(wait=True)
+
+    def collect_reports(self, wait: bool) -> None:
+        """Take in the answers to our reports; with ``wait``, until every one is in."""
+        still = []
+        for rid in self.reports:
+            try:
+                self.scheduler.recv(rid, self.config.timeout_s if wait else 0.0, "report")
+            except TimeoutError:
+                if wait:
+                    raise
+                still.append(rid)
+            except RemoteError as exc:
+                raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+        self.reports = still
 
     def run_alone(self, task: list, step_tasks: int) -> None:
         """A task dealt again (its holder died, or stolen while we wait): computed on
@@ -215,9 +237,7 @@ class Worker:
         self.push(step, group, ends_clock=False)
 
     def push_nothing(self, task: list) -> None:
-        self.scheduler.send(Kind.REPORT, want_reply=False, worker=self.id, inc=self.inc,
-                            step=task[1], tasks=[task[0]], rejected=[], loss_sum=0.0, samples=0,
-                            compute_s=0.0, wait_s=0.0)
+        self.report(task[1], [task[0]], [], 0.0, 0, 0.0, 0.0)
 
     def redo_waiting(self, step: int) -> None:
         """While blocked: take every task still leasable for ``step`` (-1: any) and do it."""
@@ -279,6 +299,7 @@ class Worker:
     def wait_for_all(self) -> bool:
         """DONE is answered once every live worker is done; until then, do any task dealt
         again. Returns whether this worker writes the final parameters."""
+        self.collect_reports(wait=True)      # DONE must not overtake a lost report
         rid = self.scheduler.send(Kind.DONE, worker=self.id, inc=self.inc)
         deadline = time.monotonic() + 10 * self.config.timeout_s
         while True:
