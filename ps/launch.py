@@ -26,6 +26,7 @@ from .client import Peer, RemoteError
 from .membership import DEAD_AFTER_S
 from .protocol import Kind
 from . import netfaults
+from .checkpoint import latest_intact
 from .faults import split as split_faults
 from .trace import merge as merge_traces
 
@@ -37,6 +38,7 @@ INJECT_INTERVAL_S = 0.1          # with faults to inject, progress is polled thi
 STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 EXIT_GRACE_S = 30.0              # after the scheduler exits, how long the others may take
 ENDPOINT_WAIT_S = 60.0           # how long a role may take to bind and publish its endpoint
+MAX_RECOVERIES = 5               # --recover gives up after this many restarts
 
 
 @dataclass
@@ -55,13 +57,14 @@ def _die_with_parent() -> None:
 
 
 class Cluster:
-    def __init__(self, args):
+    def __init__(self, args, faults: list, net: dict):
         self.args = args
         self.roles: list[Role] = []
         self.retired: list[Role] = []            # roles that exited and were replaced
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.worker_argv: dict[str, list[str]] = {}
-        self.faults, net = split_faults(args.inject)
+        self.faults = faults
+        self.server_lost: str | None = None
         if net:                          # message faults: every role's transport reads this
             self.env[netfaults.ENV] = ",".join(f"{k}={v}" for k, v in net.items()) + f",seed={args.seed}"
 
@@ -69,6 +72,15 @@ class Cluster:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
         proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
         self.roles.append(Role(name, proc, None))
+
+    def server_hooks(self, k: int) -> list[str]:
+        """Fault hooks for server k (first start only: a restarted cluster runs clean)."""
+        hooks = []
+        if k in self.args.server_crash_at and not self.args.resume:
+            hooks += ["--crash-at", self.args.server_crash_at[k]]
+        if self.args.fail_checkpoints:
+            hooks += ["--fail-checkpoints"]
+        return hooks
 
     def endpoint(self, role: Role, path: str) -> str:
         """Wait for a role to publish the endpoint it bound (port * = any free port)."""
@@ -99,12 +111,14 @@ class Cluster:
                 sched_argv += [flag, str(value)]
         sched_argv += ["--no-steal"] * a.no_steal + ["--trace"] * a.trace
         sched_argv += ["--dead-after-s", str(a.dead_after_s)]
+        sched_argv += ["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-dir", a.checkpoint_dir]
+        sched_argv += ["--resume"] * a.resume
         self.spawn("scheduler", "ps.scheduler", sched_argv)
         sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
         for k in range(a.servers):
             self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", "tcp://127.0.0.1:*",
                                                    "--endpoint-file", ep_file(f"server{k}"), "--shard", str(k),
-                                                   *common])
+                                                   *self.server_hooks(k), *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         self.worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):
@@ -136,6 +150,8 @@ class Cluster:
                 continue
             if r.name.startswith("server") or phase() == "forming":
                 line.end()
+                if r.name.startswith("server"):
+                    self.server_lost = r.name
                 print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
                 return True
             line.end()
@@ -191,18 +207,6 @@ class Cluster:
                 return False
         return True
 
-    def record_faults(self) -> None:
-        """Add what was injected to summary.json (the scheduler wrote the rest)."""
-        path = os.path.join(self.args.out, "summary.json")
-        if not self.faults or not os.path.exists(path):
-            return
-        with open(path) as f:
-            summary = json.load(f)
-        summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s}
-                                      for f in self.faults]
-        with open(path, "w") as f:
-            json.dump(summary, f, indent=2)
-
     def stop(self) -> None:
         for r in self.retired:
             if r.proc.poll() is None:
@@ -253,12 +257,20 @@ class StatusLine:
             self.drawn = False
 
 
-def run(args) -> int:
+@dataclass
+class Outcome:
+    rc: int
+    server_lost: str | None = None     # a server that died (the run can resume from a checkpoint)
+    last_step: int = 0                 # the furthest step the run had reported
+
+
+def run(args, faults, net: dict) -> Outcome:
     os.makedirs(args.out, exist_ok=True)
     for stale in ("summary.json", "params.npz"):
         if os.path.exists(os.path.join(args.out, stale)):
             os.remove(os.path.join(args.out, stale))
-    cluster = Cluster(args)
+    cluster = Cluster(args, faults, net)
+    outcome = Outcome(1)
     ctx = zmq.Context()
     try:
         sched_ep = cluster.start()
@@ -268,9 +280,11 @@ def run(args) -> int:
         t_train = None
         while scheduler.poll() is None:
             if cluster.check_roles(line, lambda: _phase(observer)):
-                return 1
+                outcome.server_lost = cluster.server_lost
+                return outcome
             try:
                 status, _ = observer.request(Kind.STATUS, 1.0)
+                outcome.last_step = max(outcome.last_step, status.get("step", 0))
                 line.show(status_line(status, args.mode))
                 if t_train is None and status["phase"] == "training":
                     t_train = time.monotonic()
@@ -281,23 +295,78 @@ def run(args) -> int:
             time.sleep(INJECT_INTERVAL_S if cluster.faults else STATUS_INTERVAL_S)
         line.end()
         if not cluster.wait_all(EXIT_GRACE_S):
-            return 1
+            return outcome
         if scheduler.returncode != 0:
             print(f"the scheduler exited with status {scheduler.returncode}", file=sys.stderr)
+            outcome.server_lost = _lost_server(args.out)
         if args.trace:
             print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
                   file=sys.stderr)
-        cluster.record_faults()
-        return report(args.out)
+        outcome.rc = 0 if scheduler.returncode == 0 else 1
+        return outcome
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the cluster", file=sys.stderr)
-        return 130
+        outcome.rc = 130
+        return outcome
     except RuntimeError as exc:
         print(f"cluster failed to start: {exc}", file=sys.stderr)
-        return 1
+        return outcome
     finally:
         cluster.stop()
         ctx.destroy(linger=0)
+
+
+def _lost_server(out: str) -> str | None:
+    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+    try:
+        with open(os.path.join(out, "summary.json")) as f:
+            failure = json.load(f).get("failure") or ""
+    except (OSError, ValueError):
+        return None
+    return failure.split(" silent")[0] if failure.startswith("server ") else None
+
+
+def launch(args) -> int:
+    """Run the job; with --recover, a lost server restarts the cluster from the newest
+    checkpoint (BSP replays the same steps, so the result is the one a run without the
+    fault would give). Each recovery is recorded in summary.json."""
+    faults, net = split_faults(args.inject)
+    recoveries = []
+    while True:
+        t0 = time.monotonic()
+        outcome = run(args, faults, net)
+        if not (outcome.server_lost and args.recover and len(recoveries) < MAX_RECOVERIES):
+            break
+        resumed = _latest_version(args.checkpoint_dir)
+        recoveries.append({"lost": outcome.server_lost, "at_step": outcome.last_step,
+                           "resumed_from_step": resumed,
+                           "steps_redone": max(0, outcome.last_step - resumed),
+                           "run_s_before": round(time.monotonic() - t0, 3)})
+        print(f"{outcome.server_lost} lost at step {outcome.last_step}: restarting the cluster "
+              f"from the checkpoint of step {resumed}", file=sys.stderr)
+        args.resume = True
+    _record(args.out, faults, recoveries)
+    if outcome.rc != 0:
+        return outcome.rc
+    return report(args.out)
+
+
+def _latest_version(root: str) -> int:
+    manifest, _ = latest_intact(root)
+    return manifest["version"] if manifest else 0
+
+
+def _record(out: str, faults, recoveries: list[dict]) -> None:
+    """Add what was injected, and each recovery, to summary.json."""
+    path = os.path.join(out, "summary.json")
+    if not (faults or recoveries) or not os.path.exists(path):
+        return
+    with open(path) as f:
+        summary = json.load(f)
+    summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s} for f in faults]
+    summary["recoveries"] = recoveries
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
 
 
 def _phase(observer: Peer) -> str:
@@ -364,6 +433,17 @@ def parse_args(argv=None):
     p.add_argument("--crash-at", action="append", default=[], metavar="W:POINT@STEP",
                    help="worker W kills itself at a precise point: before_push, mid_push "
                         "(after shard 0 took its push, before the others) or after_push, at STEP")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
+                   help="BSP: a coordinated checkpoint of every shard every K steps (0: none)")
+    p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the newest intact checkpoint (also with another --servers)")
+    p.add_argument("--recover", action="store_true",
+                   help="when a server is lost, restart the cluster from the newest checkpoint")
+    p.add_argument("--server-crash-at", action="append", default=[], metavar="S:checkpoint@V",
+                   help="fault hook: server S dies while writing checkpoint V (before the rename)")
+    p.add_argument("--fail-checkpoints", action="store_true",
+                   help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
                    help="declare a worker or server dead after this long without a heartbeat")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
@@ -391,13 +471,20 @@ def parse_args(argv=None):
     if not os.path.isfile(args.job):
         p.error(f"job file {args.job!r} does not exist")
     args.job = os.path.abspath(args.job)
+    try:
+        args.server_crash_at = {int(i.split(":", 1)[0]): i.split(":", 1)[1] for i in args.server_crash_at}
+    except ValueError:
+        p.error("--server-crash-at wants S:checkpoint@V")
+    if (args.checkpoint_every or args.recover) and args.mode != "bsp":
+        p.error("checkpoints and --recover need --mode bsp (SSP and ASP shards are never at one version)")
     args.out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
+    args.checkpoint_dir = os.path.abspath(args.checkpoint_dir or os.path.join(args.out, "checkpoints"))
     return args
 
 
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the cluster like Ctrl-C does
-    return run(parse_args(argv))
+    return launch(parse_args(argv))
 
 
 def _interrupt(signum, frame):

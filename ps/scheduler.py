@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import netfaults, sharding, wire
+from . import checkpoint, netfaults, sharding, wire
 from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .runstate import RunState
 from .dealer import Dealer
@@ -64,6 +64,9 @@ class SchedulerConfig:
     out: str | None = None               # where summary.json goes
     timeout_s: float = 120.0             # per phase: forming, a step without progress, finishing
     dead_after_s: float = DEAD_AFTER_S   # silence after which a worker or server is declared dead
+    checkpoint_every: int = 0            # BSP: a coordinated checkpoint every K steps (0: none)
+    checkpoint_dir: str | None = None    # where shards write them and manifests commit them
+    resume: bool = False                 # start from the newest intact checkpoint there
 
 
 class Scheduler:
@@ -89,6 +92,8 @@ class Scheduler:
         self.lease_step: dict[int, int] = {}     # worker -> latest step it leased
         self.deaths: list[dict] = []             # each death verdict, for the summary
         self.rejoins: list[dict] = []            # each replacement that joined mid-run
+        self.committed = 0                       # newest checkpoint version with a manifest
+        self.resumed_from: dict | None = None
         self.finisher: int | None = None         # the worker that writes the final parameters
         self.t0 = time.monotonic()
         self.answered: OrderedDict = OrderedDict()   # (identity, rid) -> reply, for repeats
@@ -235,6 +240,7 @@ class Scheduler:
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
         self.shard_map = shards
+        manifest, start = self._resume_point(ranges[-1][1])
         now = time.monotonic()
         for ident, rid, role, index in self.held:
             member = self.members.members[(role, index)]
@@ -243,14 +249,58 @@ class Scheduler:
                 lo, hi = ranges[index]
                 self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
                            optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
-                           workers=cfg.workers)
+                           workers=cfg.workers, checkpoint_every=cfg.checkpoint_every,
+                           checkpoint_dir=cfg.checkpoint_dir, restore=manifest)
             else:
-                self._welcome(ident, rid, index, member.inc, start_step=0)
+                self._welcome(ident, rid, index, member.inc, start_step=start)
         self.held.clear()
         self.phase = "training"
         self.deadline = time.monotonic() + cfg.timeout_s
         log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
                  cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
+
+    def _resume_point(self, total: int) -> tuple[dict | None, int]:
+        """With --resume: the newest intact checkpoint and the step to go on from. The
+        steps before it are complete on every shard (BSP version = steps applied), so
+        their samples count as applied."""
+        if not self.config.resume:
+            return None, 0
+        manifest, skipped = checkpoint.latest_intact(self.config.checkpoint_dir)
+        for reason in skipped:
+            log.warning("checkpoint skipped: %s", reason)
+        if manifest is None:
+            log.warning("no intact checkpoint in %s: starting from step 0", self.config.checkpoint_dir)
+            return None, 0
+        if manifest["shards"][-1]["hi"] != total:
+            raise ValueError(f"checkpoint holds {manifest['shards'][-1]['hi']} parameters, "
+                             f"the model has {total}")
+        start = manifest["version"]
+        plan, spe = self.dealer.plan, self.dealer.plan.steps_per_epoch
+        for step in range(start):
+            for task in plan.tasks(step):
+                self.run.count_task(task.id, step // spe, len(task.samples), rejected=False)
+        for step, loss in enumerate(manifest.get("losses", [])[:start]):
+            self.run.loss_sum[step], self.run.loss_samples[step] = loss, 1
+        self.committed = start
+        self.resumed_from = {"version": start, "skipped": skipped}
+        log.warning("resuming from the checkpoint of version %d", start)
+        return manifest, start
+
+    def _commit_checkpoint(self) -> None:
+        """Once every shard has written the same version, write the manifest (the commit)."""
+        reports = [st.get("checkpoint") for st in self.shard_stats.values()]
+        if len(reports) < self.config.servers or not all(reports):
+            return
+        versions = {r["version"] for r in reports}
+        version = min(versions)
+        if len(versions) != 1 or version <= self.committed:
+            return
+        losses = self.run.losses() if len(self.run.loss_samples) >= version else []
+        checkpoint.write_manifest(self.config.checkpoint_dir, version, reports,
+                                  {"servers": self.config.servers, "losses": losses[:version]})
+        self.committed = version
+        self.tracer.instant("checkpoint", "fault", version=version)
+        log.info("checkpoint of version %d committed", version)
 
     def _welcome(self, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
         cfg = self.config
@@ -432,6 +482,8 @@ class Scheduler:
             return
         if isinstance(header.get("stats"), dict):
             self.shard_stats[index] = header["stats"]
+            if self.config.checkpoint_every and self.run is not None:
+                self._commit_checkpoint()
         stop = self.phase == "stopping"
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
         if stop:
@@ -463,6 +515,7 @@ class Scheduler:
                    "fenced_rejected": sum(s.get("fenced_rejected", 0)
                                           for s in self.shard_stats.values()),
                    "deaths": self.deaths, "rejoins": self.rejoins,
+                   "checkpoint_committed": self.committed, "resumed_from": self.resumed_from,
                    "shards": [self.shard_stats.get(k, {}) for k in range(cfg.servers)]}
         os.makedirs(cfg.out, exist_ok=True)
         tmp = os.path.join(cfg.out, "summary.json.tmp")
@@ -504,17 +557,28 @@ def parse_args(argv=None) -> SchedulerConfig:
                    help="deadline of each phase without progress")
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
                    help="declare a worker or server dead after this long without a heartbeat")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="BSP: a coordinated checkpoint every K steps (0: none)")
+    p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (default: OUT/checkpoints)")
+    p.add_argument("--resume", action="store_true",
+                   help="start from the newest intact checkpoint in --checkpoint-dir")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s scheduler %(levelname)s %(message)s")
     if a.servers < 1 or a.workers < 1 or a.staleness < 0:
         p.error("--servers and --workers must be >= 1 and --staleness >= 0")
+    if (a.checkpoint_every or a.resume) and not (a.checkpoint_dir or a.out):
+        p.error("checkpoints need --checkpoint-dir (or --out)")
+    if a.checkpoint_every and a.mode != "bsp":
+        p.error("coordinated checkpoints need --mode bsp (SSP and ASP shards are never at one version)")
     return SchedulerConfig(
         servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness, steps=a.steps,
         epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
         trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
-        dead_after_s=a.dead_after_s)
+        dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,
+        checkpoint_dir=a.checkpoint_dir or (os.path.join(a.out, "checkpoints") if a.out else None),
+        resume=a.resume)
 
 
 def main(argv=None) -> int:

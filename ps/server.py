@@ -17,6 +17,7 @@ this file only receives, validates, calls the core and sends.
 from __future__ import annotations
 
 import argparse
+import errno
 import faulthandler
 import logging
 import signal
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import netfaults, wire
+from . import checkpoint, netfaults, wire
 from .client import Peer, RemoteError
 from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
 from .shard import Shard
@@ -46,6 +47,8 @@ class ServerConfig:
     advertise: str | None = None         # endpoint to give workers, if not the bound one
     endpoint_file: str | None = None     # where to publish the endpoint (for launchers)
     shard: int = -1                      # which shard to serve (-1: the scheduler picks)
+    crash_at: str | None = None          # fault hook "checkpoint@V": die while writing version V
+    fail_checkpoints: bool = False       # fault hook: every checkpoint write fails (disk full)
     heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
 
@@ -63,6 +66,8 @@ class Server:
         self.shard: Shard | None = None
         self.index = -1
         self.inc = 0                         # our incarnation, from the scheduler
+        self.last_checkpoint: dict | None = None   # what this shard last wrote (for the manifest)
+        self.next_beat = 0.0                 # when the next heartbeat is due
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
         self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
         self.errors: Counter = Counter()     # rejected requests by reason code
@@ -75,8 +80,17 @@ class Server:
                                           role="server", endpoint=self.endpoint,
                                           shard=self.config.shard)
         self.index, self.inc = reply["shard"], reply["inc"]
+        self.lo, self.hi = reply["lo"], reply["hi"]
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
                            reply["staleness"], reply["workers"])
+        self.checkpoint_every = reply.get("checkpoint_every") or 0
+        self.checkpoint_dir = reply.get("checkpoint_dir")
+        if reply.get("restore"):
+            manifest = reply["restore"]
+            params, state = checkpoint.load_range(manifest, self.lo, self.hi)
+            self.shard.restore(params, state, manifest["version"])
+            log.warning("shard %d restored from the checkpoint of version %d", self.index,
+                        manifest["version"])
         log.info("shard %d: elements [%d, %d) at %s, %s", self.index, reply["lo"], reply["hi"],
                  self.endpoint, reply["mode"])
 
@@ -84,16 +98,16 @@ class Server:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.scheduler.sock, zmq.POLLIN)
-        next_beat, last_heard = 0.0, time.monotonic()
+        last_heard = time.monotonic()
         while True:
             now = time.monotonic()
-            if now >= next_beat:
+            if now >= self.next_beat:
                 self.scheduler.send(Kind.HEARTBEAT, want_reply=False, role="server",
                                     index=self.index, inc=self.inc, stats=self.stats())
-                next_beat = now + self.config.heartbeat_interval_s
+                self.next_beat = now + self.config.heartbeat_interval_s
             if now - last_heard > self.config.timeout_s:
                 raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
-            events = dict(poller.poll(timeout=max(1, int((next_beat - now) * 1000))))
+            events = dict(poller.poll(timeout=max(1, int((self.next_beat - now) * 1000))))
             if self.scheduler.sock in events:
                 last_heard = time.monotonic()
                 if self._heartbeat_reply():
@@ -183,8 +197,12 @@ class Server:
         ends_clock = header.get("ends_clock", True)
         if not isinstance(ends_clock, bool):
             raise ProtocolError(Error.BAD_FIELD, "ends_clock must be a bool")
+        version = self.shard.version
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
                                   header["step_tasks"], chunks, header["inc"], ends_clock)
+        if (self.checkpoint_every and self.shard.mode == "bsp" and self.shard.version != version
+                and self.shard.version % self.checkpoint_every == 0):
+            self.write_checkpoint()
         answer = encode(Kind.OK, header["rid"], applied=applied, version=self.shard.version)
         self.push_replies[key] = answer
         if len(self.push_replies) > PUSH_REPLY_CACHE:
@@ -256,9 +274,30 @@ class Server:
             log.warning("reply to a vanished peer dropped: %s", exc)
             return None
 
+    def write_checkpoint(self) -> None:
+        """This shard's part of a coordinated checkpoint (the scheduler commits it once
+        every shard has written the same version). A failed write (a full disk) is
+        logged and counted; training goes on with the previous checkpoint."""
+        version = self.shard.version
+        try:
+            if self.config.crash_at == f"checkpoint@{version}":      # fault hook
+                checkpoint.CRASH_BEFORE_RENAME = True
+            if self.config.fail_checkpoints:
+                raise OSError(errno.ENOSPC, "no space left on device (injected)")
+            self.last_checkpoint = checkpoint.write_shard(
+                self.checkpoint_dir, version, self.index, self.lo, self.hi, self.shard.params,
+                self.shard.optimizer.state())
+            self.last_checkpoint["version"] = version
+            self.next_beat = 0.0             # tell the scheduler now: it commits the manifest
+        except OSError as exc:
+            self.errors["checkpoint_failed"] += 1
+            log.error("shard %d could not write its checkpoint of version %d: %s; training goes on",
+                      self.index, version, exc)
+
     def stats(self) -> dict:
         stats = self.shard.stats() if self.shard else {}
         stats["errors"] = dict(self.errors)
+        stats["checkpoint"] = self.last_checkpoint
         return stats
 
     def close(self) -> None:
@@ -281,12 +320,17 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--heartbeat-interval-s", type=float, default=ServerConfig.heartbeat_interval_s)
     p.add_argument("--timeout-s", type=float, default=ServerConfig.timeout_s,
                    help="give up on a silent scheduler or an unanswerable pull after this long")
+    p.add_argument("--crash-at", default=None, metavar="checkpoint@V",
+                   help="fault hook: SIGKILL this server after writing checkpoint V, before its rename")
+    p.add_argument("--fail-checkpoints", action="store_true",
+                   help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s server %(levelname)s %(message)s")
     return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file, args.shard,
-                        args.heartbeat_interval_s, args.timeout_s)
+                        args.crash_at, args.fail_checkpoints, args.heartbeat_interval_s,
+                        args.timeout_s)
 
 
 def main(argv=None) -> int:

@@ -73,6 +73,17 @@ class Shard:
             self.prev = self.params.copy()
         return True
 
+    def restore(self, params: np.ndarray, optimizer_state: dict, version: int) -> None:
+        """Start from a checkpoint: parameters and optimizer state at ``version``."""
+        if params.size != self.size:
+            raise ValueError(f"checkpoint slice has {params.size} floats, shard holds {self.size}")
+        self.params = params.astype(np.float32, copy=True)
+        self.optimizer.load_state(optimizer_state)
+        self.version = version
+        self.clocks = [version] * len(self.clocks)
+        if self.mode == "bsp":
+            self.prev = self.params.copy()
+
     # -- membership -----------------------------------------------------------------
     def fence(self, worker: int, incarnation: int) -> None:
         """Retire a dead incarnation: its messages are refused from now on."""

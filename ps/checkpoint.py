@@ -1,0 +1,131 @@
+"""Coordinated checkpoints: every shard at the same version, a manifest as commit point.
+
+Layout under a checkpoint directory::
+
+    v000040/shard-0.npz      shard 0's parameters and optimizer state at version 40
+    v000040/shard-1.npz
+    manifest-v000040.json    written last: names every shard file, its flat range and sha256
+
+A shard writes its file to a temporary name, fsyncs it and renames it: a file that
+exists is complete. The scheduler writes the manifest (the same way) only once
+every shard has reported its file for that version, so a checkpoint without a
+manifest, or one interrupted while writing, is never used. Loading checks every
+file's sha256 and falls back to an older manifest when one does not match
+(a corrupted or truncated file). Files are cut by flat range, so a run can resume
+with a different number of servers: each new shard reads the slices of the old
+files that overlap its range.
+
+Plain numpy and files; the server writes, the scheduler commits and chooses.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import signal
+
+import numpy as np
+
+KEEP = 2                         # manifests kept: the newest and one to fall back to
+CRASH_BEFORE_RENAME = False      # fault hook (tests): die after the temp file, before the rename
+
+
+def _fsync_replace(tmp: str, path: str) -> None:
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)           # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_shard(root: str, version: int, shard: int, lo: int, hi: int,
+                params: np.ndarray, optimizer_state: dict) -> dict:
+    """Write one shard's state at ``version``; return what the manifest needs."""
+    folder = os.path.join(root, f"v{version:06d}")
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"shard-{shard}.npz")
+    tmp = path + ".tmp"
+    arrays = {f"opt_{k}": np.asarray(v) for k, v in optimizer_state.items()}
+    with open(tmp, "wb") as f:
+        np.savez(f, params=params, lo=lo, hi=hi, version=version, **arrays)
+    if CRASH_BEFORE_RENAME:
+        os.kill(os.getpid(), signal.SIGKILL)
+    _fsync_replace(tmp, path)
+    return {"shard": shard, "file": os.path.relpath(path, root), "lo": lo, "hi": hi,
+            "sha256": sha256(path)}
+
+
+def write_manifest(root: str, version: int, shards: list[dict], extra: dict) -> str:
+    """The commit point: after this, version ``version`` is a checkpoint."""
+    path = os.path.join(root, f"manifest-v{version:06d}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"version": version, "shards": sorted(shards, key=lambda s: s["lo"]), **extra}, f)
+    _fsync_replace(tmp, path)
+    for old in sorted(glob.glob(os.path.join(root, "manifest-v*.json")))[:-KEEP]:
+        _remove_checkpoint(root, old)
+    return path
+
+
+def _remove_checkpoint(root: str, manifest_path: str) -> None:
+    version = os.path.basename(manifest_path)[len("manifest-v"):-len(".json")]
+    os.remove(manifest_path)
+    folder = os.path.join(root, f"v{version}")
+    for path in glob.glob(os.path.join(folder, "*")):
+        os.remove(path)
+    if os.path.isdir(folder):
+        os.rmdir(folder)
+
+
+def latest_intact(root: str) -> tuple[dict | None, list[str]]:
+    """The newest manifest whose files all exist with the right sha256, and the
+    reasons older-than-newest ones were skipped."""
+    skipped = []
+    for path in sorted(glob.glob(os.path.join(root, "manifest-v*.json")), reverse=True):
+        try:
+            with open(path) as f:
+                manifest = json.load(f)
+            for s in manifest["shards"]:
+                if sha256(os.path.join(root, s["file"])) != s["sha256"]:
+                    raise ValueError(f"{s['file']} does not match its sha256")
+            manifest["root"] = root
+            return manifest, skipped
+        except (OSError, ValueError, KeyError) as exc:
+            skipped.append(f"{os.path.basename(path)}: {exc}")
+    return None, skipped
+
+
+def load_range(manifest: dict, lo: int, hi: int) -> tuple[np.ndarray, dict]:
+    """Parameters and optimizer state of the flat range [lo, hi), from whichever shard
+    files cover it (the old shards may have been cut differently)."""
+    params = np.empty(hi - lo, dtype=np.float32)
+    state: dict = {}
+    for s in manifest["shards"]:
+        a, b = max(lo, s["lo"]), min(hi, s["hi"])
+        if a >= b:
+            continue
+        with np.load(os.path.join(manifest["root"], s["file"])) as npz:
+            params[a - lo:b - lo] = npz["params"][a - s["lo"]:b - s["lo"]]
+            for key in npz.files:
+                if not key.startswith("opt_"):
+                    continue
+                value = npz[key]
+                name = key[len("opt_"):]
+                if value.ndim == 0:                      # a scalar such as the step count
+                    state[name] = value.item()
+                else:
+                    state.setdefault(name, np.empty(hi - lo, dtype=value.dtype))
+                    state[name][a - lo:b - lo] = value[a - s["lo"]:b - s["lo"]]
+    return params, state
