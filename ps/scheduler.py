@@ -8,65 +8,46 @@ tensor bytes: it is the control path only. A run goes through four phases:
               (a server: its shard's range, the optimizer, the mode; a worker: the
               shard map and how many steps to run)
     training  workers lease their tasks step by step and report losses
-    finishing every worker has sent DONE; worker 0 pulls the final parameters,
-              writes them and sends FINISHED
+    finishing every worker has sent DONE; the lowest-numbered live worker pulls
+              the final parameters, writes them and sends FINISHED
     stopping  each server's next heartbeat (carrying its final counters) is
               answered with stop; then summary.json is written and we exit
 
 Every phase has a deadline; when one passes, the scheduler names what it is still
 waiting for and exits non-zero rather than hang.
+
+This module is the event loop: it receives a request, validates it, calls the code
+that decides and sends the reply. The decisions live elsewhere: the flags in
+``ps.scheduler_config``, what a REGISTER must say in ``ps.registration``, dealing
+and stealing in ``ps.dealer``, run accounting in ``ps.runstate``, dead workers and
+their replacements in ``ps.failover``, checkpoint commits and --resume in
+``ps.recovery``, and summary.json in ``ps.summary``.
 """
 from __future__ import annotations
 
-import argparse
 import faulthandler
-import json
 import logging
 import signal
-import os
 import sys
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
 
 import zmq
 
-from . import checkpoint, netfaults, sharding, wire
-from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
-from .runstate import RunState
+from . import netfaults, registration, sharding, summary, wire
 from .dealer import Dealer
-from .membership import DEAD_AFTER_S, Membership
-from .optim import make_optimizer
+from .failover import Failover
+from .membership import Membership
+from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
+from .recovery import Recovery
+from .runstate import RunState
+from .scheduler_config import SchedulerConfig, default_tasks_per_step, parse_args
 from .tasks import TaskPlan
 from .trace import Tracer
 
 log = logging.getLogger("ps.scheduler")
 
-TASKS_PER_WORKER = 4       # default tasks per worker per step (the grain of stealing)
-MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
-
-
-@dataclass
-class SchedulerConfig:
-    servers: int = 2
-    workers: int = 2
-    mode: str = "bsp"
-    staleness: int = 0
-    steps: int | None = None             # total global steps; default: epochs x steps per epoch
-    epochs: int | None = None            # default: the job's EPOCHS, else 1
-    seed: int = 0
-    tasks_per_step: int | None = None    # default: see default_tasks_per_step
-    steal: bool = True                   # work stealing and speed-proportional dealing
-    trace: bool = False                  # write trace/scheduler.json into out
-    bind: str = "tcp://127.0.0.1:*"
-    endpoint_file: str | None = None     # where to write the bound endpoint (for launchers)
-    out: str | None = None               # where summary.json goes
-    timeout_s: float = 120.0             # per phase: forming, a step without progress, finishing
-    dead_after_s: float = DEAD_AFTER_S   # silence after which a worker or server is declared dead
-    checkpoint_every: int = 0            # BSP: a coordinated checkpoint every K steps (0: none)
-    checkpoint_dir: str | None = None    # where shards write them and manifests commit them
-    resume: bool = False                 # start from the newest intact checkpoint there
 
 
 class Scheduler:
@@ -89,15 +70,12 @@ class Scheduler:
         self.failure: str | None = None
         self.next_round = 0                      # ASP: the next epoch to deal
         self.members = Membership(config.dead_after_s)
-        self.lease_step: dict[int, int] = {}     # worker -> latest step it leased
-        self.deaths: list[dict] = []             # each death verdict, for the summary
-        self.rejoins: list[dict] = []            # each replacement that joined mid-run
-        self.committed = 0                       # newest checkpoint version with a manifest
-        self.resumed_from: dict | None = None
         self.finisher: int | None = None         # the worker that writes the final parameters
         self.t0 = time.monotonic()
         self.answered: OrderedDict = OrderedDict()   # (identity, rid) -> reply, for repeats
         self.tracer = Tracer(config.out if config.trace else None, "scheduler", 0)
+        self.failover = Failover(config, self.members, self.tracer, self.t0)
+        self.recovery = Recovery(config.checkpoint_dir, config.servers, self.tracer)
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -177,17 +155,19 @@ class Scheduler:
 
     # -- forming --------------------------------------------------------------------
     def on_register(self, ident, header) -> None:
-        if self.phase == "training" and header["role"] == "worker":
-            return self._replace_worker(ident, header)
+        if self.phase == "training" and header["role"] == "worker":   # a replacement (ps.failover)
+            index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
+            return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))
         if self.phase != "forming":
             raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
         if header["role"] == "server":
-            index = self._pick_index(header.get("shard"), self.servers, self.config.servers, "shard")
+            index = registration.pick_index(header.get("shard"), self.servers, self.config.servers, "shard")
             if not isinstance(header.get("endpoint"), str):
                 raise ProtocolError(Error.MISSING_FIELD, "a server registers its endpoint")
             self.servers[index] = {"endpoint": header["endpoint"]}
         elif header["role"] == "worker":
-            index = self._register_worker(header)
+            index = registration.pick_index(header.get("worker"), self.workers, self.config.workers, "worker")
+            self.workers[index] = registration.worker_job(header, self.config.seed, self.workers.values())
         else:
             raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
         self.members.join(header["role"], index, time.monotonic())
@@ -195,37 +175,6 @@ class Scheduler:
         log.info("%s %d registered", header["role"], index)
         if len(self.servers) == self.config.servers and len(self.workers) == self.config.workers:
             self._form()
-
-    def _register_worker(self, header) -> int:
-        info = {k: header.get(k) for k in ("layout", "dataset_size", "batch_size", "shuffle",
-                                           "optimizer", "epochs")}
-        index = self._pick_index(header.get("worker"), self.workers, self.config.workers, "worker")
-        if not (isinstance(info["layout"], list) and isinstance(info["dataset_size"], int)
-                and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
-            raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
-                                                     "batch_size and optimizer")
-        try:
-            make_optimizer(info["optimizer"], 1)
-        except (ValueError, TypeError) as exc:
-            raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
-        if header.get("seed") != self.config.seed:
-            raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
-                                                 f"the scheduler's {self.config.seed}")
-        for other in self.workers.values():
-            if other != info:
-                raise ProtocolError(Error.BAD_FIELD, "this worker's job differs from the others' "
-                                                     "(model layout, data set or optimizer)")
-        self.workers[index] = info
-        return index
-
-    @staticmethod
-    def _pick_index(wanted, taken: dict, count: int, what: str) -> int:
-        """The index a role asked for (launchers pin them), else the lowest free one."""
-        if not (isinstance(wanted, int) and not isinstance(wanted, bool)) or wanted < 0:
-            wanted = next((i for i in range(count) if i not in taken), count)
-        if wanted >= count or wanted in taken:
-            raise ProtocolError(Error.BAD_FIELD, f"{what} {wanted} is taken or out of range [0, {count})")
-        return wanted
 
     def _form(self) -> None:
         cfg, job = self.config, self.workers[0]
@@ -240,7 +189,8 @@ class Scheduler:
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
         self.shard_map = shards
-        manifest, start = self._resume_point(ranges[-1][1])
+        manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
+                           else (None, 0))
         now = time.monotonic()
         for ident, rid, role, index in self.held:
             member = self.members.members[(role, index)]
@@ -259,79 +209,11 @@ class Scheduler:
         log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
                  cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
 
-    def _resume_point(self, total: int) -> tuple[dict | None, int]:
-        """With --resume: the newest intact checkpoint and the step to go on from. The
-        steps before it are complete on every shard (BSP version = steps applied), so
-        their samples count as applied."""
-        if not self.config.resume:
-            return None, 0
-        manifest, skipped = checkpoint.latest_intact(self.config.checkpoint_dir)
-        for reason in skipped:
-            log.warning("checkpoint skipped: %s", reason)
-        if manifest is None:
-            log.warning("no intact checkpoint in %s: starting from step 0", self.config.checkpoint_dir)
-            return None, 0
-        if manifest["shards"][-1]["hi"] != total:
-            raise ValueError(f"checkpoint holds {manifest['shards'][-1]['hi']} parameters, "
-                             f"the model has {total}")
-        start = manifest["version"]
-        plan, spe = self.dealer.plan, self.dealer.plan.steps_per_epoch
-        for step in range(start):
-            for task in plan.tasks(step):
-                self.run.count_task(task.id, step // spe, len(task.samples), rejected=False)
-        for step, loss in enumerate(manifest.get("losses", [])[:start]):
-            self.run.loss_sum[step], self.run.loss_samples[step] = loss, 1
-        self.committed = start
-        self.resumed_from = {"version": start, "skipped": skipped}
-        log.warning("resuming from the checkpoint of version %d", start)
-        return manifest, start
-
-    def _commit_checkpoint(self) -> None:
-        """Once every shard has written the same version, write the manifest (the commit)."""
-        reports = [st.get("checkpoint") for st in self.shard_stats.values()]
-        if len(reports) < self.config.servers or not all(reports):
-            return
-        versions = {r["version"] for r in reports}
-        version = min(versions)
-        if len(versions) != 1 or version <= self.committed:
-            return
-        losses = self.run.losses() if len(self.run.loss_samples) >= version else []
-        checkpoint.write_manifest(self.config.checkpoint_dir, version, reports,
-                                  {"servers": self.config.servers, "losses": losses[:version]})
-        self.committed = version
-        self.tracer.instant("checkpoint", "fault", version=version)
-        log.info("checkpoint of version %d committed", version)
-
     def _welcome(self, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
         cfg = self.config
         self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map, mode=cfg.mode,
                    staleness=cfg.staleness, steps=self.run.steps, workers=cfg.workers, seed=cfg.seed,
                    start_step=start_step)
-
-    def _replace_worker(self, ident, header) -> None:
-        """A worker joining mid-run takes the id of a dead one, with a new incarnation, and
-        starts at the step (or clock) the slowest live worker is on."""
-        dead = [w for w in range(self.config.workers) if w not in self.members.live("worker")]
-        wanted = header.get("worker")
-        index = wanted if wanted in dead else (dead[0] if dead and wanted in (None, -1) else None)
-        if index is None:
-            # The worker it replaces may not have been declared dead yet: ask it to retry.
-            raise ProtocolError(Error.NOT_READY, f"no dead worker to replace (asked for {wanted!r})")
-        info = {k: header.get(k) for k in ("layout", "dataset_size", "batch_size", "shuffle",
-                                           "optimizer", "epochs")}
-        if info != self.workers[0] or header.get("seed") != self.config.seed:
-            raise ProtocolError(Error.BAD_FIELD, "the replacement's job differs from the cluster's")
-        member = self.members.join("worker", index, time.monotonic())
-        self.dealer.revive(index)
-        self.run.revive(index)
-        live_steps = [self.lease_step.get(w, 0) for w in self.members.live("worker") if w != index]
-        start = -1 if self.config.mode == "asp" else min(live_steps, default=0)
-        self.lease_step[index] = start
-        log.warning("worker %d rejoins as incarnation %d at step %d", index, member.inc, start)
-        self.tracer.instant("rejoin", "fault", worker=index, inc=member.inc, step=start)
-        self.rejoins.append({"worker": index, "incarnation": member.inc, "start_step": start,
-                             "at_s": round(time.monotonic() - self.t0, 3)})
-        self._welcome(ident, header["rid"], index, member.inc, start_step=max(start, 0))
 
     # -- liveness -------------------------------------------------------------------
     def _check_liveness(self) -> None:
@@ -346,26 +228,8 @@ class Scheduler:
                 return
 
     def _worker_died(self, member) -> None:
-        """Fence the incarnation, deal its tasks again, and let the run go on without it."""
-        self.members.retire(member)
-        live = self.members.live("worker")
-        if self.config.mode == "bsp":
-            # Tasks of steps every shard has completed were applied: nothing to redo.
-            versions = [st.get("version", 0) for st in self.shard_stats.values()]
-            complete_below = min(versions) if len(versions) == self.config.servers else 0
-            done = [t.id for w, t in self.dealer.leases.values()
-                    if w == member.index and t.step < complete_below]
-            spe = self.dealer.plan.steps_per_epoch
-            for task in self.dealer.complete(done):
-                self.run.count_task(task.id, task.step // spe, len(task.samples), rejected=False)
-        redealt = self.dealer.reassign(member.index, live) if live else []
-        self.run.mark_dead(member.index)
-        death = {"worker": member.index, "incarnation": member.inc,
-                 "detected_at_s": round(time.monotonic() - self.t0, 3), "tasks_redealt": len(redealt)}
-        self.deaths.append(death)
-        self.tracer.instant("death", "fault", **death)
-        log.warning("worker %d (incarnation %d) declared dead; %d leased tasks dealt again",
-                    member.index, member.inc, len(redealt))
+        """Deal its tasks again (``Failover.worker_died``) and let the run go on without it."""
+        live = self.failover.worker_died(member, self.dealer, self.run, self.shard_stats)
         if not live and self.phase == "training":
             self.failure = "every worker is dead"
             self.phase = "exit"
@@ -393,7 +257,7 @@ class Scheduler:
             self.dealer.deal(step)
             rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
             task, victim = self.dealer.take(worker, rounds, rounds)
-            self.lease_step[worker] = max(self.lease_step.get(worker, 0), step)
+            self.failover.leased(worker, step)
         self.run.started()
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
@@ -483,7 +347,7 @@ class Scheduler:
         if isinstance(header.get("stats"), dict):
             self.shard_stats[index] = header["stats"]
             if self.config.checkpoint_every and self.run is not None:
-                self._commit_checkpoint()
+                self.recovery.commit(self.shard_stats, self.run)
         stop = self.phase == "stopping"
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
         if stop:
@@ -492,93 +356,21 @@ class Scheduler:
                 self.phase = "exit"
 
     def on_status(self, ident, header) -> None:
-        status = {"phase": self.phase, "max_staleness": self._max_staleness()}
+        status = {"phase": self.phase, "max_staleness": summary.max_staleness(self.shard_stats)}
         if self.run:
             status.update(self.run.progress())
         self.reply(ident, Kind.OK, header["rid"], **status)
 
-    def _max_staleness(self) -> int:
-        return max((s.get("max_staleness", 0) for s in self.shard_stats.values()), default=0)
-
     def write_summary(self) -> None:
         if not self.config.out or self.run is None:
             return
-        cfg = self.config
-        summary = {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
-                   "workers": cfg.workers, "seed": cfg.seed, "ok": self.failure is None,
-                   "failure": self.failure, "steal": cfg.steal,
-                   "tasks_per_step": self.dealer.plan.tasks_per_step,
-                   **self.run.summary(self.dealer.stolen_by, self.dealer.stolen_from),
-                   "max_staleness": self._max_staleness(),
-                   "duplicates_rejected": sum(s.get("duplicates_rejected", 0)
-                                              for s in self.shard_stats.values()),
-                   "fenced_rejected": sum(s.get("fenced_rejected", 0)
-                                          for s in self.shard_stats.values()),
-                   "deaths": self.deaths, "rejoins": self.rejoins,
-                   "checkpoint_committed": self.committed, "resumed_from": self.resumed_from,
-                   "shards": [self.shard_stats.get(k, {}) for k in range(cfg.servers)]}
-        os.makedirs(cfg.out, exist_ok=True)
-        tmp = os.path.join(cfg.out, "summary.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(tmp, os.path.join(cfg.out, "summary.json"))
+        summary.write(self.config.out, summary.build(
+            self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
+            deaths=self.failover.deaths, rejoins=self.failover.rejoins, recovery=self.recovery))
 
     def close(self) -> None:
         self.router.close(linger=0)
         self.ctx.term()
-
-
-def default_tasks_per_step(batch_size: int, workers: int) -> int:
-    """Four tasks per worker per step, so stealing can move quarters of a worker's share,
-    but none smaller than MIN_TASK_SAMPLES: a task's compute should dwarf the ~0.2 ms
-    scheduler round trip of its lease (which the worker overlaps with compute anyway)."""
-    return max(workers, min(TASKS_PER_WORKER * workers, batch_size // MIN_TASK_SAMPLES))
-
-
-def parse_args(argv=None) -> SchedulerConfig:
-    p = argparse.ArgumentParser(prog="python -m ps.scheduler",
-                                description="Run the scheduler of a parameter-server cluster.")
-    p.add_argument("--servers", type=int, default=2, help="number of servers (shards) S")
-    p.add_argument("--workers", type=int, default=2, help="number of workers M")
-    p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
-    p.add_argument("--staleness", type=int, default=0, help="SSP staleness bound s (clocks)")
-    p.add_argument("--steps", type=int, default=None, help="global steps to train")
-    p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
-    p.add_argument("--seed", type=int, default=0, help="data order seed")
-    p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="tasks each global batch is cut into (default: 4 per worker, >= 16 samples each)")
-    p.add_argument("--no-steal", action="store_true",
-                   help="deal tasks statically (equal round-robin shares, no stealing)")
-    p.add_argument("--trace", action="store_true", help="write trace/scheduler.json into --out")
-    p.add_argument("--bind", default=SchedulerConfig.bind, help="control endpoint (default: %(default)s)")
-    p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
-    p.add_argument("--out", default=None, help="directory for summary.json")
-    p.add_argument("--timeout-s", type=float, default=SchedulerConfig.timeout_s,
-                   help="deadline of each phase without progress")
-    p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
-                   help="declare a worker or server dead after this long without a heartbeat")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="BSP: a coordinated checkpoint every K steps (0: none)")
-    p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (default: OUT/checkpoints)")
-    p.add_argument("--resume", action="store_true",
-                   help="start from the newest intact checkpoint in --checkpoint-dir")
-    p.add_argument("--log-level", default="WARNING")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s scheduler %(levelname)s %(message)s")
-    if a.servers < 1 or a.workers < 1 or a.staleness < 0:
-        p.error("--servers and --workers must be >= 1 and --staleness >= 0")
-    if (a.checkpoint_every or a.resume) and not (a.checkpoint_dir or a.out):
-        p.error("checkpoints need --checkpoint-dir (or --out)")
-    if a.checkpoint_every and a.mode != "bsp":
-        p.error("coordinated checkpoints need --mode bsp (SSP and ASP shards are never at one version)")
-    return SchedulerConfig(
-        servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness, steps=a.steps,
-        epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
-        trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
-        dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,
-        checkpoint_dir=a.checkpoint_dir or (os.path.join(a.out, "checkpoints") if a.out else None),
-        resume=a.resume)
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,93 @@
+"""``summary.json``: the record of a run, from its fields to the launcher's one-line report.
+
+The scheduler ``build``s the summary when it exits (its settings, the run accounting of
+``ps.runstate``, the shards' counters from their last heartbeats, deaths, rejoins and
+checkpoints) and ``write``s it; the launcher then ``amend``s it with the faults it
+injected and the recoveries it made, reads it back (``lost_server``, ``report``) and
+prints the result. The invariant: the file is replaced atomically, so a reader sees
+either no summary or a whole one, never a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from .dealer import Dealer
+from .recovery import Recovery
+from .runstate import RunState
+from .scheduler_config import SchedulerConfig
+
+FILE = "summary.json"
+
+
+def max_staleness(shard_stats: dict[int, dict]) -> int:
+    """The largest staleness any shard served (also in the scheduler's STATUS replies)."""
+    return max((s.get("max_staleness", 0) for s in shard_stats.values()), default=0)
+
+
+def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
+          failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery) -> dict:
+    """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
+    return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
+            "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
+            "failure": failure, "steal": cfg.steal,
+            "tasks_per_step": dealer.plan.tasks_per_step,
+            **run.summary(dealer.stolen_by, dealer.stolen_from),
+            "max_staleness": max_staleness(shard_stats),
+            "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
+            "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
+            "deaths": deaths, "rejoins": rejoins,
+            "checkpoint_committed": recovery.committed, "resumed_from": recovery.resumed_from,
+            "shards": [shard_stats.get(k, {}) for k in range(cfg.servers)]}
+
+
+def write(out: str, summary: dict) -> None:
+    """Write ``out/summary.json`` through a temporary file and a rename."""
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(out, FILE))
+
+
+def amend(out: str, faults, recoveries: list[dict]) -> None:
+    """Add what was injected, and each recovery, to summary.json."""
+    path = os.path.join(out, FILE)
+    if not (faults or recoveries) or not os.path.exists(path):
+        return
+    with open(path) as f:
+        summary = json.load(f)
+    summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s} for f in faults]
+    summary["recoveries"] = recoveries
+    with open(path, "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def lost_server(out: str) -> str | None:
+    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+    try:
+        with open(os.path.join(out, FILE)) as f:
+            failure = json.load(f).get("failure") or ""
+    except (OSError, ValueError):
+        return None
+    return failure.split(" silent")[0] if failure.startswith("server ") else None
+
+
+def report(out: str) -> int:
+    """Print the run's one-line result; 0 if it succeeded."""
+    path = os.path.join(out, FILE)
+    if not os.path.exists(path):
+        print(f"no summary was written to {path}", file=sys.stderr)
+        return 1
+    with open(path) as f:
+        s = json.load(f)
+    if not s.get("ok"):
+        print(f"run failed: {s.get('failure')}", file=sys.stderr)
+        return 1
+    loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+    print(f"{s['mode']}: {s['steps']} steps, {s['samples']} samples in {s['wall_s']:.1f} s "
+          f"({s['samples_per_s']:,.0f} samples/s), final loss {loss}, max staleness "
+          f"{s['max_staleness']}, duplicates rejected {s['duplicates_rejected']}; results in {out}",
+          file=sys.stderr)
+    return 0
