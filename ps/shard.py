@@ -131,9 +131,13 @@ class Shard:
             raise ProtocolError(Error.BAD_FIELD, f"push for step {step}, shard is at {self.version}")
         if len(self.step_tasks_seen) + len(tasks) > step_tasks:
             raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
+        # The step's first push is copied in, later ones added in place: no temporaries, and
+        # no pass to zero the buffer between steps.
+        first = not self.step_tasks_seen
         offset = 0
-        for chunk in chunks:                                    # sum in place, no temporaries
-            np.add(self.grad[offset:offset + chunk.size], chunk, out=self.grad[offset:offset + chunk.size])
+        for chunk in chunks:
+            part = self.grad[offset:offset + chunk.size]
+            np.copyto(part, chunk) if first else np.add(part, chunk, out=part)
             offset += chunk.size
         self.step_tasks_seen.update(tasks)
         self.step_samples += samples
@@ -142,7 +146,6 @@ class Shard:
             np.divide(self.grad, self.step_samples, out=self.grad)   # sample-weighted mean
             np.copyto(self.prev, self.params)
             self.optimizer.step(self.params, self.grad)
-            self.grad.fill(0.0)
             self.step_tasks_seen.clear()
             self.step_samples = 0
             self.version += 1

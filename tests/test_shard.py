@@ -109,7 +109,7 @@ def test_bsp_applies_once_when_the_last_task_arrives(order):
     assert shard.pull_ready(1) and not shard.pull_ready(2)
     assert shard.clocks == [1, 1, 1]
     assert shard.stats()["pushes_applied"] == 3
-    assert not shard.grad.any()                               # aggregation buffer reset
+    assert not shard.step_tasks_seen and shard.step_samples == 0   # the next step starts afresh
 
 
 def test_bsp_several_steps_match_sgd_on_the_global_batches():
