@@ -1,12 +1,11 @@
 """Each example runs on a real local cluster (tiny settings) and writes its results."""
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 
-from cluster import EXAMPLES, ROOT, launch
+from cluster import EXAMPLES, launch
 
 SUMMARY_FIELDS = {"mode", "staleness", "servers", "workers", "steps", "samples", "final_loss",
                   "wall_s", "samples_per_s", "max_staleness", "per_worker", "duplicates_rejected"}

@@ -7,8 +7,6 @@ a relative 1e-5), and every epoch's samples are applied exactly once.
 """
 import os
 
-import numpy as np
-
 from cluster import JOBS, assert_params_close, launch, oracle
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")

@@ -1,13 +1,17 @@
 """The worker: lease tasks, pull parameters, compute gradients, push them.
 
 One worker process holds the torch model on its device and no authoritative
-state. Its loop, for each step (BSP), clock (SSP) or task (ASP)::
+state. Its loop, for each step (BSP) or clock (SSP)::
 
-    tasks  = scheduler.lease(step)            # control path
+    task   = scheduler.lease(step)            # control path; the next one is leased ahead
     params = shards.pull(step)                # data path; the shard's gate may hold it
-    grads  = sum over tasks of n * grad(mean loss of the task's batch)
+    while task:                               # own tasks first, then stolen ones
+        grads += n * grad(mean loss of the task's batch)
+        task = scheduler.lease(step)
     shards.push(grads, task ids, sample count)
-    scheduler.report(step, loss, timings)
+    scheduler.report(step, task ids, loss, timings)
+
+and in ASP, for each task: lease, pull, compute, push, report.
 
 The gradient pushed is a **sum** over the task's samples; the shard divides by the
 sample count (BSP: of the whole step; SSP/ASP: of this push), which is what makes
