@@ -77,15 +77,18 @@ def run(args, faults, net: dict) -> Outcome:
                 pass
             time.sleep(INJECT_INTERVAL_S if cluster.faults else STATUS_INTERVAL_S)
         line.end()
-        if not cluster.wait_all(EXIT_GRACE_S):
-            return outcome
         if scheduler.returncode != 0:
+            # The run failed (the summary says why): stop every role now rather than wait
+            # for roles that may be hung (a paused server never exits by itself).
             print(f"the scheduler exited with status {scheduler.returncode}", file=sys.stderr)
             outcome.server_lost = summary.lost_server(args.out)
+            return outcome
+        if not cluster.wait_all(EXIT_GRACE_S):
+            return outcome
         if args.trace:
             print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
                   file=sys.stderr)
-        outcome.rc = 0 if scheduler.returncode == 0 else 1
+        outcome.rc = 0
         return outcome
     except KeyboardInterrupt:
         print("\ninterrupted; stopping the cluster", file=sys.stderr)
@@ -217,8 +220,9 @@ def parse_args(argv=None):
         args.server_crash_at = {int(i.split(":", 1)[0]): i.split(":", 1)[1] for i in args.server_crash_at}
     except ValueError:
         p.error("--server-crash-at wants S:checkpoint@V")
-    if (args.checkpoint_every or args.recover) and args.mode != "bsp":
-        p.error("checkpoints and --recover need --mode bsp (SSP and ASP shards are never at one version)")
+    if (args.checkpoint_every or args.recover or args.resume) and args.mode != "bsp":
+        p.error("checkpoints, --resume and --recover need --mode bsp "
+                "(SSP and ASP shards are never at one version)")
     args.out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     args.checkpoint_dir = os.path.abspath(args.checkpoint_dir or os.path.join(args.out, "checkpoints"))
     return args

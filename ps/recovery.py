@@ -62,8 +62,14 @@ class Recovery:
         if len(versions) != 1 or version <= self.committed:
             return
         losses = run.losses() if len(run.loss_samples) >= version else []
-        checkpoint.write_manifest(self.directory, version, reports,
-                                  {"servers": self.servers, "losses": losses[:version]})
+        try:
+            checkpoint.write_manifest(self.directory, version, reports,
+                                      {"servers": self.servers, "losses": losses[:version]})
+        except OSError as exc:       # a full disk: the previous checkpoint stays the latest
+            self.committed = version      # (don't retry this version on every heartbeat)
+            log.error("could not commit the checkpoint of version %d: %s; training goes on",
+                      version, exc)
+            return
         self.committed = version
         self.tracer.instant("checkpoint", "fault", version=version)
         log.info("checkpoint of version %d committed", version)

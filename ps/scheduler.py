@@ -189,8 +189,14 @@ class Scheduler:
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
         self.shard_map = shards
-        manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
-                           else (None, 0))
+        try:
+            manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
+                               else (None, 0))
+        except ValueError as exc:             # e.g. a checkpoint of another model
+            self.failure = f"cannot resume: {exc}"
+            log.error("%s", self.failure)
+            self.phase = "exit"
+            return
         now = time.monotonic()
         for ident, rid, role, index in self.held:
             member = self.members.members[(role, index)]

@@ -71,7 +71,9 @@ def lost_server(out: str) -> str | None:
             failure = json.load(f).get("failure") or ""
     except (OSError, ValueError):
         return None
-    return failure.split(" silent")[0] if failure.startswith("server ") else None
+    if not failure.startswith("server "):
+        return None
+    return failure.split(" silent")[0].replace(" ", "")      # "server 1" -> "server1"
 
 
 def report(out: str) -> int:

@@ -1,7 +1,8 @@
 """Tracing: every role's timeline in the Chrome trace event format.
 
-With ``--trace`` each role records what it did (a worker's tasks, pulls, pushes and
-waits; the scheduler's steals; a server's updates) as trace events and writes them
+With ``--trace`` the workers and the scheduler record what they did (a worker's
+tasks, pulls, pushes and waits; the scheduler's steals, deaths, rejoins and
+checkpoints) as trace events and writes them
 to ``<out>/trace/<role>.json`` when it exits; the launcher merges the files into
 ``<out>/trace.json``, which Perfetto (ui.perfetto.dev) and ``chrome://tracing`` open.
 ``scripts/plot_trace.py`` draws the tasks per worker as a PNG.

@@ -34,6 +34,16 @@ def test_server_killed_mid_run_is_recovered_from_the_last_checkpoint(tmp_path):
     assert recovery["steps_redone"] == recovery["at_step"] - 20 >= 5
 
 
+def test_server_paused_past_the_timeout_is_recovered(tmp_path):
+    # a hung server never exits by itself: the scheduler declares it dead, the run
+    # stops, and --recover restarts the cluster from the checkpoint of step 20
+    run = launch(tmp_path, "--job", JOB, "--steps", str(STEPS), *CKPT, "--recover",
+                 "--inject", "pause:server1@step=25,for=30s", env=SLOW_TASKS, timeout_s=150)
+    summary = check(run)
+    (recovery,) = summary["recoveries"]
+    assert recovery["lost"] == "server1" and recovery["resumed_from_step"] == 20
+
+
 def test_server_killed_while_writing_a_checkpoint_never_uses_it(tmp_path):
     # server 0 dies after writing version 20 to a temporary file, before the rename:
     # no manifest for 20 is ever written, so the recovery starts from 10

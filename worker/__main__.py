@@ -28,14 +28,16 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                    help="auto: CUDA where present, else CPU")
     p.add_argument("--seed", type=int, default=0, help="run seed (must match the scheduler's)")
-    p.add_argument("--out", default=None, help="worker 0 writes params.npz here")
+    p.add_argument("--out", default=None,
+                   help="the finisher (lowest live worker) writes params.npz here")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--timeout-s", type=float, default=WorkerConfig.timeout_s,
                    help="deadline of every request to the scheduler or a server")
     p.add_argument("--slow", type=float, default=1.0,
                    help="straggler emulation: every task F times slower (sleeps (F-1) x compute)")
     p.add_argument("--jitter", default="0:1", help="P:F: any task F times slower with probability P")
-    p.add_argument("--trace", action="store_true", help="write trace/worker<id>.json into --out")
+    p.add_argument("--trace", action="store_true",
+                   help="write trace/worker<id>-<incarnation>.json into --out")
     p.add_argument("--crash-at", default=None, metavar="POINT@STEP",
                    help="fault hook: SIGKILL this worker at before_push, mid_push or after_push of STEP")
     p.add_argument("--log-level", default="WARNING")

@@ -68,7 +68,7 @@ class WorkerConfig:
     worker_id: int = -1             # -1: the scheduler assigns one
     device: str = "auto"            # auto | cpu | cuda
     seed: int = 0                   # must equal the scheduler's
-    out: str | None = None          # worker 0 writes params.npz here
+    out: str | None = None          # the finisher writes params.npz here
     threads: int = 0                # torch intra-op threads (0: torch's default)
     timeout_s: float = 120.0        # deadline of every request
     slow: float = 1.0               # straggler emulation: every task this many times slower
