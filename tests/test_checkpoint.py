@@ -1,0 +1,203 @@
+"""Coordinated checkpoints (ps.checkpoint): layout, commit point, fallback and re-cutting.
+
+What recovery relies on: a shard file appears only under its final name (temp file,
+fsync, rename); a version is a checkpoint only once its manifest exists; loading takes
+the newest manifest whose files all match their sha256 and says why newer ones were
+skipped; only ``KEEP`` checkpoints stay on disk; and ``load_range`` gives back exactly
+the bytes written, for any flat range, however the old shards were cut. Real files in
+``tmp_path``, real numpy arrays; no processes.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from ps import checkpoint
+from ps.checkpoint import KEEP, latest_intact, load_range, write_manifest, write_shard
+
+N = 25
+CUT = [(0, 10), (10, 25)]                    # how the writing run's two servers cut [0, N)
+
+
+def full_state(version: int):
+    """Parameters and Adam-like optimizer state over the whole flat range, per version."""
+    rng = np.random.default_rng(version)
+    params = rng.standard_normal(N).astype(np.float32)                 # (N,) float32
+    exp_avg = rng.standard_normal(N).astype(np.float32)
+    exp_avg_sq = rng.random(N).astype(np.float32)
+    return params, {"step": version, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+
+
+def write_checkpoint(root, version: int, commit: bool = True, extra=None) -> list[dict]:
+    """Every shard writes its slice; the scheduler then writes the manifest (if ``commit``)."""
+    params, state = full_state(version)
+    entries = []
+    for shard, (lo, hi) in reversed(list(enumerate(CUT))):   # shards report in any order
+        sliced = {k: (v[lo:hi] if isinstance(v, np.ndarray) else v) for k, v in state.items()}
+        entries.append(write_shard(str(root), version, shard, lo, hi, params[lo:hi], sliced))
+    if commit:
+        write_manifest(str(root), version, entries, extra or {"step": version})
+    return entries
+
+
+def damage(path, how: str) -> None:
+    data = bytearray(open(path, "rb").read())
+    if how == "truncate":
+        data = data[: len(data) // 2]
+    else:                                     # flip bytes in the middle of the file
+        mid = len(data) // 2
+        for i in range(mid, mid + 8):
+            data[i] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def manifests(root) -> list[str]:
+    return sorted(p for p in os.listdir(root) if p.startswith("manifest-"))
+
+
+# -- writing ---------------------------------------------------------------------------
+
+def test_write_shard_leaves_only_the_final_name_and_describes_the_file(tmp_path):
+    params = np.arange(4, dtype=np.float32)
+    entry = write_shard(str(tmp_path), 40, 1, 6, 10, params, {"step": 3, "m": params * 2})
+    assert os.listdir(tmp_path) == ["v000040"]
+    assert os.listdir(tmp_path / "v000040") == ["shard-1.npz"]          # no .tmp left behind
+    assert entry == {"shard": 1, "file": os.path.join("v000040", "shard-1.npz"), "lo": 6, "hi": 10,
+                     "sha256": checkpoint.sha256(str(tmp_path / "v000040" / "shard-1.npz"))}
+    with np.load(tmp_path / "v000040" / "shard-1.npz") as npz:
+        assert sorted(npz.files) == ["hi", "lo", "opt_m", "opt_step", "params", "version"]
+        assert (int(npz["lo"]), int(npz["hi"]), int(npz["version"])) == (6, 10, 40)
+        assert np.array_equal(npz["params"], params)
+
+
+def test_write_manifest_is_the_commit_point_and_leaves_no_temp_file(tmp_path):
+    entries = write_checkpoint(tmp_path, 10, extra={"step": 10, "mode": "bsp"})
+    path = tmp_path / "manifest-v000010.json"
+    assert sorted(os.listdir(tmp_path)) == ["manifest-v000010.json", "v000010"]
+    assert sorted(os.listdir(tmp_path / "v000010")) == ["shard-0.npz", "shard-1.npz"]
+    manifest = json.loads(path.read_text())
+    assert manifest == {"version": 10, "shards": sorted(entries, key=lambda s: s["lo"]),
+                        "step": 10, "mode": "bsp"}
+    assert [s["lo"] for s in manifest["shards"]] == [0, 10]             # sorted by range
+
+
+def test_a_shard_file_without_a_manifest_is_never_chosen(tmp_path):
+    assert latest_intact(str(tmp_path)) == (None, [])
+    write_checkpoint(tmp_path, 10, commit=False)                         # crashed before the commit
+    assert latest_intact(str(tmp_path)) == (None, [])
+    write_checkpoint(tmp_path, 20)
+    write_checkpoint(tmp_path, 30, commit=False)
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert manifest["version"] == 20 and skipped == []
+
+
+def test_only_keep_manifests_stay_with_their_folders(tmp_path):
+    versions = [10 * (i + 1) for i in range(KEEP + 2)]
+    for v in versions:
+        write_checkpoint(tmp_path, v)
+    kept = versions[-KEEP:]
+    assert manifests(tmp_path) == [f"manifest-v{v:06d}.json" for v in kept]
+    assert sorted(p for p in os.listdir(tmp_path) if not p.startswith("manifest-")) == \
+        [f"v{v:06d}" for v in kept]                                      # older folders removed
+    assert latest_intact(str(tmp_path))[0]["version"] == versions[-1]
+
+
+# -- choosing --------------------------------------------------------------------------
+
+def test_latest_intact_is_the_newest_manifest_with_its_root(tmp_path):
+    write_checkpoint(tmp_path, 10)
+    entries = write_checkpoint(tmp_path, 20)
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert skipped == []
+    assert manifest == {"version": 20, "shards": sorted(entries, key=lambda s: s["lo"]),
+                        "step": 20, "root": str(tmp_path)}
+
+
+@pytest.mark.parametrize("how", ["flip", "truncate"])
+def test_a_damaged_newest_checkpoint_falls_back_to_the_older_one(tmp_path, how):
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20)
+    damage(tmp_path / "v000020" / "shard-1.npz", how)
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert manifest["version"] == 10
+    assert skipped == [f"manifest-v000020.json: {os.path.join('v000020', 'shard-1.npz')} "
+                       "does not match its sha256"]
+
+
+def test_a_missing_shard_file_falls_back_too(tmp_path):
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20)
+    os.remove(tmp_path / "v000020" / "shard-0.npz")
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert manifest["version"] == 10
+    assert len(skipped) == 1 and skipped[0].startswith("manifest-v000020.json: ")
+    assert "shard-0.npz" in skipped[0]
+
+
+def test_a_corrupted_manifest_falls_back_too(tmp_path):
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20)
+    (tmp_path / "manifest-v000020.json").write_text('{"version": 20, "sha')
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert manifest["version"] == 10
+    assert len(skipped) == 1 and skipped[0].startswith("manifest-v000020.json: ")
+
+
+def test_nothing_intact_gives_none_and_every_reason_newest_first(tmp_path):
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20)
+    damage(tmp_path / "v000010" / "shard-0.npz", "flip")
+    damage(tmp_path / "v000020" / "shard-1.npz", "truncate")
+    manifest, skipped = latest_intact(str(tmp_path))
+    assert manifest is None
+    assert skipped == [
+        f"manifest-v000020.json: {os.path.join('v000020', 'shard-1.npz')} does not match its sha256",
+        f"manifest-v000010.json: {os.path.join('v000010', 'shard-0.npz')} does not match its sha256"]
+
+
+# -- loading, re-cut -----------------------------------------------------------------------
+
+def test_round_trip_of_the_whole_range_is_exact(tmp_path):
+    write_checkpoint(tmp_path, 40)
+    params, state = load_range(latest_intact(str(tmp_path))[0], 0, N)
+    want_params, want_state = full_state(40)
+    assert params.dtype == np.float32 and np.array_equal(params, want_params)
+    assert sorted(state) == ["exp_avg", "exp_avg_sq", "step"]
+    assert state["step"] == 40 and type(state["step"]) is int         # a scalar comes back a scalar
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert state[key].dtype == np.float32
+        assert np.array_equal(state[key], want_state[key])
+
+
+@pytest.mark.parametrize("lo,hi", [(0, 8), (8, 17), (17, 25), (10, 25), (9, 11), (0, 25)])
+def test_load_range_recuts_the_old_shards(tmp_path, lo, hi):
+    # Written as [0, 10) + [10, 25); read back as three new shards (and some other cuts).
+    write_checkpoint(tmp_path, 7)
+    params, state = load_range(latest_intact(str(tmp_path))[0], lo, hi)
+    want_params, want_state = full_state(7)
+    assert params.shape == (hi - lo,) and np.array_equal(params, want_params[lo:hi])
+    assert state["step"] == 7
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert np.array_equal(state[key], want_state[key][lo:hi])
+
+
+def test_three_new_shards_concatenate_to_what_two_old_ones_wrote(tmp_path):
+    write_checkpoint(tmp_path, 7)
+    manifest = latest_intact(str(tmp_path))[0]
+    parts = [load_range(manifest, lo, hi) for lo, hi in [(0, 8), (8, 17), (17, 25)]]
+    want_params, want_state = full_state(7)
+    assert np.array_equal(np.concatenate([p for p, _ in parts]), want_params)
+    for key in ("exp_avg", "exp_avg_sq"):
+        assert np.array_equal(np.concatenate([s[key] for _, s in parts]), want_state[key])
+    assert [s["step"] for _, s in parts] == [7, 7, 7]
+
+
+def test_load_reads_the_fallback_checkpoint_not_the_damaged_one(tmp_path):
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20)
+    damage(tmp_path / "v000020" / "shard-0.npz", "flip")
+    params, state = load_range(latest_intact(str(tmp_path))[0], 0, N)
+    assert np.array_equal(params, full_state(10)[0])
+    assert state["step"] == 10
