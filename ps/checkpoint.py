@@ -90,8 +90,8 @@ def _remove_checkpoint(root: str, manifest_path: str) -> None:
 
 
 def latest_intact(root: str) -> tuple[dict | None, list[str]]:
-    """The newest manifest whose files all exist with the right sha256, and the
-    reasons older-than-newest ones were skipped."""
+    """The newest manifest whose files all exist with the right sha256, and why each
+    newer one was skipped."""
     skipped = []
     for path in sorted(glob.glob(os.path.join(root, "manifest-v*.json")), reverse=True):
         try:
@@ -102,7 +102,7 @@ def latest_intact(root: str) -> tuple[dict | None, list[str]]:
                     raise ValueError(f"{s['file']} does not match its sha256")
             manifest["root"] = root
             return manifest, skipped
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, TypeError) as exc:   # damaged in any way
             skipped.append(f"{os.path.basename(path)}: {exc}")
     return None, skipped
 

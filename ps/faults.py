@@ -50,7 +50,7 @@ def parse(spec: str) -> Fault:
                  float(m["for"] or 0.0), spec=spec.strip())
 
 
-_NET = re.compile(r"^(?P<what>drop|dup):(?P<p>0?\.\d+|0|1)$|^delay:(?P<ms>\d+(\.\d+)?)ms$")
+_NET = re.compile(r"^(?P<what>drop|dup):(?P<p>0?\.\d+|0|1(\.0+)?)$|^delay:(?P<ms>\d+(\.\d+)?)ms$")
 
 
 def parse_net(spec: str) -> tuple[str, float] | None:

@@ -115,8 +115,6 @@ def test_parse_net_rejects(spec):
     assert parse_net(spec) is None
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the probability regex 0?\\.\\d+|0|1 refuses '1.0' "
-                   "(while '1' is accepted); split() then reports it as a bad process fault")
 def test_parse_net_accepts_a_probability_of_one_written_as_a_decimal():
     assert parse_net("drop:1.0") == ("drop", 1.0)
 
