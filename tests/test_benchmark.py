@@ -2,8 +2,10 @@
 
 Nothing here is about speed: a loaded CI machine may be slow. What is checked is that
 each suite starts its processes, measures, stops them all, prints a table and writes
-JSON with one row per (size, server count) or per mode, every number positive.
+JSON with one row per (size, server count), per mode, or per stragglers cell, every
+number positive.
 """
+import importlib.util
 import json
 import os
 import pathlib
@@ -14,17 +16,19 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 SUITE_TIMEOUT_S = 30      # each --tiny suite takes a few seconds on 2 cores
+STRAGGLERS_TIMEOUT_S = 150   # stragglers --tiny: 10 launcher runs, ~20 s on 2 quiet cores
 
 
-def run_suite(out: pathlib.Path, *args: str) -> tuple[dict, str]:
+def run_suite(out: pathlib.Path, *args: str,
+              timeout_s: float = SUITE_TIMEOUT_S) -> tuple[dict, str]:
     """Run one suite in its own process group; whatever happens, kill the group after."""
     proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--tiny", "--json", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=SUITE_TIMEOUT_S)
+        stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{args[0]} --tiny did not finish in {SUITE_TIMEOUT_S} s") from None
+        raise AssertionError(f"{args[0]} --tiny did not finish in {timeout_s:.0f} s") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -57,3 +61,43 @@ def test_modes_tiny(tmp_path):
         assert row["final_loss"] is not None and row["final_loss"] > 0
     assert {r["mode"]: r["staleness"] for r in result["rows"]}["ssp"] == 2
     assert "| bsp |" in stdout and "| asp |" in stdout
+
+
+def job_batch_size(path: pathlib.Path) -> int:
+    spec = importlib.util.spec_from_file_location("compute_bound", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.BATCH_SIZE
+
+
+def test_stragglers_tiny(tmp_path):
+    batch = job_batch_size(ROOT / "scripts" / "jobs" / "compute_bound.py")
+    result, stdout = run_suite(tmp_path / "stragglers.json", "stragglers",
+                               timeout_s=STRAGGLERS_TIMEOUT_S)
+    assert result["suite"] == "stragglers"
+    rows = result["rows"]
+    assert [(r["section"], r.get("workers"), r.get("mode")) for r in rows] == [
+        ("no_slow_worker", 2, None), ("slow_worker", 2, None),
+        ("jitter", 2, "bsp"), ("jitter", 2, "ssp"), ("jitter", 2, "asp")]
+    for row in rows[:2]:
+        for key in ("steal_samples_per_s", "static_samples_per_s"):
+            assert row[key] > 0, key
+        for run in row["steal_runs"] + row["static_runs"]:
+            assert run["samples"] == 2 * batch and run["wall_s"] > 0     # --tiny: 2 steps
+            assert sum(w["tasks"] for w in run["per_worker"]) == 2 * 8   # 4 per worker a step
+    fair, slow = rows[0], rows[1]
+    assert fair["s_per_sample"] > 0
+    assert all(r["stolen_by"] == 0 for run in fair["static_runs"] for r in run["per_worker"])
+    for key in ("steal_over_static", "steal_wall_s", "ideal_s", "wall_over_ideal",
+                "in_run_ideal_s", "slow_worker_task_share"):
+        assert slow[key] > 0, key
+    for row in rows[2:]:
+        # --tiny aims at a loss above the first step's, so every run reaches it at step 0.
+        for side in ("steal", "static"):
+            assert row[f"{side}_s_to_target"] > 0 and row[f"{side}_step_at_target"] == [0]
+            assert row[f"{side}_samples_per_s"] > 0 and row[f"{side}_final_loss"] > 0
+            assert not row[f"{side}_estimated"]                # the trace gave every step a time
+        assert row["static_over_steal"] > 0
+    for title in ("**(a)", "**(b)", "**(c)"):
+        assert title in stdout
+    assert "| 2 |" in stdout and "| ssp(2) |" in stdout and "| asp |" in stdout
