@@ -8,9 +8,8 @@ discipline: the owner and the thief work at opposite ends, so the thief takes th
 work the owner would have reached last). Stolen tasks move into the thief's deque
 of the same round and are taken from there.
 
-Dealing is in proportion to the workers' measured speeds once they are known
-(smooth weighted round-robin, so shares interleave), so stealing only corrects what
-changes; ``steal=False`` deals round-robin in equal shares and never steals, the
+Once the workers' speeds are measured, each task is dealt to the worker that would
+finish it first, so stealing only corrects what changes; ``steal=False`` deals round-robin in equal shares and never steals, the
 static baseline.
 
 A lease lasts from ``take`` until ``complete`` (the task's gradient was pushed);
@@ -80,21 +79,21 @@ class Dealer:
             self.deques[rnd][worker].append(task)
 
     def _owners(self, n: int) -> list[int]:
-        """Who gets each of n tasks: equal round-robin, or smooth weighted round-robin."""
+        """Who gets each of n tasks: equal round-robin until speeds are known; then each
+        task to the worker that would finish it first, (tasks it has + 1) / speed, which
+        minimises the round's finishing time for equal tasks (proportional shares alone
+        can hand a straggler one task too many)."""
         live = [w for w in range(self.num_workers) if w not in self.gone]
         if not live:
             return []
         speeds = [self.speeds[w] for w in live]
         if not self.steal or None in speeds:
             return [live[i % len(live)] for i in range(n)]
-        total = sum(speeds)
-        credit = [0.0] * len(live)
+        assigned = [0] * len(live)
         owners = []
         for _ in range(n):
-            for i, speed in enumerate(speeds):
-                credit[i] += speed
-            i = max(range(len(live)), key=lambda j: credit[j])
-            credit[i] -= total
+            i = min(range(len(live)), key=lambda j: ((assigned[j] + 1) / speeds[j], j))
+            assigned[i] += 1
             owners.append(live[i])
         return owners
 
@@ -107,7 +106,9 @@ class Dealer:
 
     # -- leases ---------------------------------------------------------------------
     def take(self, worker: int, own_rounds, steal_rounds) -> tuple[Task | None, int | None]:
-        """Lease ``worker``'s next task: own deque first, else steal. Returns (task, victim)."""
+        """Lease ``worker``'s next task: own deque first, else steal from ``steal_rounds``
+        (empty: never steal, as for a lease taken ahead while the worker is still busy:
+        ``steal_count`` assumes an idle thief). Returns (task, victim)."""
         for rnd in own_rounds:
             if rnd in self.deques and self.deques[rnd][worker]:
                 return self._lease(worker, rnd, self.deques[rnd][worker].popleft()), None

@@ -252,8 +252,11 @@ class Scheduler:
         (or, in ASP, for the run)."""
         self._check_training(header)
         worker, step = header["worker"], header["step"]
+        ahead = header.get("ahead", False)    # leased ahead by a busy worker: never a steal
+        if not isinstance(ahead, bool):
+            raise ProtocolError(Error.BAD_FIELD, "ahead must be a bool")
         if self.config.mode == "asp":
-            task, victim = self._lease_asp(worker)
+            task, victim = self._lease_asp(worker, ahead)
         elif step == -1:                 # "anything dealt again?" from a worker done stepping
             rounds = sorted(self.dealer.deques)
             task, victim = self.dealer.take(worker, rounds, rounds)
@@ -262,7 +265,7 @@ class Scheduler:
                 raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
             self.dealer.deal(step)
             rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
-            task, victim = self.dealer.take(worker, rounds, rounds)
+            task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
             self.failover.leased(worker, step)
         self.run.started()
         if victim is not None:
@@ -272,12 +275,12 @@ class Scheduler:
                    step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
                    redo=bool(task and task.id in self.dealer.redo))
 
-    def _lease_asp(self, worker: int):
+    def _lease_asp(self, worker: int, ahead: bool):
         """ASP deals a whole epoch at a time; the next only when the current is drained."""
         while True:
             rounds = sorted(self.dealer.deques)
-            task, victim = self.dealer.take(worker, rounds, rounds)
-            if task is not None or self.next_round >= self.dealer.rounds:
+            task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
+            if task is not None or ahead or self.next_round >= self.dealer.rounds:
                 return task, victim
             self.dealer.deal(self.next_round)
             self.next_round += 1

@@ -72,12 +72,22 @@ def test_slow_worker_cannot_steal_from_a_fast_one():
     d = Dealer(p, 2, total_steps=1)
     d.speeds = [4.0, 1.0]                        # worker 1 is 4x slower
     d.deal(0)
-    assert [len(q) for q in d.deques[0]] == [6, 2]           # dealt in proportion (smooth WRR)
+    # each task to whoever finishes it first: 7 and 1 end at 1.75 and 1 (6 and 2: at 2)
+    assert [len(q) for q in d.deques[0]] == [7, 1]
     d.take(1, [0], [0])
-    d.take(1, [0], [0])
-    for _ in range(4):
+    for _ in range(5):
         d.take(0, [0], [0])                                   # fast worker: 2 left, 0.625 units
     assert d.take(1, [0], [0]) == (None, None)                # a steal would end at 1 unit
+
+
+def test_a_lease_taken_ahead_never_steals():
+    d = Dealer(plan(), 2, total_steps=1)
+    d.deal(0)
+    for _ in range(4):
+        d.take(0, [0], [0])
+    assert d.take(0, [0], []) == (None, None)                 # busy: own deque only
+    task, victim = d.take(0, [0], [0])                        # idle: may steal
+    assert victim == 1 and task is not None
 
 
 def test_every_task_is_leased_exactly_once_whoever_takes_it():

@@ -3,7 +3,10 @@
 While the worker computes task k, its lease request for task k+1 is already at the
 scheduler (and usually answered): the ~0.2 ms round trip hides behind compute. The
 cost is that a worker holds at most two tasks (the one it computes and the one
-leased ahead) that nobody else can steal.
+leased ahead) that nobody else can steal. A lease asked ahead takes only from the
+worker's own deque: a busy worker must not steal (a straggler that steals at the
+start of a step becomes the step's last finisher); once it is idle and its deque
+is empty, it asks again, and then it may steal.
 """
 from __future__ import annotations
 
@@ -24,15 +27,22 @@ class Leases:
         """The next task ``[id, step, sample ids]`` for ``step`` (-1 in ASP: any), or None
         when there is none left; the number of tasks in the task's step; and whether it
         is a task dealt again (``redo``)."""
-        if self.ahead is None or self.ahead[1] != step:
-            self.ahead = (self._ask(step), step)
-        try:
-            reply, _ = self.scheduler.recv(self.ahead[0], self.timeout_s, f"lease for step {step}")
-        except RemoteError as exc:
-            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+        if self.ahead is not None and self.ahead[1] == step:
+            reply = self._answer(self.ahead[0], step)
+            if reply["task"] is None:          # our own deque is empty; now that we are
+                reply = self._answer(self._ask(step, ahead=False), step)   # idle, we may steal
+        else:
+            reply = self._answer(self._ask(step, ahead=False), step)
         task = reply["task"]
-        self.ahead = (self._ask(step), step) if task else None   # lease ahead while we compute
+        self.ahead = (self._ask(step, ahead=True), step) if task else None   # while we compute
         return task, reply["step_tasks"], bool(reply.get("redo"))
 
-    def _ask(self, step: int) -> int:
-        return self.scheduler.send(Kind.LEASE, worker=self.worker, inc=self.inc, step=step)
+    def _ask(self, step: int, ahead: bool) -> int:
+        return self.scheduler.send(Kind.LEASE, worker=self.worker, inc=self.inc, step=step,
+                                   ahead=ahead)
+
+    def _answer(self, rid: int, step: int) -> dict:
+        try:
+            return self.scheduler.recv(rid, self.timeout_s, f"lease for step {step}")[0]
+        except RemoteError as exc:
+            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
