@@ -48,6 +48,7 @@ from .trace import Tracer
 log = logging.getLogger("ps.scheduler")
 
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
+STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to repeat it
 
 
 class Scheduler:
@@ -68,6 +69,7 @@ class Scheduler:
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
+        self.exit_at: float | None = None        # set once every server has been told to stop
         self.next_round = 0                      # ASP: the next epoch to deal
         self.members = Membership(config.dead_after_s)
         self.finisher: int | None = None         # the worker that writes the final parameters
@@ -86,6 +88,9 @@ class Scheduler:
             if self.router.poll(100):
                 frames = self.router.recv_multipart(copy=False)
                 self.handle(frames)
+            if self.exit_at is not None and time.monotonic() >= self.exit_at:
+                self.phase = "exit"
+                break
             if self.phase not in ("forming", "exit"):
                 self._check_liveness()
             if time.monotonic() > self.deadline:
@@ -361,8 +366,10 @@ class Scheduler:
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
         if stop:
             self.stopped.add(index)
-            if len(self.stopped) == self.config.servers:
-                self.phase = "exit"
+            if len(self.stopped) == self.config.servers and self.exit_at is None:
+                # A stop reply can be lost like any message: linger a few heartbeats,
+                # still answering "stop" to a server that did not hear it.
+                self.exit_at = time.monotonic() + STOP_GRACE_S
 
     def on_status(self, ident, header) -> None:
         status = {"phase": self.phase, "max_staleness": summary.max_staleness(self.shard_stats)}
