@@ -230,7 +230,11 @@ class Scheduler:
     def _check_liveness(self) -> None:
         for member in self.members.overdue(time.monotonic()):
             if member.role == "worker":
-                self._worker_died(member)
+                # Once DONE is answered the other workers leave; only the finisher is still
+                # needed, and after FINISHED nobody is.
+                if self.phase == "training" or (self.phase == "finishing"
+                                                and member.index == self.finisher):
+                    self._worker_died(member)
             elif self.phase in ("training", "finishing"):
                 self.failure = (f"server {member.index} silent for {self.config.dead_after_s:.1f} s; "
                                 "the run cannot continue without it")
