@@ -111,6 +111,14 @@ def check_frames(kind: str, payload: list) -> None:
         raise ProtocolError(Error.BAD_FRAMES, f"{kind} carries no payload, got {len(payload)} frames")
 
 
+def request_header(frames: list) -> dict:
+    """The header of a request received on a ROUTER (``[identity, header, *payload]``),
+    decoded and validated; raises ProtocolError like ``decode``."""
+    if len(frames) < 2:
+        raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
+    return decode(frames[1])
+
+
 def encode(kind: str, rid: int = 0, **fields) -> bytes:
     """Pack a header frame. Fields must be msgpack types (no numpy scalars)."""
     return msgpack.packb({"v": PROTOCOL_VERSION, "kind": kind, "rid": rid, **fields},

@@ -38,7 +38,8 @@ from . import netfaults, registration, sharding, summary, wire
 from .dealer import Dealer
 from .failover import Failover
 from .membership import Membership
-from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
+from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
+                       request_header)
 from .recovery import Recovery
 from .runstate import RunState
 from .scheduler_config import SchedulerConfig, default_tasks_per_step, parse_args
@@ -115,9 +116,7 @@ class Scheduler:
     def handle(self, frames: list) -> None:
         ident, rid = frames[0].bytes, 0
         try:
-            if len(frames) < 2:
-                raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
-            header = decode(frames[1])
+            header = request_header(frames)
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
             if self._repeat(ident, rid):

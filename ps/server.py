@@ -30,7 +30,8 @@ import zmq
 
 from . import checkpoint, netfaults, wire
 from .client import Peer, RemoteError
-from .protocol import Error, Kind, ProtocolError, check_frames, check_int_list, decode, encode
+from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
+                       encode, request_header)
 from .shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -143,9 +144,7 @@ class Server:
     def handle(self, frames: list) -> None:
         ident, rid = frames[0].bytes, 0
         try:
-            if len(frames) < 2:
-                raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
-            header = decode(frames[1])
+            header = request_header(frames)
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
             handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
