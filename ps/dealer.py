@@ -106,9 +106,8 @@ class Dealer:
 
     # -- leases ---------------------------------------------------------------------
     def take(self, worker: int, own_rounds, steal_rounds) -> tuple[Task | None, int | None]:
-        """Lease ``worker``'s next task: own deque first, else steal from ``steal_rounds``
-        (empty: never steal, as for a lease taken ahead while the worker is still busy:
-        ``steal_count`` assumes an idle thief). Returns (task, victim)."""
+        """Lease an idle ``worker``'s next task: own deque first, else steal from
+        ``steal_rounds``. Returns (task, victim)."""
         for rnd in own_rounds:
             if rnd in self.deques and self.deques[rnd][worker]:
                 return self._lease(worker, rnd, self.deques[rnd][worker].popleft()), None
@@ -128,6 +127,21 @@ class Dealer:
         self.stolen_from[v] += count
         self.steal_log.append((worker, v, rnd, count))
         return self._lease(worker, rnd, mine.popleft()), v
+
+    def take_ahead(self, worker: int, own_rounds) -> Task | None:
+        """Lease a task ahead for a worker that is still computing: from its own deque
+        only (``steal_count`` assumes an idle thief), and never the last task of that
+        deque while stealing is on. A task leased ahead cannot be stolen; left in the
+        deque, a straggler's last task goes to whichever worker is idle first (the
+        owner once it asks again, or a thief). Costs one scheduler round trip per
+        worker per round, against tasks of tens of milliseconds."""
+        for rnd in own_rounds:
+            mine = self.deques.get(rnd, [()] * self.num_workers)[worker]
+            if len(mine) > (1 if self.steal else 0):
+                return self._lease(worker, rnd, mine.popleft())
+            if mine:
+                return None                # the last one: wait until we are idle
+        return None
 
     def _speed(self, worker: int) -> float:
         """Measured speed, or 1.0 for everyone until all live workers are measured."""

@@ -80,14 +80,37 @@ def test_slow_worker_cannot_steal_from_a_fast_one():
     assert d.take(1, [0], [0]) == (None, None)                # a steal would end at 1 unit
 
 
-def test_a_lease_taken_ahead_never_steals():
+def test_a_lease_taken_ahead_never_steals_nor_takes_the_last_task():
     d = Dealer(plan(), 2, total_steps=1)
-    d.deal(0)
-    for _ in range(4):
-        d.take(0, [0], [0])
-    assert d.take(0, [0], []) == (None, None)                 # busy: own deque only
-    task, victim = d.take(0, [0], [0])                        # idle: may steal
+    d.deal(0)                                                 # 4 tasks each
+    for _ in range(3):
+        assert d.take_ahead(0, [0]) is not None
+    assert d.take_ahead(0, [0]) is None                       # the last stays stealable
+    assert len(d.deques[0][0]) == 1
+    task, victim = d.take(1, [0], [0])                        # worker 1 takes its own
+    assert victim is None and task is not None
+    task, victim = d.take(0, [0], [0])                        # idle now: its last task
+    assert victim is None and task is not None
+    task, victim = d.take(0, [0], [0])                        # deque empty: may steal
     assert victim == 1 and task is not None
+
+
+def test_a_stragglers_last_task_goes_to_an_idle_thief():
+    d = Dealer(plan(n=32, b=32, t=4), 2, total_steps=1)
+    d.deal(0)                                                 # 2 tasks each
+    slow_first = d.take(1, [0], [0])[0]                       # the slow worker computes one
+    assert d.take_ahead(1, [0]) is None                       # ... and cannot hold its last
+    assert d.take(0, [0], [0])[0] and d.take(0, [0], [0])[0]  # the fast one does its two
+    task, victim = d.take(0, [0], [0])
+    assert victim == 1 and task is not None and task is not slow_first
+    assert d.take(1, [0], [0]) == (None, None)                # nothing left for the straggler
+
+
+def test_without_stealing_a_lease_ahead_takes_the_last_task_too():
+    d = Dealer(plan(), 2, total_steps=1, steal=False)
+    d.deal(0)
+    assert all(d.take_ahead(0, [0]) is not None for _ in range(4))
+    assert d.take_ahead(0, [0]) is None
 
 
 def test_every_task_is_leased_exactly_once_whoever_takes_it():
