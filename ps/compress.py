@@ -1,0 +1,66 @@
+"""Wire compression: float32 tensors sent as float16 or bfloat16, half the bytes.
+
+Opt-in (``--wire-dtype``). Only the bytes on the wire shrink: servers keep float32
+master parameters and float32 optimizer state, and sum gradients in float32, so the
+rounding is that of one conversion per message, never accumulated in the state.
+
+* ``float16``: 10 mantissa bits (relative rounding error <= 2**-11), range about
+  6e-5 .. 65504; larger values become inf and are refused like any non-finite
+  gradient, smaller ones lose precision (gradients of tiny magnitude are the usual
+  casualty, which is why mixed-precision training scales the loss).
+* ``bfloat16``: float32's 8 exponent bits and 7 mantissa bits (relative rounding
+  error <= 2**-8): no overflow short of float32's own, coarser steps.
+
+numpy has no bfloat16, so it travels as little-endian uint16: the upper half of the
+float32 bit pattern, rounded to nearest-even. Decoding shifts it back up, exactly.
+Pure functions over numpy arrays; the client encodes pushes and decodes pulls, the
+server decodes pushes and encodes pulls.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WIRE_DTYPES = ("float32", "float16", "bfloat16")
+_STORAGE = {"float32": np.dtype("<f4"), "float16": np.dtype("<f2"), "bfloat16": np.dtype("<u2")}
+
+
+def storage(dtype: str) -> np.dtype:
+    """The numpy dtype a wire dtype's frames are read as (bfloat16: uint16 bits)."""
+    return _STORAGE[dtype]
+
+
+def itemsize(dtype: str) -> int:
+    return _STORAGE[dtype].itemsize
+
+
+def encode(x: np.ndarray, dtype: str) -> np.ndarray:
+    """``x`` (float32) in the wire dtype; float32 is returned as is (no copy)."""
+    if dtype == "float32":
+        return x
+    if dtype == "float16":
+        with np.errstate(over="ignore"):        # overflow becomes inf, refused downstream
+            return x.astype("<f2")
+    bits = x.view(np.uint32)
+    # round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then truncate
+    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
+    out = (rounded >> 16).astype("<u2")
+    nan = np.isnan(x)                            # rounding must not turn a NaN into inf
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def decode_into(out: np.ndarray, frame: np.ndarray, dtype: str) -> None:
+    """Write a wire-dtype array into float32 ``out`` (same length)."""
+    if dtype == "bfloat16":
+        out.view(np.uint32)[:] = frame.astype(np.uint32) << 16
+    else:
+        np.copyto(out, frame, casting="safe")
+
+
+def add_into(out: np.ndarray, frame: np.ndarray, dtype: str) -> None:
+    """``out += frame``, ``frame`` in the wire dtype, accumulated in float32."""
+    if dtype == "bfloat16":
+        out += (frame.astype(np.uint32) << 16).view(np.float32)
+    else:
+        np.add(out, frame, out=out, casting="safe")
