@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from . import netfaults, wire
+from . import netfaults, security, wire
 from .protocol import Kind, ProtocolError, decode, encode
 
 
@@ -52,6 +52,7 @@ class Peer:
     def __init__(self, ctx: zmq.Context, endpoint: str, name: str):
         self.endpoint, self.name = endpoint, name
         self.sock = wire.make_socket(ctx, zmq.DEALER)
+        security.secure_client(self.sock, name)     # --secure: CurveZMQ to the key named `name`
         self.sock.connect(endpoint)
         self.outstanding: set[int] = set()              # rids whose replies we still want
         self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
@@ -142,7 +143,7 @@ class ShardClient:
     def init(self, flat: np.ndarray) -> None:
         """Set every shard's initial values (idempotent on the server)."""
         rids = [p.send(Kind.INIT, wire.split(flat[s.lo:s.hi]), worker=self.worker,
-                       inc=self.inc, dtype="float32", size=s.hi - s.lo)
+                       inc=self.inc, lo=s.lo, dtype="float32", size=s.hi - s.lo)
                 for p, s in zip(self.peers, self.shards)]
         for p, rid in zip(self.peers, rids):
             p.recv(rid, self.timeout_s, "init")
@@ -184,7 +185,7 @@ class ShardClient:
             frames = wire.split(grad[s.lo:s.hi]) if samples else []
             rids.append(p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step, tasks=tasks,
                                samples=samples, step_tasks=step_tasks, ends_clock=ends_clock,
-                               dtype="float32",
+                               lo=s.lo, dtype="float32",
                                size=(s.hi - s.lo) if samples else 0))
         return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
                 for p, rid in zip(peers, rids)]

@@ -56,6 +56,8 @@ class Cluster:
 
     def spawn(self, name: str, module: str, argv: list[str], env: dict | None = None) -> None:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
+        if getattr(self.args, "secure", None):       # every role: CurveZMQ, its own key
+            cmd += ["--secure", self.args.secure]
         proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
         self.roles.append(Role(name, proc, None))
 

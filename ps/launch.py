@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import summary
+from . import keys, security, summary
 from .checkpoint import latest_intact
 from .client import Peer, RemoteError
 from .cluster import ROOT, Cluster
@@ -107,6 +107,9 @@ def launch(args) -> int:
     checkpoint (BSP replays the same steps, so the result is the one a run without the
     fault would give). Each recovery is recorded in summary.json."""
     faults, net = split_faults(args.inject)
+    if args.secure:                 # the roles' key pairs, and the launcher's own (observer)
+        keys.generate(args.secure, args.servers, args.workers)
+        security.use(security.Keyring(args.secure, security.OBSERVER))
     recoveries = []
     while True:
         t0 = time.monotonic()
@@ -191,6 +194,9 @@ def parse_args(argv=None):
                    help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
                    help="declare a worker or server dead after this long without a heartbeat")
+    p.add_argument("--secure", nargs="?", const="", default=None, metavar="KEYDIR",
+                   help="CurveZMQ between all roles, each with its own key from KEYDIR (default: "
+                        "OUT/keys, made if missing; see SECURITY.md)")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
@@ -225,6 +231,8 @@ def parse_args(argv=None):
                 "(SSP and ASP shards are never at one version)")
     args.out = os.path.abspath(args.out or os.path.join("runs", time.strftime("%Y%m%d-%H%M%S")))
     args.checkpoint_dir = os.path.abspath(args.checkpoint_dir or os.path.join(args.out, "checkpoints"))
+    if args.secure is not None:
+        args.secure = os.path.abspath(args.secure or os.path.join(args.out, "keys"))
     return args
 
 

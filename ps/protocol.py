@@ -11,6 +11,8 @@ event loop replies with that code, counts it, and changes no state.
 """
 from __future__ import annotations
 
+from itertools import repeat
+
 import msgpack
 
 PROTOCOL_VERSION = 1
@@ -19,7 +21,10 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20      # a header is metadata; 1 MiB holds a lease of ~100k sample ids
 MAX_FRAME_BYTES = 64 << 20      # no single payload frame may be larger (we send 8 MiB frames)
 MAX_FRAMES = 4096               # payload frames per message (4096 x 8 MiB = 32 GiB, far beyond a shard)
-MAX_MSGPACK_LEN = 1 << 18       # longest array/map/str inside a header (msgpack unpack limit)
+MAX_MSGPACK_LEN = 1 << 18       # longest array/str inside a header (msgpack unpack limit)
+MAX_MAP_LEN = 256               # most entries in a map inside a header
+MAX_DEPTH = 16                  # deepest nesting of arrays/maps (legitimate headers use 4): a
+                                # handler comparing or walking a value never meets a 1000-deep one
 FRAME_BYTES = 8 << 20           # what senders use: receiving one >32 MiB frame costs a fresh mmap
                                 # and page faults, measured 2-4x slower than 8 MiB frames
 
@@ -63,6 +68,9 @@ class Error:
     FENCED = "fenced"                   # the sender's incarnation was declared dead
     GONE = "gone"                       # a BSP version older than the shard still holds
     INTERNAL = "internal"               # a bug on the receiving side; the process keeps serving
+    FORBIDDEN = "forbidden"             # --secure: the sender's key is not the identity it claims
+    NONFINITE = "nonfinite"             # a gradient holding NaN or Inf (server --nonfinite reject)
+    WRONG_SHARD = "wrong_shard"         # an INIT or PUSH cut for another shard's range
 
 
 class ProtocolError(Exception):
@@ -82,6 +90,7 @@ _LIST = (list,)
 _MAP = (dict,)
 _NUM = (int, float)
 _BOOL = (bool,)
+_CONTAINERS = (list, dict)
 
 SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.REGISTER: {"role": _STR},
@@ -92,10 +101,10 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.DONE: {"worker": _INT, "inc": _INT},
     Kind.FINISHED: {"worker": _INT, "inc": _INT},
     Kind.STATUS: {},
-    Kind.INIT: {"worker": _INT, "inc": _INT, "dtype": _STR, "size": _INT},
+    Kind.INIT: {"worker": _INT, "inc": _INT, "lo": _INT, "dtype": _STR, "size": _INT},
     Kind.PULL: {"worker": _INT, "inc": _INT, "step": _INT},
     Kind.PUSH: {"worker": _INT, "inc": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,
-                "step_tasks": _INT, "dtype": _STR, "size": _INT},
+                "step_tasks": _INT, "lo": _INT, "dtype": _STR, "size": _INT},
     Kind.STATS: {},
     Kind.OK: {},
     Kind.ERROR: {"code": _STR, "reason": _STR},
@@ -116,6 +125,8 @@ def request_header(frames: list) -> dict:
     decoded and validated; raises ProtocolError like ``decode``."""
     if len(frames) < 2:
         raise ProtocolError(Error.BAD_FRAMES, "a request needs a header frame")
+    if len(frames) > MAX_FRAMES + 2:
+        raise ProtocolError(Error.BAD_FRAMES, f"{len(frames) - 2} payload frames > {MAX_FRAMES}")
     return decode(frames[1])
 
 
@@ -128,22 +139,55 @@ def encode(kind: str, rid: int = 0, **fields) -> bytes:
 def decode(frame) -> dict:
     """Unpack and validate a header frame; raise ProtocolError on anything unexpected.
 
-    Cheapest checks first: size, then strict msgpack with length limits (so a header
-    claiming a 2**32-element array is refused before anything is allocated), then the
-    schema of its kind.
+    The layers run cheapest first and the first failure wins: size (a length, no
+    parsing), strict msgpack with length limits (so a header claiming a 2**32-element
+    array is refused from its length prefix, before anything is allocated), nesting
+    depth, the envelope (version, kind, rid), then the schema of the kind.
     """
     raw = frame.buffer if hasattr(frame, "buffer") else frame
+    check_size(raw)
+    header = unpack(raw)
+    check_depth(header)
+    check_envelope(header)
+    check_schema(header)
+    return header
+
+
+def check_size(raw) -> None:
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(Error.BAD_HEADER, f"header of {len(raw)} bytes > {MAX_HEADER_BYTES}")
+
+
+def unpack(raw) -> dict:
+    """Strict msgpack: no binary or extension values, string map keys, bounded lengths."""
     try:
         header = msgpack.unpackb(
             raw, raw=False, strict_map_key=True,
             max_str_len=MAX_MSGPACK_LEN, max_bin_len=0, max_array_len=MAX_MSGPACK_LEN,
-            max_map_len=256, max_ext_len=0)
+            max_map_len=MAX_MAP_LEN, max_ext_len=0)
     except Exception as exc:  # msgpack raises several types; all mean "not a header"
         raise ProtocolError(Error.BAD_HEADER, f"undecodable header: {type(exc).__name__}") from None
     if not isinstance(header, dict):
         raise ProtocolError(Error.BAD_HEADER, "header is not a map")
+    return header
+
+
+def check_depth(header: dict) -> None:
+    """No array or map nested deeper than MAX_DEPTH (msgpack itself allows ~1000 levels)."""
+    level, containers = 1, [header]
+    while containers:
+        if level > MAX_DEPTH:
+            raise ProtocolError(Error.BAD_HEADER, f"header nested deeper than {MAX_DEPTH}")
+        inner = []
+        for c in containers:
+            values = c.values() if isinstance(c, dict) else c
+            # map(isinstance, ...) scans in C, a few times faster than a generator
+            if any(map(isinstance, values, repeat(_CONTAINERS))):
+                inner.extend(v for v in values if isinstance(v, _CONTAINERS))
+        level, containers = level + 1, inner
+
+
+def check_envelope(header: dict) -> None:
     if not _is_int(header.get("v")) or header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(Error.BAD_VERSION, f"protocol version {header.get('v')!r}, "
                                                f"expected {PROTOCOL_VERSION}")
@@ -152,6 +196,11 @@ def decode(frame) -> dict:
         raise ProtocolError(Error.UNKNOWN_KIND, f"unknown message kind {kind!r}")
     if not _is_int(header.get("rid")):
         raise ProtocolError(Error.MISSING_FIELD, "missing or non-integer 'rid'")
+
+
+def check_schema(header: dict) -> None:
+    """Every field the kind requires is present and of its type (an int field refuses bools)."""
+    kind = header["kind"]
     for field, types in SCHEMA[kind].items():
         if field not in header:
             raise ProtocolError(Error.MISSING_FIELD, f"{kind} needs field {field!r}")
@@ -160,7 +209,6 @@ def decode(frame) -> dict:
             isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
         if not ok:
             raise ProtocolError(Error.BAD_FIELD, f"{kind}.{field} has type {type(value).__name__}")
-    return header
 
 
 def _is_int(value) -> bool:

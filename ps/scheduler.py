@@ -34,7 +34,7 @@ from collections import OrderedDict
 
 import zmq
 
-from . import netfaults, registration, sharding, summary, wire
+from . import netfaults, registration, security, sharding, summary, validation, wire
 from .dealer import Dealer
 from .failover import Failover
 from .membership import Membership
@@ -57,7 +57,10 @@ class Scheduler:
         self.config = config
         self.ctx = zmq.Context()
         self.router = wire.make_socket(self.ctx, zmq.ROUTER)
+        self.auth = security.secure_server(self.ctx, self.router)   # before bind: no gap
         self.router.bind(config.bind)
+        security.warn_if_exposed(config.bind, "scheduler")
+        self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.phase = "forming"
         self.servers: dict[int, dict] = {}       # shard index -> registration
@@ -119,6 +122,7 @@ class Scheduler:
             header = request_header(frames)
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
+            security.check_sender(frames[1], header)
             if self._repeat(ident, rid):
                 return
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
@@ -129,6 +133,7 @@ class Scheduler:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
             handler(ident, header)
         except ProtocolError as exc:
+            self.refusals.note(exc)
             self.reply(ident, Kind.ERROR, rid, code=exc.code, reason=exc.reason)
         except Exception as exc:   # a bug, not bad input: report it, keep serving
             log.exception("internal error handling a request")
@@ -389,12 +394,16 @@ class Scheduler:
 
     def close(self) -> None:
         self.router.close(linger=0)
+        security.stop(self.auth)
         self.ctx.term()
 
 
 def main(argv=None) -> int:
     netfaults.configure_from_env()
-    scheduler = Scheduler(parse_args(argv))
+    config = parse_args(argv)
+    if config.secure:
+        security.use(security.Keyring(config.secure, "scheduler"))
+    scheduler = Scheduler(config)
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:
         return scheduler.serve()

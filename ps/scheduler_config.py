@@ -40,6 +40,7 @@ class SchedulerConfig:
     checkpoint_every: int = 0            # BSP: a coordinated checkpoint every K steps (0: none)
     checkpoint_dir: str | None = None    # where shards write them and manifests commit them
     resume: bool = False                 # start from the newest intact checkpoint there
+    secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security)
 
 
 def default_tasks_per_step(batch_size: int, workers: int) -> int:
@@ -76,6 +77,8 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--checkpoint-dir", default=None, help="checkpoint directory (default: OUT/checkpoints)")
     p.add_argument("--resume", action="store_true",
                    help="start from the newest intact checkpoint in --checkpoint-dir")
+    p.add_argument("--secure", default=None, metavar="KEYDIR",
+                   help="CurveZMQ with the keys in KEYDIR (python -m ps.keys): only their holders get in")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -92,4 +95,4 @@ def parse_args(argv=None) -> SchedulerConfig:
         trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
         dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,
         checkpoint_dir=a.checkpoint_dir or (os.path.join(a.out, "checkpoints") if a.out else None),
-        resume=a.resume)
+        resume=a.resume, secure=a.secure)

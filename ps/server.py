@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import checkpoint, netfaults, wire
+from . import checkpoint, netfaults, security, validation, wire
 from .client import Peer, RemoteError
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
                        encode, request_header)
@@ -52,6 +52,8 @@ class ServerConfig:
     fail_checkpoints: bool = False       # fault hook: every checkpoint write fails (disk full)
     heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
+    secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security)
+    nonfinite: str = "reject"            # NaN/Inf gradients: reject | skip (ps.validation)
 
 
 class Server:
@@ -59,7 +61,9 @@ class Server:
         self.config = config
         self.ctx = zmq.Context()
         self.router = wire.make_socket(self.ctx, zmq.ROUTER)
+        self.auth = security.secure_server(self.ctx, self.router)   # before bind: no gap
         self.router.bind(config.bind)
+        security.warn_if_exposed(config.bind, "server")
         self.endpoint = config.advertise or self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         if config.endpoint_file:
             wire.write_endpoint(config.endpoint_file, self.endpoint)
@@ -73,6 +77,7 @@ class Server:
         self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
         self.errors: Counter = Counter()     # rejected requests by reason code
         self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
+        self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
 
     # -- life cycle -----------------------------------------------------------------
     def register(self) -> None:
@@ -147,6 +152,7 @@ class Server:
             header = request_header(frames)
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
+            security.check_sender(frames[1], header)
             handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
                        Kind.INIT: self.on_init, Kind.STATS: self.on_stats}.get(header["kind"])
             if handler is None:
@@ -154,6 +160,7 @@ class Server:
             handler(ident, header, frames[2:])
         except ProtocolError as exc:
             self.errors[exc.code] += 1
+            self.refusals.note(exc)
             self.reply(ident, encode(Kind.ERROR, rid, code=exc.code, reason=exc.reason))
         except Exception as exc:   # a bug, not bad input: report it, count it, keep serving
             log.exception("internal error handling a request")
@@ -162,6 +169,7 @@ class Server:
 
     def on_init(self, ident, header, payload) -> None:
         self._check_worker(header)
+        validation.check_range(header, self.lo, self.hi)
         self.shard.check_live(header["inc"])
         chunks = wire.check_payload(payload, header["dtype"], header["size"])
         fresh = self.shard.init(chunks)
@@ -184,10 +192,16 @@ class Server:
 
     def on_push(self, ident, header, payload) -> None:
         self._check_worker(header)
+        validation.check_range(header, self.lo, self.hi)
         tasks = check_int_list(header, "tasks", MAX_TASKS_PER_PUSH)
         if header["step"] < 0 or header["step_tasks"] < 1:
             raise ProtocolError(Error.BAD_FIELD, "step must be >= 0 and step_tasks >= 1")
+        validation.check_window(header["step"], self.shard.clocks, self.shard.mode,
+                                self.shard.staleness)
         chunks = wire.check_payload(payload, header["dtype"], header["size"])
+        if header["samples"] > 0:
+            chunks = validation.screen_gradient(chunks, self.shard.size, self.config.nonfinite,
+                                                self.errors)
         key = (header["inc"], header["rid"])
         if key in self.push_replies:      # the same request again (a retry, or duplicated
             self.reply(ident, self.push_replies[key])   # on the wire): same answer, no apply
@@ -302,6 +316,7 @@ class Server:
     def close(self) -> None:
         self.scheduler.close()
         self.router.close(linger=0)
+        security.stop(self.auth)
         self.ctx.term()
 
 
@@ -323,18 +338,28 @@ def parse_args(argv=None) -> ServerConfig:
                    help="fault hook: SIGKILL this server after writing checkpoint V, before its rename")
     p.add_argument("--fail-checkpoints", action="store_true",
                    help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
+    p.add_argument("--secure", default=None, metavar="KEYDIR",
+                   help="CurveZMQ with the keys in KEYDIR (python -m ps.keys); needs --shard")
+    p.add_argument("--nonfinite", choices=validation.NONFINITE_POLICIES, default="reject",
+                   help="a gradient with NaN or Inf: reject it (error reply) or skip it "
+                        "(its tasks count, its values do not) (default: %(default)s)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
+    if args.secure and args.shard < 0:
+        p.error("--secure needs --shard: a server's key names its shard")
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s server %(levelname)s %(message)s")
     return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file, args.shard,
                         args.crash_at, args.fail_checkpoints, args.heartbeat_interval_s,
-                        args.timeout_s)
+                        args.timeout_s, args.secure, args.nonfinite)
 
 
 def main(argv=None) -> int:
     netfaults.configure_from_env()
-    server = Server(parse_args(argv))
+    config = parse_args(argv)
+    if config.secure:
+        security.use(security.Keyring(config.secure, f"server{config.shard}"))
+    server = Server(config)
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     try:
         server.register()

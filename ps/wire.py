@@ -17,7 +17,10 @@ import zmq
 from .protocol import (ALLOWED_DTYPES, FRAME_BYTES, MAX_FRAME_BYTES, MAX_FRAMES, Error,
                        ProtocolError)
 
-MAX_MESSAGE_BYTES = 8 << 30     # zmq drops (and disconnects) peers sending larger messages
+MAX_MESSAGE_BYTES = MAX_FRAME_BYTES   # zmq's MAXMSGSIZE, which libzmq applies to each frame:
+                                      # a larger frame is dropped with its connection before
+                                      # it is allocated, so no frame this process receives can
+                                      # exceed what check_payload accepts
 HWM = 10_000                    # queued messages per peer before zmq blocks/drops; far above
                                 # what a shard has in flight (one pull + one push per worker)
 
@@ -26,7 +29,7 @@ def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
     """A socket with the options every role uses."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, 0)                 # closing never blocks on unsent messages
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a peer cannot make us allocate unboundedly
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # no frame over 64 MiB is ever allocated
     sock.setsockopt(zmq.SNDHWM, HWM)
     sock.setsockopt(zmq.RCVHWM, HWM)
     if kind == zmq.ROUTER:

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from ps import netfaults
+from ps import netfaults, security
 from ps.client import RemoteError
 from ps.protocol import Error
 
@@ -40,8 +40,12 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="write trace/worker<id>-<incarnation>.json into --out")
     p.add_argument("--crash-at", default=None, metavar="POINT@STEP",
                    help="fault hook: SIGKILL this worker at before_push, mid_push or after_push of STEP")
+    p.add_argument("--secure", default=None, metavar="KEYDIR",
+                   help="CurveZMQ with the keys in KEYDIR (python -m ps.keys); needs --id")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
+    if a.secure and a.worker_id < 0:
+        p.error("--secure needs --id: a worker's key names its id")
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker{'' if a.worker_id < 0 else a.worker_id} "
                                "%(levelname)s %(message)s")
@@ -50,12 +54,14 @@ def parse_args(argv=None) -> WorkerConfig:
     except ValueError as exc:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
-                        a.timeout_s, a.slow, jitter, a.trace, a.crash_at)
+                        a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure)
 
 
 def main(argv=None) -> int:
     config = parse_args(argv)
     netfaults.configure_from_env()
+    if config.secure:
+        security.use(security.Keyring(config.secure, f"worker{config.worker_id}"))
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     worker = None
     try:

@@ -75,6 +75,7 @@ class WorkerConfig:
     jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
     trace: bool = False             # write trace/worker<id>.json into out
     crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
+    secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
 
 
 def pick_device(name: str) -> torch.device:
