@@ -1,0 +1,187 @@
+"""Suite ``transport``: pull+push round trips of the parameter server beside raw pyzmq.
+
+A scheduler and S servers run as subprocesses; this process is the only worker (numpy,
+no torch) of a model of N float32 and times round trips: pull all shards, push all
+shards (BSP, one task per step, SGD with lr 0). Alternating with it block by block, so
+machine noise hits both alike, raw pyzmq moves the same bytes between two processes: a
+DEALER sends 4N bytes as 8 MiB frames (copy=False), a ROUTER peer (``benchmark.py
+raw-peer``) answers with 4N bytes. The best block of each counts (noise only slows a
+block down). "ps / raw" prices all the parameter server adds: headers and checks, the
+server's aggregation and optimizer step, the copy into the worker's flat buffer, S
+connections instead of one.
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+import zmq
+
+from .common import (EXIT_TIMEOUT_S, REQUEST_TIMEOUT_S, ROLE_TIMEOUT_S, SCRIPT,
+                     START_TIMEOUT_S, Children, count, counts, ints, markdown)
+
+from ps import wire                                    # noqa: E402  (common put ROOT on the path)
+from ps.client import Peer, ShardClient, ShardInfo     # noqa: E402
+from ps.protocol import Kind                           # noqa: E402
+
+BLOCK_BYTES = 1.6e9       # bytes a timed block moves by default: ~1-2 s, long enough to swamp
+                          # jitter, short enough for the default suite to take ~30 s on 2 cores
+WARMUP_ROUNDS = 2         # untimed round trips first: connections, page faults, allocator
+REPEATS = 3               # alternating raw/ps blocks per row
+
+
+# -- raw pyzmq -----------------------------------------------------------------------
+def raw_peer(args) -> int:
+    """The raw side's echo peer: answer every message with as many bytes, 8 MiB frames."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.bind("tcp://127.0.0.1:*")
+    wire.write_endpoint(args.endpoint_file, sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    reply = np.zeros(0, dtype=np.uint8)
+    try:
+        while sock.poll(int(args.timeout_s * 1000)):
+            ident, *payload = sock.recv_multipart(copy=False)
+            nbytes = sum(len(f.buffer) for f in payload)
+            if nbytes == 0:
+                return 0                                   # the client's "stop"
+            if reply.size != nbytes:
+                reply = np.ones(nbytes, dtype=np.uint8)
+            # The reply buffer never changes, so sending it without copy or tracking is safe.
+            sock.send_multipart([ident, *wire.split(reply)], copy=False)
+        return 1                                           # idle past the deadline: give up
+    finally:
+        sock.close(linger=0)
+        ctx.term()
+
+
+def raw_block(sock: zmq.Socket, frames: list, nbytes: int, rounds: int) -> float:
+    """Seconds for ``rounds`` round trips of ``nbytes`` out and ``nbytes`` back."""
+    t0 = time.perf_counter()
+    for _ in range(rounds):
+        sock.send_multipart(frames, copy=False)
+        if not sock.poll(int(REQUEST_TIMEOUT_S * 1000)):
+            raise TimeoutError(f"raw peer silent for {REQUEST_TIMEOUT_S:.0f} s")
+        got = sum(len(f.buffer) for f in sock.recv_multipart(copy=False))
+        if got != nbytes:
+            raise RuntimeError(f"raw peer answered {got} bytes, expected {nbytes}")
+    return time.perf_counter() - t0
+
+
+# -- the parameter server ------------------------------------------------------------
+def ps_cluster(ctx, children: Children, n: int, servers: int, steps: int):
+    """Start a scheduler and S servers; register as worker 0 of an n-float model."""
+    common = ["--bind", "tcp://127.0.0.1:*", "--timeout-s", str(ROLE_TIMEOUT_S)]
+    # This process sends no heartbeats while it times round trips: a liveness deadline as
+    # long as the run keeps the scheduler from declaring it dead.
+    sched_ep = children.start("scheduler", ["-m", "ps.scheduler", "--servers", str(servers),
+                                            "--workers", "1", "--mode", "bsp",
+                                            "--steps", str(steps), *common,
+                                            "--dead-after-s", str(ROLE_TIMEOUT_S)])
+    for k in range(servers):
+        children.start(f"server{k}", ["-m", "ps.server", "--scheduler", sched_ep,
+                                      "--shard", str(k), *common])
+    scheduler = Peer(ctx, sched_ep, "scheduler")
+    # One sample per step and one task per step: the push of task t completes step t, and
+    # lr 0 keeps every value fixed however many steps run.
+    reply, _ = scheduler.request(
+        Kind.REGISTER, START_TIMEOUT_S, role="worker", worker=0, layout=[["w", [n]]],
+        dataset_size=steps, batch_size=1, shuffle=False, optimizer={"name": "sgd", "lr": 0.0},
+        epochs=None, seed=0)
+    shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
+    client = ShardClient(ctx, shards, worker=0, timeout_s=REQUEST_TIMEOUT_S,
+                         incarnation=reply["inc"])
+    return scheduler, client
+
+
+def ps_block(client: ShardClient, flat: np.ndarray, grad: np.ndarray, step: int,
+             rounds: int) -> float:
+    """Seconds for ``rounds`` BSP steps from ``step`` on: pull all shards, push all shards."""
+    t0 = time.perf_counter()
+    for t in range(step, step + rounds):
+        versions = client.pull_into(flat, t)
+        client.push(grad, t, tasks=[t], samples=1, step_tasks=1)
+    elapsed = time.perf_counter() - t0
+    if versions != [step + rounds - 1] * len(client.shards):
+        raise RuntimeError(f"shards at versions {versions}, expected {step + rounds - 1}")
+    return elapsed
+
+
+def transport_row(n: int, servers: int, rounds: int, repeats: int) -> dict:
+    """One table row: raw and ps blocks alternating on the same bytes, best of each."""
+    steps = WARMUP_ROUNDS + repeats * rounds
+    nbytes = 4 * n
+    children, ctx = Children(), zmq.Context()
+    try:
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(children.start("raw_peer", [SCRIPT, "raw-peer",
+                                                "--timeout-s", str(ROLE_TIMEOUT_S)]))
+        scheduler, client = ps_cluster(ctx, children, n, servers, steps)
+        flat = np.zeros(n, dtype=np.float32)               # (n,) the worker's parameters
+        grad = np.ones(n, dtype=np.float32)                # (n,) the gradient it pushes
+        client.init(flat)
+        frames = wire.split(flat)                          # 8 MiB views, like a push
+        raw_block(raw, frames, nbytes, WARMUP_ROUNDS)
+        ps_block(client, flat, grad, 0, WARMUP_ROUNDS)
+        raw_s, ps_s, step = [], [], WARMUP_ROUNDS
+        for _ in range(repeats):
+            raw_s.append(raw_block(raw, frames, nbytes, rounds))
+            ps_s.append(ps_block(client, flat, grad, step, rounds))
+            step += rounds
+        raw.send(b"")                                      # stop the raw peer
+        scheduler.request(Kind.DONE, REQUEST_TIMEOUT_S, worker=0, inc=client.inc)
+        scheduler.request(Kind.FINISHED, REQUEST_TIMEOUT_S, worker=0, inc=client.inc)
+        children.wait(["raw_peer", "scheduler", *(f"server{k}" for k in range(servers))],
+                      EXIT_TIMEOUT_S)
+    finally:
+        ctx.destroy(linger=0)
+        children.stop()
+    moved = 2 * nbytes * rounds                            # per block: 4N pulled + 4N pushed
+    ps_best, raw_best = min(ps_s), min(raw_s)
+    return {"params": n, "servers": servers, "bytes_per_round": 2 * nbytes, "rounds": rounds,
+            "repeats": repeats, "ps_round_trips_per_s": rounds / ps_best,
+            "ps_gb_per_s": moved / ps_best / 1e9, "raw_round_trips_per_s": rounds / raw_best,
+            "raw_gb_per_s": moved / raw_best / 1e9, "ps_over_raw": raw_best / ps_best,
+            "ps_block_s": ps_s, "raw_block_s": raw_s}
+
+
+def run(args) -> tuple[list[dict], str]:
+    rows = []
+    for n in args.sizes:
+        rounds = args.rounds or max(3, round(BLOCK_BYTES / (8 * n)))
+        for servers in args.servers:
+            rows.append(transport_row(n, servers, rounds, args.repeats))
+            print(f"  {count(n)} x {servers} servers done", file=sys.stderr, flush=True)
+    table = markdown(
+        ["params", "servers", "MB / round trip", "rounds", "ps round trips/s", "ps GB/s",
+         "raw round trips/s", "raw GB/s", "ps / raw"],
+        [[count(r["params"]), r["servers"], f"{r['bytes_per_round'] / 1e6:g}", r["rounds"],
+          f"{r['ps_round_trips_per_s']:.1f}", f"{r['ps_gb_per_s']:.2f}",
+          f"{r['raw_round_trips_per_s']:.1f}", f"{r['raw_gb_per_s']:.2f}",
+          f"{r['ps_over_raw']:.2f}"] for r in rows])
+    note = (f"Best of {args.repeats} alternating raw/ps blocks per row; a round trip moves "
+            "2 x 4N bytes (pull N float32 + push N float32).")
+    return rows, table + "\n\n" + note
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--sizes", type=counts, default=None,
+                   help="parameter counts, float32 (default 1M,10M,25M; --tiny: 100K)")
+    p.add_argument("--servers", type=ints, default=[2], help="server counts (default 2)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help=f"round trips per timed block (default: ~{BLOCK_BYTES / 1e9:.1f} GB "
+                        "worth, at least 3; --tiny: 3)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"alternating timed blocks per row (default {REPEATS}; --tiny: 1)")
+
+
+def resolve(args, p) -> None:
+    args.sizes = args.sizes or ([100_000] if args.tiny else [10**6, 10**7, 25 * 10**6])
+    args.rounds = args.rounds or (3 if args.tiny else None)
+    args.repeats = args.repeats or (1 if args.tiny else REPEATS)
+
+
+def add_raw_peer_arguments(p) -> None:
+    p.add_argument("--endpoint-file", required=True)
+    p.add_argument("--timeout-s", type=float, default=ROLE_TIMEOUT_S)
