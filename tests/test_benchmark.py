@@ -2,11 +2,12 @@
 
 Nothing here is about speed: a loaded CI machine may be slow. What is checked is that
 each suite starts its processes, measures, stops them all, prints a table and writes
-JSON with one row per (size, server count), per mode, or per stragglers cell, every
-number positive.
+JSON with one row per (size, server count), per mode, per stragglers cell, per model
+or per (size, servers, workers), every number positive and finite.
 """
 import importlib.util
 import json
+import math
 import os
 import pathlib
 import signal
@@ -17,12 +18,14 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 SUITE_TIMEOUT_S = 30      # each --tiny suite takes a few seconds on 2 cores
 STRAGGLERS_TIMEOUT_S = 150   # stragglers --tiny: 10 launcher runs, ~20 s on 2 quiet cores
+TRAIN_TIMEOUT_S = 120     # train --tiny: 3 runs of ~2 torch processes, ~20 s on 2 quiet cores
+SCALE_TIMEOUT_S = 120     # scale --tiny: 3 launcher runs and an idle server, ~15 s
 
 
 def run_suite(out: pathlib.Path, *args: str,
               timeout_s: float = SUITE_TIMEOUT_S) -> tuple[dict, str]:
     """Run one suite in its own process group; whatever happens, kill the group after."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--tiny", "--json", str(out)],
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--tiny", "--out", str(out)],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -63,11 +66,19 @@ def test_modes_tiny(tmp_path):
     assert "| bsp |" in stdout and "| asp |" in stdout
 
 
-def job_batch_size(path: pathlib.Path) -> int:
-    spec = importlib.util.spec_from_file_location("compute_bound", path)
+def load(path: pathlib.Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.BATCH_SIZE
+    return module
+
+
+def job_batch_size(path: pathlib.Path) -> int:
+    return load(path).BATCH_SIZE
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
 def test_stragglers_tiny(tmp_path):
@@ -101,3 +112,54 @@ def test_stragglers_tiny(tmp_path):
     for title in ("**(a)", "**(b)", "**(c)"):
         assert title in stdout
     assert "| 2 |" in stdout and "| ssp(2) |" in stdout and "| asp |" in stdout
+
+
+def test_train_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "train.json", "train", timeout_s=TRAIN_TIMEOUT_S)
+    assert result["suite"] == "train"
+    [row] = result["rows"]                     # --tiny: the language model only
+    assert row["model"] == "char_transformer" and row["optimizer"] == "adamw"
+    assert row["batch"] == load(ROOT / "examples" / "char_transformer.py").BATCH_SIZE
+    for system in ("ours", "ddp", "rpc"):
+        assert positive(row[f"{system}_samples_per_s"]) and positive(row[f"{system}_step_s"])
+        [run] = row[f"{system}_runs"]
+        assert run["batch"] == row["batch"]    # the same global batch everywhere
+        assert math.isclose(run["samples_per_s"] * run["step_s"], row["batch"])
+    assert row["ddp_runs"][0]["params"] == row["rpc_runs"][0]["params"] == row["params"]
+    assert positive(row["ours_over_ddp"]) and positive(row["ours_over_rpc"])
+    assert "| char_transformer | 116,318 |" in stdout
+
+
+def test_scale_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "scale.json", "scale", timeout_s=SCALE_TIMEOUT_S)
+    assert result["suite"] == "scale"
+    rows = result["rows"]
+    assert {(r["nominal_params"], r["servers"], r["workers"]) for r in rows} == {
+        (100_000, 2, 2), (100_000, 1, 2), (100_000, 2, 1)}
+    for row in rows:
+        assert positive(row["step_s"]) and positive(row["samples_per_s"])
+        assert len(row["per_server"]) == row["servers"]
+        assert sum(s["shard_params"] for s in row["per_server"]) == row["params"]
+        for server in row["per_server"]:
+            # Read before the server exited, and above an idle server: it holds a shard.
+            assert server["hwm_bytes"] >= server["rss_bytes"] > row["idle_server_rss_bytes"]
+            assert positive(server["rss_per_param_byte"])
+        # What a Shard allocates covers at least its parameters and the aggregation buffer.
+        assert row["expected_per_param_byte"] >= row["target_per_param_byte"] >= 2
+    assert "**(a) model size" in stdout and "**(c) workers" in stdout
+
+
+def test_mlp10m_job_has_10m_parameters():
+    """The train suite's MLP: a valid job (the worker's own loader), ~10M parameters, and
+    the width formula the scale suite resizes it with counts what torch builds."""
+    sys.path.insert(0, str(ROOT))
+    from worker.job import load_job
+    job = load_job(str(ROOT / "scripts" / "jobs" / "mlp10m.py"))
+    module = job.module
+    assert abs(module.param_count(module.HIDDEN) - 10_000_000) < 10_000
+    module.HIDDEN = module.hidden_for(50_000)
+    model, dataset = job.build(seed=0)
+    assert sum(p.numel() for p in model.parameters()) == module.param_count(module.HIDDEN)
+    assert abs(module.param_count(module.HIDDEN) - 50_000) < 1_000
+    x, y = dataset[0]
+    assert x.shape == (module.INPUT_DIM,) and 0 <= int(y) < module.NUM_CLASSES

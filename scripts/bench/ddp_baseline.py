@@ -1,0 +1,142 @@
+"""Baseline: torch DistributedDataParallel (gloo) training a job file, N processes here.
+
+    python scripts/bench/ddp_baseline.py --job scripts/jobs/mlp10m.py --procs 2 \\
+        --steps 30 --warmup 3 --threads 1 --out ddp.json
+
+What a user of plain PyTorch would run instead of a parameter server. Every rank
+builds the job's model from the same seed, wraps it in DDP (gloo backend, rendezvous
+over TCP on 127.0.0.1 at a free port) and trains on its share of every global batch:
+step k uses samples [kB, (k+1)B) of the data set (wrapping around), rank r the r-th
+of N equal parts. During backward DDP all-reduces the gradients in buckets and
+averages them, so every rank applies the same update, the global batch's mean
+gradient, with its own copy of the job's optimizer: the same update BSP makes.
+
+Rank 0 times the steps after ``--warmup`` (from the end of step warmup - 1 to the end
+of the last step) and writes {samples_per_s, step_s, ...} as JSON to ``--out``.
+Only torch and the standard library: this file reads the job file itself, and shares
+no code with the parameter server. Every process it starts is ended, every wait has a
+deadline (``--timeout-s``).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import socket
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import default_collate
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+
+
+def load_job(path: str):
+    """Import a job file (build_model, build_dataset, loss_fn, OPTIMIZER, BATCH_SIZE)."""
+    spec = importlib.util.spec_from_file_location("job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
+    """{"name": "adam", "lr": 1e-3, ...} -> torch.optim.Adam(params, lr=1e-3, ...)."""
+    kwargs = dict(config)
+    return OPTIMIZERS[kwargs.pop("name")](params, **kwargs)
+
+
+def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[int]:
+    """Rank ``rank``'s part of global batch ``step``: samples [kB, (k+1)B) mod n, cut in N."""
+    share = batch // procs
+    lo = step * batch + rank * share
+    return [i % n for i in range(lo, lo + share)]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it; a race is possible, and harmless
+    here: a clash fails the rendezvous, which has a deadline)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_main(rank: int, args, port: int) -> None:
+    """One DDP process: join the group, train ``warmup + steps`` steps, rank 0 reports."""
+    torch.set_num_threads(args.threads)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=args.procs,
+                            timeout=datetime.timedelta(seconds=args.timeout_s))
+    try:
+        job = load_job(args.job)
+        torch.manual_seed(args.seed)                     # the same initial values on every rank
+        model = DistributedDataParallel(job.build_model())
+        torch.manual_seed(args.seed)
+        dataset = job.build_dataset()
+        optimizer = make_optimizer(job.OPTIMIZER, model.parameters())
+        batch = args.batch or job.BATCH_SIZE
+        ends, losses = [], []
+        for step in range(args.warmup + args.steps):
+            x = default_collate([dataset[i] for i in
+                                 batch_indices(step, batch, rank, args.procs, len(dataset))])
+            optimizer.zero_grad(set_to_none=True)
+            loss = job.loss_fn(model, x)
+            loss.backward()                              # all-reduce overlaps the backward pass
+            optimizer.step()
+            losses.append(loss.item())                   # rank's own half batch
+            ends.append(time.perf_counter())
+        if rank == 0:
+            step_s = (ends[-1] - ends[args.warmup - 1]) / args.steps
+            with open(args.out, "w") as f:
+                json.dump({"system": "ddp", "procs": args.procs, "threads": args.threads,
+                           "batch": batch, "steps": args.steps, "warmup": args.warmup,
+                           "step_s": step_s, "samples_per_s": batch / step_s,
+                           "params": sum(p.numel() for p in model.parameters()),
+                           "optimizer": job.OPTIMIZER["name"], "losses_rank0": losses}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", required=True, help="job file")
+    p.add_argument("--procs", type=int, default=2, help="DDP processes (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: the job's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run")
+    p.add_argument("--out", required=True, help="JSON result file")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned ranks
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, args, port)) for r in range(args.procs)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + args.timeout_s
+    try:
+        for proc in procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+    finally:
+        for proc in procs:                               # late or stuck: end it now
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    codes = [proc.exitcode for proc in procs]
+    if any(code != 0 for code in codes):
+        print(f"ddp_baseline: rank exit codes {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Baseline: a parameter server on torch.distributed.rpc, trainers in N processes here.
+
+    python scripts/bench/rpc_baseline.py --job scripts/jobs/mlp10m.py --trainers 2 \\
+        --steps 30 --warmup 3 --threads 1 --out rpc.json
+
+What a user would build from PyTorch's RPC tutorials instead of using this project.
+Process 0 is the parameter server ("ps"): it holds the model and the optimizer. The
+others are trainers; step k uses samples [kB, (k+1)B) of the data set (wrapping
+around), trainer r the r-th of N equal parts. As in "Implementing a Parameter Server
+Using Distributed RPC Framework", trainers call the server with ``rpc_sync``; as in
+"Implementing Batch RPC Processing Using Asynchronous Executions", the server updates
+in batches: each step a trainer computes its gradient on its own replica and sends it
+(``push_and_pull``); the server sums the trainers' gradients, and once all N are in,
+averages them, runs the optimizer once and answers every trainer with the new
+parameters (``@rpc.functions.async_execution`` holds the replies until then). That is
+the update BSP and DDP make, so its steps compare with theirs one for one.
+
+The first tutorial's own design, forward on the server through an RRef,
+``dist_autograd`` and a ``DistributedOptimizer`` per trainer, is not used: with two
+trainers sharing the server's model, one trainer's optimizer step changes parameters
+in place that the other's backward pass has saved, and autograd stops that trainer
+("modified by an inplace operation"; torch 2.13). It would also put all compute in
+the server process and apply one update per trainer and step, not a global batch.
+
+Trainer 0 times the steps after ``--warmup`` (from the end of step warmup - 1 to the
+end of the last step) and writes {samples_per_s, step_s, ...} as JSON to ``--out``.
+Only torch and the standard library. Every process it starts is ended, every wait has
+a deadline (``--timeout-s``; it is also the RPC timeout).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import torch
+import torch.distributed.rpc as rpc
+import torch.multiprocessing as mp
+from torch.utils.data import default_collate
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+SERVER = None            # the ParameterServer, in process 0 only
+
+
+def load_job(path: str):
+    """Import a job file (build_model, build_dataset, loss_fn, OPTIMIZER, BATCH_SIZE)."""
+    spec = importlib.util.spec_from_file_location("job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    return job
+
+
+def optimizer_args(config: dict) -> tuple[type, dict]:
+    """{"name": "adam", "lr": 1e-3} -> (torch.optim.Adam, {"lr": 1e-3})."""
+    kwargs = dict(config)
+    return OPTIMIZERS[kwargs.pop("name")], kwargs
+
+
+def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[int]:
+    """Trainer ``rank``'s part of global batch ``step``: samples [kB, (k+1)B) mod n, cut in N."""
+    share = batch // procs
+    lo = step * batch + rank * share
+    return [i % n for i in range(lo, lo + share)]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (a race is possible: the rendezvous has a deadline)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# -- the server (process 0) --------------------------------------------------------------
+class ParameterServer:
+    """The model, its optimizer, and the step's gradient sum."""
+
+    def __init__(self, job, trainers: int, seed: int):
+        torch.manual_seed(seed)                   # the same initial values as the others
+        self.model = job.build_model()
+        self.params = list(self.model.parameters())
+        cls, kwargs = optimizer_args(job.OPTIMIZER)
+        self.optimizer = cls(self.params, **kwargs)
+        self.trainers = trainers
+        self.lock = threading.Lock()              # RPC calls arrive on several threads
+        self.arrived = 0
+        self.future = torch.futures.Future()      # answered when the step's last push is in
+        for p in self.params:
+            p.grad = torch.zeros_like(p)
+
+    def values(self) -> list[torch.Tensor]:
+        # A copy: the reply is serialized after this returns, and must not see a later step.
+        return [p.detach().clone() for p in self.params]
+
+
+def initial_params() -> list[torch.Tensor]:
+    return SERVER.values()
+
+
+@rpc.functions.async_execution
+def push_and_pull(grads: list[torch.Tensor]) -> torch.futures.Future:
+    """Add one trainer's gradient; the last of a step averages, steps, and answers all."""
+    server = SERVER
+    with server.lock:
+        for p, g in zip(server.params, grads):
+            p.grad.add_(g)
+        server.arrived += 1
+        future = server.future
+        if server.arrived == server.trainers:
+            for p in server.params:
+                p.grad.div_(server.trainers)      # mean of the trainers' means: the batch mean
+            server.optimizer.step()
+            for p in server.params:
+                p.grad.zero_()
+            server.arrived, server.future = 0, torch.futures.Future()
+            future.set_result(server.values())
+    return future
+
+
+# -- a trainer ---------------------------------------------------------------------------
+def train(job, args, trainer: int) -> list[float]:
+    """Run warmup + steps steps; return when each ended (perf_counter seconds)."""
+    torch.manual_seed(args.seed)
+    dataset = job.build_dataset()
+    batch = args.batch or job.BATCH_SIZE
+    model = job.build_model()                     # a replica; its values come from the server
+    params = list(model.parameters())
+    values = rpc.rpc_sync("ps", initial_params)
+    ends = []
+    for step in range(args.warmup + args.steps):
+        x = default_collate([dataset[i] for i in
+                             batch_indices(step, batch, trainer, args.trainers, len(dataset))])
+        with torch.no_grad():
+            for p, v in zip(params, values):
+                p.copy_(v)                        # the server's parameters into the replica
+        model.zero_grad(set_to_none=True)
+        job.loss_fn(model, x).backward()
+        values = rpc.rpc_sync("ps", push_and_pull, args=([p.grad for p in params],))
+        ends.append(time.perf_counter())
+    return ends
+
+
+def rank_main(rank: int, args, port: int) -> None:
+    """Process 0 serves; the others train; trainer 0 reports."""
+    global SERVER
+    torch.set_num_threads(args.threads)
+    job = load_job(args.job)
+    if rank == 0:
+        SERVER = ParameterServer(job, args.trainers, args.seed)    # before anyone can call
+    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
+                                              rpc_timeout=args.timeout_s)
+    rpc.init_rpc("ps" if rank == 0 else f"trainer{rank - 1}", rank=rank,
+                 world_size=args.trainers + 1, rpc_backend_options=options)
+    try:
+        if rank == 1:
+            ends = train(job, args, 0)
+            step_s = (ends[-1] - ends[args.warmup - 1]) / args.steps
+            batch = args.batch or job.BATCH_SIZE
+            with open(args.out, "w") as f:
+                json.dump({"system": "rpc", "trainers": args.trainers,
+                           "threads": args.threads, "batch": batch, "steps": args.steps,
+                           "warmup": args.warmup, "step_s": step_s,
+                           "samples_per_s": batch / step_s,
+                           "params": sum(p.numel() for p in job.build_model().parameters()),
+                           "optimizer": job.OPTIMIZER["name"]}, f)
+        elif rank > 1:
+            train(job, args, rank - 1)
+    finally:
+        rpc.shutdown()                            # waits for every process's outstanding calls
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--job", required=True, help="job file")
+    p.add_argument("--trainers", type=int, default=2, help="trainer processes (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: the job's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run")
+    p.add_argument("--out", required=True, help="JSON result file")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned processes
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=rank_main, args=(r, args, port))
+             for r in range(args.trainers + 1)]
+    for proc in procs:
+        proc.start()
+    deadline = time.monotonic() + args.timeout_s
+    try:
+        for proc in procs:
+            proc.join(max(0.1, deadline - time.monotonic()))
+    finally:
+        for proc in procs:                               # late or stuck: end it now
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+    codes = [proc.exitcode for proc in procs]
+    if any(code != 0 for code in codes):
+        print(f"rpc_baseline: process exit codes {codes}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

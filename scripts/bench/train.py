@@ -1,0 +1,143 @@
+"""Suite ``train``: samples/s of one model, our cluster beside DDP and an RPC server.
+
+For each model (the ~10M-parameter MLP of scripts/jobs/mlp10m.py and the example
+language model, examples/char_transformer.py), in the same run and one after another:
+
+ours  ``python -m ps.launch`` in BSP with 2 workers and 2 servers (--servers), --trace
+ddp   torch DistributedDataParallel, gloo backend, 2 processes (bench/ddp_baseline.py)
+rpc   a torch.distributed.rpc parameter server with 2 trainers, batch-synchronous
+      (bench/rpc_baseline.py)
+
+Same job file, so the same model, initial values, data, global batch (the job's
+BATCH_SIZE) and optimizer (the job's OPTIMIZER: Adam for the MLP, AdamW for the
+language model); the same number of steps; every torch process the same thread count
+(--threads, default cores / 2). Each system is timed the same way: ``--warmup`` steps
+first, then ``--steps`` steps, from the end of step warmup - 1 to the end of the last
+step (ours: from the run's trace, the end of each step's last push). Our cluster also
+runs a scheduler and numpy servers beside its 2 workers; the RPC server is a third
+torch process. Systems alternate within each repeat; each cell is the median.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import tempfile
+
+from .common import ROOT, launch_run, markdown, run_group, step_end_times, timed_step_s
+from .scale import sized_job
+
+JOBS = {"mlp10m": os.path.join(ROOT, "scripts", "jobs", "mlp10m.py"),
+        "char_transformer": os.path.join(ROOT, "examples", "char_transformer.py")}
+BASELINES = os.path.join(ROOT, "scripts", "bench")
+STEPS = {"mlp10m": 30, "char_transformer": 100}   # timed steps at full size: ~5-10 s per
+                          # system on 2 cores (mlp10m ~0.2-0.4 s a step, the LM ~20-50 ms)
+TINY_STEPS = 2
+WARMUP = 3                # untimed steps first: connections, page faults, the allocator
+REPEATS = 1               # runs per system and model (--repeats)
+TINY_MLP_PARAMS = 100_000  # --tiny --models mlp10m: the MLP at this size (scale.sized_job)
+SYSTEMS = ("ours", "ddp", "rpc")
+
+
+def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
+         tasks_per_step: int | None, out: str) -> dict:
+    """One launcher run in BSP with 2 workers, timed from its trace."""
+    argv = ["--job", job, "--mode", "bsp", "--workers", "2", "--servers", str(servers),
+            "--steps", str(warmup + steps), "--threads", str(threads), "--trace"]
+    argv += ["--tasks-per-step", str(tasks_per_step)] if tasks_per_step else []
+    summary = launch_run(argv, out, f"ours on {os.path.basename(job)}", lenient=True)
+    step_s = timed_step_s(step_end_times(os.path.join(out, "trace.json")), warmup)
+    batch = summary["samples"] // summary["steps"]
+    return {"system": "ours", "step_s": step_s, "samples_per_s": batch / step_s,
+            "batch": batch, "servers": servers, "tasks_per_step": summary["tasks_per_step"],
+            "final_loss": summary["final_loss"], "wall_s": summary["wall_s"]}
+
+
+def baseline(system: str, job: str, steps: int, warmup: int, threads: int, out: str) -> dict:
+    """One run of bench/ddp_baseline.py or bench/rpc_baseline.py; its JSON result."""
+    script = os.path.join(BASELINES, f"{system}_baseline.py")
+    result = os.path.join(out, f"{system}.json")
+    os.makedirs(out, exist_ok=True)
+    cmd = [sys.executable, script, "--job", job, "--steps", str(steps), "--warmup", str(warmup),
+           "--threads", str(threads), "--out", result]
+    rc, _, stderr = run_group(cmd, f"{system} on {os.path.basename(job)}")
+    if rc != 0 or not os.path.exists(result):
+        raise RuntimeError(f"{system} baseline failed ({rc}):\n{stderr[-2000:]}")
+    with open(result) as f:
+        return json.load(f)
+
+
+def run(args) -> tuple[list[dict], str]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ps-bench-train-") as tmp:
+        for model in args.models:
+            job = JOBS[model]
+            if model == "mlp10m" and args.tiny:
+                job = sized_job(tmp, TINY_MLP_PARAMS)
+            steps = args.steps or STEPS[model]
+            runs = {s: [] for s in SYSTEMS}
+            for rep in range(args.repeats):            # systems alternate within a repeat
+                for system in SYSTEMS:
+                    out = os.path.join(tmp, f"{model}-{system}-{rep}")
+                    if system == "ours":
+                        r = ours(job, steps, args.warmup, args.threads, args.servers,
+                                 args.tasks_per_step, out)
+                    else:
+                        r = baseline(system, job, steps, args.warmup, args.threads, out)
+                    runs[system].append(r)
+                    print(f"  {model} {system}: {r['samples_per_s']:,.0f} samples/s",
+                          file=sys.stderr, flush=True)
+            row = {"model": model, "steps": steps, "warmup": args.warmup,
+                   "threads": args.threads, "repeats": args.repeats,
+                   "batch": runs["ours"][0]["batch"], "params": runs["ddp"][0]["params"],
+                   "optimizer": runs["ddp"][0]["optimizer"], "servers": args.servers,
+                   "tasks_per_step": runs["ours"][0]["tasks_per_step"]}
+            for system, results in runs.items():
+                row[f"{system}_samples_per_s"] = statistics.median(
+                    r["samples_per_s"] for r in results)
+                row[f"{system}_step_s"] = statistics.median(r["step_s"] for r in results)
+                row[f"{system}_runs"] = results
+            row["ours_over_ddp"] = row["ours_samples_per_s"] / row["ddp_samples_per_s"]
+            row["ours_over_rpc"] = row["ours_samples_per_s"] / row["rpc_samples_per_s"]
+            rows.append(row)
+    table = markdown(
+        ["model", "params", "batch", "optimizer", "ours: tasks / step",
+         "ours samples/s (step ms)", "DDP samples/s (step ms)", "RPC PS samples/s (step ms)",
+         "ours / DDP", "ours / RPC"],
+        [[r["model"], f"{r['params']:,}", r["batch"], r["optimizer"], r["tasks_per_step"],
+          *(f"{r[f'{s}_samples_per_s']:,.0f} ({r[f'{s}_step_s'] * 1e3:.1f})" for s in SYSTEMS),
+          f"{r['ours_over_ddp']:.2f}", f"{r['ours_over_rpc']:.2f}"] for r in rows])
+    note = (f"2 workers / DDP processes / RPC trainers, {args.threads} torch thread(s) each; "
+            f"ours: BSP, {args.servers} servers. Timed: {args.warmup} warm-up steps, then "
+            f"{', '.join(str(r['steps']) for r in rows)} steps; median of {args.repeats} "
+            "run(s) per cell, systems alternating.")
+    return rows, table + "\n\n" + note
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--models", type=lambda s: s.split(","), default=None,
+                   help=f"models (default {','.join(JOBS)}; --tiny: char_transformer, the "
+                        "MLP is the scale suite's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"timed steps per run (default {STEPS}; --tiny: {TINY_STEPS})")
+    p.add_argument("--warmup", type=int, default=None,
+                   help=f"untimed steps first (default {WARMUP}; --tiny: 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads of every process (default: cores / 2, at least 1)")
+    p.add_argument("--servers", type=int, default=2, help="our servers (default 2)")
+    p.add_argument("--tasks-per-step", type=int, default=None,
+                   help="our tasks per step (default: the launcher's, 4 per worker)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help=f"runs per system and model (default {REPEATS}; --tiny: 1)")
+
+
+def resolve(args, p) -> None:
+    args.models = args.models or (["char_transformer"] if args.tiny else list(JOBS))
+    unknown = [m for m in args.models if m not in JOBS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; choose from {list(JOBS)}")
+    args.steps = args.steps or (TINY_STEPS if args.tiny else None)
+    args.warmup = args.warmup or (1 if args.tiny else WARMUP)
+    args.threads = args.threads or max(1, (os.cpu_count() or 2) // 2)
+    args.repeats = args.repeats or (1 if args.tiny else REPEATS)
