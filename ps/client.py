@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from . import netfaults, security, wire
-from .protocol import Kind, ProtocolError, decode, encode
+from .protocol import Error, Kind, ProtocolError, decode, encode
 
 
 RETRY_INTERVAL_S = 0.25   # a request unanswered this long is sent again (same rid) ...
@@ -45,6 +45,10 @@ class Peer:
     for any more (``abandon``-ed, or sent with ``want_reply=False``) is dropped. A
     ``recv`` that times out leaves its request outstanding, so the caller may wait
     again for the same reply.
+
+    ``rejoin``, when set, is called when the scheduler answers ``reregister`` (it was
+    restarted and does not know us yet): it registers again, and the refused request
+    is sent again with the same rid, so the caller never sees the restart.
     """
 
     _rids = itertools.count(1)
@@ -57,6 +61,9 @@ class Peer:
         self.outstanding: set[int] = set()              # rids whose replies we still want
         self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
         self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
+        self.sent_at: dict[int, float] = {}              # rid -> when it was last sent
+        self.rejoin = None                               # () -> None: register again (see above)
+        self.rejoined_at = 0.0
 
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
@@ -65,7 +72,21 @@ class Peer:
         if want_reply:
             self.outstanding.add(rid)
             self.requests[rid] = message        # kept for a Lazy Pirate resend
+            self.sent_at[rid] = time.monotonic()
         return rid
+
+    def _register_again(self, rid: int) -> None:
+        """``rid`` was refused with REREGISTER: register again, then send it again, same
+        rid. Copies of a request queued while the scheduler was down are all refused; a
+        refusal of one sent before our last registration, or within a retry interval of
+        it, is such a copy: it is only sent again."""
+        now = time.monotonic()
+        if self.sent_at.get(rid, 0.0) >= self.rejoined_at and now - self.rejoined_at > RETRY_INTERVAL_S:
+            self.rejoin()
+            self.rejoined_at = time.monotonic()
+        if rid in self.requests:
+            netfaults.send(self.sock, self.requests[rid], copy=False)
+            self.sent_at[rid] = time.monotonic()
 
     def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
         """Wait for the reply to ``rid``; raise TimeoutError naming what we waited for."""
@@ -79,6 +100,7 @@ class Peer:
                 # Lazy Pirate: the request or its reply may be lost; ask again with the
                 # same rid (handlers are idempotent by rid, so a repeat is harmless).
                 netfaults.send(self.sock, self.requests[rid], copy=False)
+                self.sent_at[rid] = now
                 resend_at = now + interval
             left_ms = int(max(0.0, min(deadline, resend_at) - now) * 1000)
             if not self.sock.poll(left_ms) and time.monotonic() >= deadline:
@@ -93,10 +115,15 @@ class Peer:
             except ProtocolError:
                 continue        # garbage from the wire is dropped, not trusted
             if header["rid"] in self.outstanding:
+                if (self.rejoin is not None and header["kind"] == Kind.ERROR
+                        and header.get("code") == Error.REREGISTER):
+                    self._register_again(header["rid"])
+                    continue
                 self.arrived[header["rid"]] = (header, frames[1:])
             # else: a late reply to an abandoned request, or one nobody asked for
         self.outstanding.discard(rid)
         self.requests.pop(rid, None)
+        self.sent_at.pop(rid, None)
         header, frames = self.arrived.pop(rid)
         if header["kind"] == Kind.ERROR:
             raise RemoteError(self.name, header["code"], header["reason"])
@@ -114,6 +141,7 @@ class Peer:
         """Stop waiting for ``rid``: a reply that still comes is dropped, not kept."""
         self.outstanding.discard(rid)
         self.requests.pop(rid, None)
+        self.sent_at.pop(rid, None)
         self.arrived.pop(rid, None)
 
     def close(self) -> None:
@@ -190,8 +218,9 @@ class ShardClient:
         return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
                 for p, rid in zip(peers, rids)]
 
-    def stats(self) -> list[dict]:
-        return [p.request(Kind.STATS, self.timeout_s)[0] for p in self.peers]
+    def stats(self, timeout_s: float | None = None) -> list[dict]:
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        return [p.request(Kind.STATS, timeout_s)[0] for p in self.peers]
 
     def close(self) -> None:
         for p in self.peers:

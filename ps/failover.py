@@ -19,6 +19,7 @@ import time
 
 from . import registration
 from .dealer import Dealer
+from .journal import Journal
 from .membership import Member, Membership
 from .protocol import Error, ProtocolError
 from .runstate import RunState
@@ -29,8 +30,10 @@ log = logging.getLogger("ps.scheduler")
 
 
 class Failover:
-    def __init__(self, config: SchedulerConfig, members: Membership, tracer: Tracer, t0: float):
+    def __init__(self, config: SchedulerConfig, members: Membership, tracer: Tracer, t0: float,
+                 journal: Journal | None = None):
         self.config = config
+        self.journal = journal or Journal(None)   # deaths and replacements are journaled
         self.members = members
         self.tracer = tracer
         self.t0 = t0                             # the scheduler's start, for the record's times
@@ -56,11 +59,13 @@ class Failover:
             spe = dealer.plan.steps_per_epoch
             for task in dealer.complete(done):
                 run.count_task(task.id, task.step // spe, len(task.samples), rejected=False)
+            self.journal.applied(done)
         redealt = dealer.reassign(member.index, live) if live else []
         run.mark_dead(member.index)
         death = {"worker": member.index, "incarnation": member.inc,
                  "detected_at_s": round(time.monotonic() - self.t0, 3), "tasks_redealt": len(redealt)}
         self.deaths.append(death)
+        self.journal.death(member.role, member.index, member.inc, death)
         self.tracer.instant("death", "fault", **death)
         log.warning("worker %d (incarnation %d) declared dead; %d leased tasks dealt again",
                     member.index, member.inc, len(redealt))
@@ -75,6 +80,7 @@ class Failover:
         if registration.job_of(header) != job or header.get("seed") != self.config.seed:
             raise ProtocolError(Error.BAD_FIELD, "the replacement's job differs from the cluster's")
         member = self.members.join("worker", index, time.monotonic())
+        rejoin = {"worker": index, "incarnation": member.inc, "at_s": round(time.monotonic() - self.t0, 3)}
         dealer.revive(index)
         run.revive(index)
         live_steps = [self.lease_step.get(w, 0) for w in self.members.live("worker") if w != index]
@@ -82,6 +88,7 @@ class Failover:
         self.lease_step[index] = start
         log.warning("worker %d rejoins as incarnation %d at step %d", index, member.inc, start)
         self.tracer.instant("rejoin", "fault", worker=index, inc=member.inc, step=start)
-        self.rejoins.append({"worker": index, "incarnation": member.inc, "start_step": start,
-                             "at_s": round(time.monotonic() - self.t0, 3)})
+        rejoin["start_step"] = start
+        self.journal.member("worker", index, member.inc, rejoin)    # on disk before the reply
+        self.rejoins.append(rejoin)
         return index, member.inc, start

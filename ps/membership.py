@@ -8,6 +8,11 @@ incarnation is **fenced**: servers refuse it from then on, so a process that was
 paused and wakes up cannot push stale work. A replacement registers afresh and gets
 a new incarnation under the same worker id.
 
+After a scheduler restart (``ps.reform``) the members are rebuilt from the journal
+but not yet **confirmed**: a request from one is refused with ``Error.REREGISTER``
+until it registers again with the incarnation it has (``rejoin``). Incarnations go on
+from above every one in the journal, so none is ever handed out twice.
+
 Pure bookkeeping; the scheduler feeds it the time.
 """
 from __future__ import annotations
@@ -27,14 +32,15 @@ class Member:
     inc: int                   # incarnation
     last_seen: float
     alive: bool = True
+    confirmed: bool = True     # False: known from the journal, not re-registered yet
 
 
 class Membership:
-    def __init__(self, dead_after_s: float = DEAD_AFTER_S):
+    def __init__(self, dead_after_s: float = DEAD_AFTER_S, next_inc: int = 1):
         self.dead_after_s = dead_after_s
         self.members: dict[tuple[str, int], Member] = {}
         self.fenced: list[list[int]] = []     # [worker id, incarnation] of every retired worker
-        self._next_inc = 1
+        self._next_inc = next_inc
 
     def join(self, role: str, index: int, now: float) -> Member:
         """A (re)registration: a fresh incarnation for (role, index)."""
@@ -43,11 +49,31 @@ class Membership:
         self.members[(role, index)] = member
         return member
 
-    def seen(self, role: str, index: int, inc: int, now: float) -> Member:
-        """Any message from a member: it is alive. A retired incarnation is refused."""
+    def restore(self, role: str, index: int, inc: int, now: float) -> Member:
+        """A member known from the journal: alive, its silence timed from ``now``, and
+        unconfirmed until it registers again."""
+        member = Member(role, index, inc, now, confirmed=False)
+        self.members[(role, index)] = member
+        self._next_inc = max(self._next_inc, inc + 1)
+        return member
+
+    def rejoin(self, role: str, index: int, inc: int, now: float) -> Member:
+        """A member registers again with its incarnation (the scheduler restarted)."""
         member = self.members.get((role, index))
         if member is None or member.inc != inc or not member.alive:
             raise ProtocolError(Error.FENCED, f"{role} {index} incarnation {inc} is not a live member")
+        member.confirmed, member.last_seen = True, now
+        return member
+
+    def seen(self, role: str, index: int, inc: int, now: float) -> Member:
+        """Any message from a member: it is alive. A retired incarnation is refused; one
+        a restarted scheduler has not heard from yet is asked to register again."""
+        member = self.members.get((role, index))
+        if member is None or member.inc != inc or not member.alive:
+            raise ProtocolError(Error.FENCED, f"{role} {index} incarnation {inc} is not a live member")
+        if not member.confirmed:
+            raise ProtocolError(Error.REREGISTER, f"the scheduler restarted: {role} {index} "
+                                                  f"must register again (incarnation {inc})")
         member.last_seen = now
         return member
 

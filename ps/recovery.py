@@ -20,8 +20,9 @@ log = logging.getLogger("ps.scheduler")
 
 
 class Recovery:
-    def __init__(self, directory: str | None, servers: int, tracer: Tracer):
+    def __init__(self, directory: str | None, servers: int, tracer: Tracer, journal=None):
         self.directory = directory
+        self.journal = journal                   # commits are journaled (a restart knows them)
         self.servers = servers
         self.tracer = tracer
         self.committed = 0                       # newest checkpoint version with a manifest
@@ -71,5 +72,7 @@ class Recovery:
                       version, exc)
             return
         self.committed = version
+        if self.journal is not None:
+            self.journal.commit(version)
         self.tracer.instant("checkpoint", "fault", version=version)
         log.info("checkpoint of version %d committed", version)

@@ -24,6 +24,22 @@ def pick_index(wanted, taken: dict, count: int, what: str) -> int:
     return wanted
 
 
+def admit(header: dict, servers: dict, workers: dict, cfg) -> int:
+    """A REGISTER while the cluster forms: check it, record the role in ``servers`` (its
+    endpoint) or ``workers`` (its job), and return the index it gets."""
+    if header["role"] == "server":
+        index = pick_index(header.get("shard"), servers, cfg.servers, "shard")
+        if not isinstance(header.get("endpoint"), str):
+            raise ProtocolError(Error.MISSING_FIELD, "a server registers its endpoint")
+        servers[index] = {"endpoint": header["endpoint"]}
+    elif header["role"] == "worker":
+        index = pick_index(header.get("worker"), workers, cfg.workers, "worker")
+        workers[index] = worker_job(header, cfg.seed, workers.values())
+    else:
+        raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
+    return index
+
+
 def job_of(header: dict) -> dict:
     """The job a worker describes when it registers: what every worker must agree on."""
     return {k: header.get(k) for k in JOB_FIELDS}

@@ -34,9 +34,12 @@ class RunState:
         self.t_start: float | None = None
         self.t_end: float | None = None
 
-    def started(self) -> None:
+    def started(self) -> bool:
+        """The first lease starts the run's clock; True that once (the scheduler journals it)."""
         if self.t_start is None:
             self.t_start = time.monotonic()
+            return True
+        return False
 
     def report(self, worker: int, step: int, tasks: int, samples: int, loss_sum: float,
                compute_s: float, wait_s: float) -> None:

@@ -14,14 +14,16 @@ tensor bytes: it is the control path only. A run goes through four phases:
               answered with stop; then summary.json is written and we exit
 
 Every phase has a deadline; when one passes, the scheduler names what it is still
-waiting for and exits non-zero rather than hang.
+waiting for and exits non-zero rather than hang. With ``--journal`` it records its
+decisions; restarted, it replays them and *re-forms* the cluster (``ps.reform``).
 
 This module is the event loop: it receives a request, validates it, calls the code
 that decides and sends the reply. The decisions live elsewhere: the flags in
 ``ps.scheduler_config``, what a REGISTER must say in ``ps.registration``, dealing
 and stealing in ``ps.dealer``, run accounting in ``ps.runstate``, dead workers and
 their replacements in ``ps.failover``, checkpoint commits and --resume in
-``ps.recovery``, and summary.json in ``ps.summary``.
+``ps.recovery``, journal replay in ``ps.reform``, naming what a stalled step waits for
+in ``ps.diagnose``, and summary.json in ``ps.summary``.
 """
 from __future__ import annotations
 
@@ -34,16 +36,16 @@ from collections import OrderedDict
 
 import zmq
 
-from . import netfaults, registration, security, sharding, summary, validation, wire
+from . import diagnose, netfaults, reform, registration, security, sharding, summary, validation, wire
 from .dealer import Dealer
 from .failover import Failover
+from .journal import Journal
 from .membership import Membership
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
                        request_header)
 from .recovery import Recovery
 from .runstate import RunState
-from .scheduler_config import SchedulerConfig, default_tasks_per_step, parse_args
-from .tasks import TaskPlan
+from .scheduler_config import SchedulerConfig, crash_at, default_tasks_per_step, parse_args
 from .trace import Tracer
 
 log = logging.getLogger("ps.scheduler")
@@ -80,14 +82,18 @@ class Scheduler:
         self.t0 = time.monotonic()
         self.answered: OrderedDict = OrderedDict()   # (identity, rid) -> reply, for repeats
         self.tracer = Tracer(config.out if config.trace else None, "scheduler", 0)
-        self.failover = Failover(config, self.members, self.tracer, self.t0)
-        self.recovery = Recovery(config.checkpoint_dir, config.servers, self.tracer)
+        self.journal = Journal(config.journal)   # writes nothing without --journal
+        self.failover = Failover(config, self.members, self.tracer, self.t0, self.journal)
+        self.recovery = Recovery(config.checkpoint_dir, config.servers, self.tracer, self.journal)
+        self.reform: reform.Reform | None = None  # set when restarted from a journal
+        self.next_stall_log = 0.0
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
         if self.config.endpoint_file:
             wire.write_endpoint(self.config.endpoint_file, self.endpoint)
         log.info("scheduler at %s", self.endpoint)
+        self.reform = reform.start(self)
         while self.phase != "exit":
             if self.router.poll(100):
                 frames = self.router.recv_multipart(copy=False)
@@ -97,6 +103,10 @@ class Scheduler:
                 break
             if self.phase not in ("forming", "exit"):
                 self._check_liveness()
+            if self.phase == "reforming":
+                self.reform.check()
+            if self.phase == "training" and time.monotonic() > self.next_stall_log:
+                self.next_stall_log = diagnose.log_stall(self)
             if time.monotonic() > self.deadline:
                 self._on_deadline()
         self.write_summary()
@@ -104,14 +114,7 @@ class Scheduler:
         return 0 if self.failure is None else 1
 
     def _on_deadline(self) -> None:
-        waiting = {
-            "forming": lambda: "servers " + str(sorted(set(range(self.config.servers)) - set(self.servers)))
-                               + " and workers " + str(sorted(set(range(self.config.workers)) - set(self.workers))),
-            "training": lambda: self.run.diagnose(),
-            "finishing": lambda: f"worker {self.finisher} to write the final parameters (FINISHED)",
-            "stopping": lambda: "final heartbeats from servers "
-                                + str(sorted(set(range(self.config.servers)) - self.stopped)),
-        }[self.phase]()
+        waiting = diagnose.waiting_for(self)
         self.failure = f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}"
         log.error("%s", self.failure)
         self.phase = "exit"
@@ -123,7 +126,7 @@ class Scheduler:
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
             security.check_sender(frames[1], header)
-            if self._repeat(ident, rid):
+            if self._repeat(ident, rid) or reform.hold(self, header):
                 return
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
@@ -133,6 +136,8 @@ class Scheduler:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
             handler(ident, header)
         except ProtocolError as exc:
+            if exc.code == Error.REREGISTER:      # not cached: the same request comes back
+                return self._send(ident, encode(Kind.ERROR, rid, code=exc.code, reason=exc.reason))
             self.refusals.note(exc)
             self.reply(ident, Kind.ERROR, rid, code=exc.code, reason=exc.reason)
         except Exception as exc:   # a bug, not bad input: report it, keep serving
@@ -164,24 +169,18 @@ class Scheduler:
 
     # -- forming --------------------------------------------------------------------
     def on_register(self, ident, header) -> None:
+        if isinstance(header.get("inc"), int) and header["inc"] > 0:   # back after our restart
+            return reform.rejoin(self, ident, header)
         if self.phase == "training" and header["role"] == "worker":   # a replacement (ps.failover)
             index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
             return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))
         if self.phase != "forming":
             raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
-        if header["role"] == "server":
-            index = registration.pick_index(header.get("shard"), self.servers, self.config.servers, "shard")
-            if not isinstance(header.get("endpoint"), str):
-                raise ProtocolError(Error.MISSING_FIELD, "a server registers its endpoint")
-            self.servers[index] = {"endpoint": header["endpoint"]}
-        elif header["role"] == "worker":
-            index = registration.pick_index(header.get("worker"), self.workers, self.config.workers, "worker")
-            self.workers[index] = registration.worker_job(header, self.config.seed, self.workers.values())
-        else:
-            raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
+        index = registration.admit(header, self.servers, self.workers, self.config)
         self.members.join(header["role"], index, time.monotonic())
         self.held.append((ident, header["rid"], header["role"], index))
         log.info("%s %d registered", header["role"], index)
+        crash_at(self.config, "register", len(self.held))
         if len(self.servers) == self.config.servers and len(self.workers) == self.config.workers:
             self._form()
 
@@ -190,11 +189,8 @@ class Scheduler:
         specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
         ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
         tasks_per_step = cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
-        plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
-                        seed=cfg.seed, shuffle=bool(job["shuffle"]))
-        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * plan.steps_per_epoch
-        self.dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal)
-        self.run = RunState(steps, cfg.workers, plan.steps_per_epoch)
+        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * -(-job["dataset_size"] // job["batch_size"])
+        plan, self.dealer, self.run = reform.build(cfg, job, steps, tasks_per_step)
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
         self.shard_map = shards
@@ -206,6 +202,7 @@ class Scheduler:
             log.error("%s", self.failure)
             self.phase = "exit"
             return
+        reform.formed(self, job, steps, tasks_per_step, start)     # on disk before any reply
         now = time.monotonic()
         for ident, rid, role, index in self.held:
             member = self.members.members[(role, index)]
@@ -232,14 +229,14 @@ class Scheduler:
 
     # -- liveness -------------------------------------------------------------------
     def _check_liveness(self) -> None:
+        phase = self.reform.resume_phase if self.phase == "reforming" else self.phase
         for member in self.members.overdue(time.monotonic()):
             if member.role == "worker":
                 # Once DONE is answered the other workers leave; only the finisher is still
                 # needed, and after FINISHED nobody is.
-                if self.phase == "training" or (self.phase == "finishing"
-                                                and member.index == self.finisher):
+                if phase == "training" or (phase == "finishing" and member.index == self.finisher):
                     self._worker_died(member)
-            elif self.phase in ("training", "finishing"):
+            elif phase in ("training", "finishing"):
                 self.failure = (f"server {member.index} silent for {self.config.dead_after_s:.1f} s; "
                                 "the run cannot continue without it")
                 log.error("%s", self.failure)
@@ -249,7 +246,7 @@ class Scheduler:
     def _worker_died(self, member) -> None:
         """Deal its tasks again (``Failover.worker_died``) and let the run go on without it."""
         live = self.failover.worker_died(member, self.dealer, self.run, self.shard_stats)
-        if not live and self.phase == "training":
+        if not live and self.phase in ("training", "reforming"):
             self.failure = "every worker is dead"
             self.phase = "exit"
         elif self.phase == "finishing" and member.index == self.finisher:
@@ -268,6 +265,8 @@ class Scheduler:
         ahead = header.get("ahead", False)    # leased ahead by a busy worker: never a steal
         if not isinstance(ahead, bool):
             raise ProtocolError(Error.BAD_FIELD, "ahead must be a bool")
+        if self.run.started():
+            self.journal.started(self.run.t_start)
         if self.config.mode == "asp":
             task, victim = self._lease_asp(worker, ahead)
         elif step == -1:                 # "anything dealt again?" from a worker done stepping
@@ -276,11 +275,10 @@ class Scheduler:
         else:
             if not 0 <= step < self.run.steps:
                 raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
-            self.dealer.deal(step)
+            self._deal(step)
             rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
             task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
             self.failover.leased(worker, step)
-        self.run.started()
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
@@ -295,8 +293,13 @@ class Scheduler:
             task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
             if task is not None or ahead or self.next_round >= self.dealer.rounds:
                 return task, victim
-            self.dealer.deal(self.next_round)
+            self._deal(self.next_round)
             self.next_round += 1
+
+    def _deal(self, rnd: int) -> None:
+        if rnd not in self.dealer.dealt:
+            self.journal.dealt(rnd)         # before any lease of the round is answered
+            self.dealer.deal(rnd)
 
     def on_report(self, ident, header) -> None:
         """A worker pushed some tasks' gradients; ``rejected`` lists those a shard refused
@@ -305,10 +308,12 @@ class Scheduler:
         ids = check_int_list(header, "tasks", 1 << 16)
         rejected = set(check_int_list(header, "rejected", 1 << 16))
         worker = header["worker"]
-        tasks = self.dealer.complete(ids)
-        spe = self.dealer.plan.steps_per_epoch
-        for task in tasks:
-            self.run.count_task(task.id, task.step // spe, len(task.samples), task.id in rejected)
+        if self.reform and self.reform.seen_report(header["inc"], header["rid"]):
+            return self.reply(ident, Kind.OK, header["rid"])     # journaled before our restart
+        self.journal.report(header)
+        crash_at(self.config, "report", header["step"])
+        self.dealer.complete(ids)
+        reform.count(self.run, self.dealer.plan, ids, rejected)   # leased or (after a restart) not
         compute_s, samples = float(header["compute_s"]), header["samples"]
         if compute_s > 0 and samples:
             self.dealer.note_speed(worker, samples / compute_s)
@@ -320,6 +325,8 @@ class Scheduler:
 
     def on_done(self, ident, header) -> None:
         self._check_training(header)
+        if self.phase == "finishing":       # asked again of a restarted scheduler: answered
+            return self.reply(ident, Kind.OK, header["rid"], finisher=header["worker"] == self.finisher)
         self.run.done(header["worker"])
         self.done_waiting.append((ident, header["rid"], header["worker"]))
         self._release_done()
@@ -334,6 +341,8 @@ class Scheduler:
         self.run.finish()
         waiting = {w for _, _, w in self.done_waiting}
         self.finisher = min(w for w in self.members.live("worker") if w in waiting)
+        self.journal.phase("finishing", finisher=self.finisher, t_end=self.run.t_end)
+        crash_at(self.config, "finishing")
         for ident, rid, worker in self.done_waiting:
             self.reply(ident, Kind.OK, rid, finisher=worker == self.finisher)
         self.done_waiting.clear()
@@ -344,6 +353,7 @@ class Scheduler:
         if self.phase != "finishing" or header["worker"] != self.finisher:
             raise ProtocolError(Error.NOT_READY, f"FINISHED from worker {header['worker']} "
                                                  f"in phase {self.phase}")
+        self.journal.phase("stopping")
         self.reply(ident, Kind.OK, header["rid"])
         self.phase = "stopping"
         self.deadline = time.monotonic() + self.config.timeout_s
@@ -380,19 +390,15 @@ class Scheduler:
                 self.exit_at = time.monotonic() + STOP_GRACE_S
 
     def on_status(self, ident, header) -> None:
-        status = {"phase": self.phase, "max_staleness": summary.max_staleness(self.shard_stats)}
-        if self.run:
-            status.update(self.run.progress())
-        self.reply(ident, Kind.OK, header["rid"], **status)
+        """How the run goes; asked about a ``step``, also who holds its unreported tasks."""
+        self.reply(ident, Kind.OK, header["rid"], **summary.status(self, header.get("step")))
 
     def write_summary(self) -> None:
-        if not self.config.out or self.run is None:
-            return
-        summary.write(self.config.out, summary.build(
-            self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
-            deaths=self.failover.deaths, rejoins=self.failover.rejoins, recovery=self.recovery))
+        if self.config.out and self.run is not None:
+            summary.write(self.config.out, summary.of(self))
 
     def close(self) -> None:
+        self.journal.close()
         self.router.close(linger=0)
         security.stop(self.auth)
         self.ctx.term()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import dataclass
 
@@ -40,7 +41,20 @@ class SchedulerConfig:
     checkpoint_every: int = 0            # BSP: a coordinated checkpoint every K steps (0: none)
     checkpoint_dir: str | None = None    # where shards write them and manifests commit them
     resume: bool = False                 # start from the newest intact checkpoint there
+    journal: str | None = None           # append-only record of our decisions; replayed on restart
+    crash_at: str | None = None          # fault hook: SIGKILL ourselves at this point (CRASH_POINTS)
     secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security)
+
+
+CRASH_POINTS = ("register@K", "report@N", "finishing")   # --crash-at: the K-th REGISTER while
+                                # forming; the first REPORT of step N, journaled, not yet answered;
+                                # once every worker is done, the phase journaled, DONE not answered
+
+
+def crash_at(config: SchedulerConfig, point: str, n: int | None = None) -> None:
+    """Fault hook: SIGKILL this process here if --crash-at names this point."""
+    if config.crash_at is not None and config.crash_at == (point if n is None else f"{point}@{n}"):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def default_tasks_per_step(batch_size: int, workers: int) -> int:
@@ -79,6 +93,11 @@ def parse_args(argv=None) -> SchedulerConfig:
                    help="start from the newest intact checkpoint in --checkpoint-dir")
     p.add_argument("--secure", default=None, metavar="KEYDIR",
                    help="CurveZMQ with the keys in KEYDIR (python -m ps.keys): only their holders get in")
+    p.add_argument("--journal", default=None, metavar="PATH",
+                   help="record the scheduler's state in PATH; started again with the same PATH (and "
+                        "--bind of the endpoint it had), it replays it and the run goes on")
+    p.add_argument("--crash-at", default=None, metavar="POINT",
+                   help="fault hook: SIGKILL the scheduler at " + ", ".join(CRASH_POINTS))
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
@@ -95,4 +114,4 @@ def parse_args(argv=None) -> SchedulerConfig:
         trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
         dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,
         checkpoint_dir=a.checkpoint_dir or (os.path.join(a.out, "checkpoints") if a.out else None),
-        resume=a.resume, secure=a.secure)
+        resume=a.resume, journal=a.journal, crash_at=a.crash_at, secure=a.secure)

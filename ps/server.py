@@ -32,6 +32,7 @@ from . import checkpoint, netfaults, security, validation, wire
 from .client import Peer, RemoteError
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
                        encode, request_header)
+from .diagnose import WAIT_LOG_S
 from .shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -77,6 +78,9 @@ class Server:
         self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
         self.errors: Counter = Counter()     # rejected requests by reason code
         self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
+        self.rejoined_rid = 0                # our last re-registration (scheduler restarts)
+        self.waits: dict = {}                # (worker, step) -> when its pull was first parked
+        self.logged_waits: set = set()       # (worker, step) of parked pulls already logged
         self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
 
     # -- life cycle -----------------------------------------------------------------
@@ -131,6 +135,10 @@ class Server:
         """Apply what the scheduler says: incarnations to fence; whether to stop."""
         try:
             header = decode(self.scheduler.sock.recv_multipart(copy=False)[0])
+            if header["kind"] == Kind.ERROR and header.get("code") == Error.REREGISTER:
+                if header["rid"] > self.rejoined_rid:     # not one sent before we rejoined
+                    self.rejoin()
+                return False
             if header["kind"] == Kind.ERROR:
                 raise RuntimeError(f"the scheduler refused our heartbeat: {header['reason']}")
             fenced = header.get("fenced", [])
@@ -144,6 +152,17 @@ class Server:
         if fenced:
             self._answer_parked()       # an SSP gate may open now that a clock left the minimum
         return bool(header.get("stop"))
+
+    def rejoin(self) -> None:
+        """The scheduler restarted (it answered REREGISTER): register again as the same
+        shard and incarnation, with our counters (it learns our version at once)."""
+        rid = self.scheduler.send(Kind.REGISTER, role="server", index=self.index, inc=self.inc,
+                                  endpoint=self.endpoint, stats=self.stats())
+        self.rejoined_rid = rid
+        reply, _ = self.scheduler.recv(rid, self.config.timeout_s, "register again")
+        for worker, inc in reply.get("fenced", []):
+            self.shard.fence(worker, inc)
+        log.warning("shard %d registered again with a restarted scheduler", self.index)
 
     # -- requests -------------------------------------------------------------------
     def handle(self, frames: list) -> None:
@@ -273,12 +292,22 @@ class Server:
 
     def _expire_parked(self) -> None:
         now = time.monotonic()
+        for deadline, ident, header in self.parked:     # no silent waits (ps.diagnose)
+            key = (header["worker"], header["step"])      # the worker asks again every POLL_S
+            since = self.waits.setdefault(key, now)
+            if now - since > WAIT_LOG_S and key not in self.logged_waits:
+                self.logged_waits.add(key)
+                log.warning("shard %d: pull of step %d by worker %d parked for %.1f s: %s", self.index,
+                            header["step"], header["worker"], now - since, self.shard.waiting(header["step"]))
         for deadline, ident, header in [p for p in self.parked if p[0] <= now]:
             self.errors[Error.TIMEOUT] += 1
             self.reply(ident, encode(Kind.ERROR, header["rid"], code=Error.TIMEOUT,
                                      reason=f"step {header['step']} not readable: clocks "
                                             f"{self.shard.clocks}, version {self.shard.version}"))
         self.parked = [p for p in self.parked if p[0] > now]
+        if not self.parked:
+            self.waits.clear()
+            self.logged_waits.clear()
 
     def reply(self, ident, head: bytes, payload=(), track: bool = False):
         try:

@@ -199,6 +199,17 @@ class Shard:
         raise ProtocolError(Error.GONE, f"version {step} is gone; this shard holds "
                                         f"{self.version - 1} and {self.version}")
 
+    def waiting(self, step: int) -> str:
+        """Why a read at ``step`` is not answered yet, for a log line (ps.diagnose)."""
+        if self.params is None:
+            return "no initial values yet (INIT)"
+        if self.mode == "bsp":
+            return (f"at version {self.version}, has tasks {sorted(self.step_tasks_seen)} of step "
+                    f"{self.version}")
+        behind = [w for w, c in enumerate(self.clocks)
+                  if w not in self.dead and c < step - self.staleness]
+        return f"clocks {self.clocks}: waiting for workers {behind} to reach clock {step - self.staleness}"
+
     def note_read(self, step: int) -> int:
         """Record the staleness of a read being answered now; return it."""
         stale = 0 if self.mode == "bsp" else max(0, step - self.min_clock(step))
@@ -209,4 +220,5 @@ class Shard:
         return {"version": self.version, "pushes_applied": self.pushes_applied,
                 "duplicates_rejected": self.duplicates_rejected,
                 "max_staleness": self.max_staleness, "clocks": list(self.clocks),
-                "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead)}
+                "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead),
+                "step_tasks": sorted(self.step_tasks_seen)}   # BSP: the current step's tasks in

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from . import diagnose
 from .dealer import Dealer
 from .recovery import Recovery
 from .runstate import RunState
@@ -26,8 +27,27 @@ def max_staleness(shard_stats: dict[int, dict]) -> int:
     return max((s.get("max_staleness", 0) for s in shard_stats.values()), default=0)
 
 
+def status(s, step=None) -> dict:
+    """Scheduler ``s``'s STATUS reply: phase and progress; asked about a ``step``, also who
+    holds its unreported tasks (``ps.diagnose``)."""
+    reply = {"phase": s.phase, "max_staleness": max_staleness(s.shard_stats)}
+    if s.run:
+        reply.update(s.run.progress())
+        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < s.run.steps:
+            reply["missing"] = diagnose.holders(s.dealer, s.run, step)
+    return reply
+
+
+def of(s) -> dict:
+    """The summary of scheduler ``s``'s run."""
+    return build(s.config, s.run, s.dealer, s.shard_stats, failure=s.failure,
+                 deaths=s.failover.deaths, rejoins=s.failover.rejoins, recovery=s.recovery,
+                 restarts=s.reform.restarts if s.reform else [])
+
+
 def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
-          failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery) -> dict:
+          failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery,
+          restarts: list[dict] = ()) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
@@ -37,7 +57,7 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
             "max_staleness": max_staleness(shard_stats),
             "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
             "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
-            "deaths": deaths, "rejoins": rejoins,
+            "deaths": deaths, "rejoins": rejoins, "scheduler_restarts": list(restarts),
             "checkpoint_committed": recovery.committed, "resumed_from": recovery.resumed_from,
             "shards": [shard_stats.get(k, {}) for k in range(cfg.servers)]}
 
@@ -59,6 +79,13 @@ def amend(out: str, faults, recoveries: list[dict]) -> None:
     with open(path) as f:
         summary = json.load(f)
     summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s} for f in faults]
+    restarts = iter(summary.get("scheduler_restarts", []))
+    for record, fault in zip(summary["faults_injected"], faults):
+        detected = getattr(fault, "detected_wall", None)      # a killed scheduler, restarted
+        restart = next(restarts, None) if detected is not None else None
+        if restart is not None:
+            record["detected_at_s"] = fault.detected_at_s
+            record["recovery_s"] = round(restart["reformed_wall"] - detected, 3)
     summary["recoveries"] = recoveries
     with open(path, "w") as f:
         json.dump(summary, f, indent=2)

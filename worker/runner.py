@@ -36,6 +36,7 @@ import torch
 import zmq
 
 from ps.client import Peer, RemoteError, ShardClient, ShardInfo
+from ps.diagnose import WAIT_LOG_S
 from ps.protocol import Error, Kind
 from ps.trace import Tracer
 
@@ -44,6 +45,7 @@ from .heartbeat import Fenced, Heartbeat
 from .job import collate, load_job
 from .leases import Leases
 from .straggler import CrashAt, Slowdown
+from .waits import describe_pull
 
 log = logging.getLogger("worker")
 
@@ -132,6 +134,7 @@ class Worker:
         shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
         self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc)
         self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
+        self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
         self.heartbeat.start()
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s)
         if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start
@@ -139,6 +142,18 @@ class Worker:
         log.info("worker %d (incarnation %d) on %s, steps %d..%d, %s", self.id, self.inc,
                  self.device, reply["start_step"], reply["steps"], reply["mode"])
         return reply
+
+    def rejoin(self) -> None:
+        """The scheduler restarted: register again as the same worker and incarnation, on
+        a socket of our own (the heartbeat thread may call this too). FENCED: we were
+        declared dead meanwhile."""
+        peer = Peer(self.ctx, self.config.scheduler, "scheduler")
+        try:
+            peer.request(Kind.REGISTER, self.config.timeout_s, role="worker", index=self.id,
+                         inc=self.inc)
+        finally:
+            peer.close()
+        log.warning("worker %d registered again with a restarted scheduler", self.id)
 
     # -- the pieces of a step -------------------------------------------------------
     def compute(self, task: list, step_tasks: int, group: Group) -> None:
@@ -161,6 +176,7 @@ class Worker:
         """Read the parameters for ``step``, however long the gate takes (up to the
         deadline); while it is closed, look for re-dealt tasks of ``redo_step``."""
         deadline = time.monotonic() + self.config.timeout_s
+        log_at, waiting = time.monotonic() + WAIT_LOG_S, ""
         with self.tracer.span("pull", "wait", step=step):
             while True:
                 self.check_fenced()
@@ -170,7 +186,11 @@ class Worker:
                 except TimeoutError:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"worker {self.id}: step {step} still unreadable after "
-                                           f"{self.config.timeout_s:.0f} s") from None
+                                           f"{self.config.timeout_s:.0f} s; {waiting}") from None
+                    if time.monotonic() > log_at:     # no silent waits: name what is missing
+                        waiting = describe_pull(self.shards, self.scheduler, step, self.mode)
+                        log.warning("%s", waiting)
+                        log_at = time.monotonic() + 5 * WAIT_LOG_S
                     if redo_step is not None and redo_step >= 0:
                         self.redo_waiting(redo_step)
         self.flat.after_pull()

@@ -7,8 +7,10 @@ matter which worker computes it and every run sees the same slow tasks.
 
 ``--crash-at POINT@STEP`` kills this worker with SIGKILL at a precise point of step
 STEP: ``before_push``, ``mid_push`` (after shard 0 has taken the push, before the
-others: the partial push a crash can leave) or ``after_push``. Faults land where
-the test says, not where a timer happens to fall.
+others: the partial push a crash can leave) or ``after_push``; ``stall@STEP`` instead
+stops the worker's main thread for STALL_S before its push of STEP (its heartbeats go
+on: a stuck worker that is not dead, which the others wait for by name). Faults land
+where the test says, not where a timer happens to fall.
 """
 from __future__ import annotations
 
@@ -47,8 +49,11 @@ def parse_jitter(text: str) -> tuple[float, float]:
         raise ValueError(f"--jitter wants P:F, e.g. 0.2:3, not {text!r}") from None
 
 
+STALL_S = 4.0       # the stall@STEP hook: longer than a few heartbeats, shorter than a deadline
+
+
 class CrashAt:
-    POINTS = ("before_push", "mid_push", "after_push")
+    POINTS = ("before_push", "mid_push", "after_push", "stall")
 
     def __init__(self, point: str | None = None, step: int = -1):
         self.point, self.step = point, step
@@ -68,6 +73,8 @@ class CrashAt:
     def maybe(self, point: str, step: int) -> None:
         if self.at(point, step):
             self.now()
+        if point == "before_push" and self.at("stall", step):
+            time.sleep(STALL_S)
 
     @staticmethod
     def now() -> None:
