@@ -5,7 +5,10 @@
 one binds and publishes, writes ``cluster.json``, watches for roles that exit
 (starting a replacement worker with --respawn), sends the signals of ``--inject``
 faults, and stops everything. The launcher (``ps.launch.run``) makes one per
-attempt. The invariant: no role outlives the launcher (each child gets SIGKILL
+attempt. Where each role runs is its *placement*: this machine on loopback (``Local``),
+a network namespace of its own (``ps.netns.Placement``, --netns), or another host over
+ssh (``ps.hosts.Placement``, --hosts); a placement wraps the command and names the
+address to bind. The invariant: no role outlives the launcher (each child gets SIGKILL
 when the launcher dies, and ``stop`` ends and reaps every process it started).
 """
 from __future__ import annotations
@@ -42,9 +45,23 @@ def _die_with_parent() -> None:
         pass
 
 
+class Local:
+    """Every role on this machine, bound to loopback (the default placement)."""
+
+    def command(self, name: str, cmd: list[str], env: dict) -> list[str]:
+        return cmd
+
+    def bind(self, name: str) -> str:
+        return "tcp://127.0.0.1:*"
+
+    def advertise(self, name: str) -> str | None:
+        return None              # not known before it binds: the role publishes it
+
+
 class Cluster:
-    def __init__(self, args, faults: list, net: dict):
+    def __init__(self, args, faults: list, net: dict, place=None):
         self.args = args
+        self.place = place or Local()
         self.roles: list[Role] = []
         self.retired: list[Role] = []            # roles that exited and were replaced
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -58,6 +75,7 @@ class Cluster:
         cmd = [sys.executable, "-m", module, *argv, "--log-level", self.args.log_level]
         if getattr(self.args, "secure", None):       # every role: CurveZMQ, its own key
             cmd += ["--secure", self.args.secure]
+        cmd = self.place.command(name, cmd, env or self.env)
         proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
         self.roles.append(Role(name, proc, None))
 
@@ -89,10 +107,15 @@ class Cluster:
         a = self.args
         common = ["--timeout-s", str(a.timeout_s)]
         ep_file = lambda name: os.path.join(a.out, f".{name}.endpoint")   # noqa: E731
+
+        def where(name: str) -> list[str]:      # bind here; publish the endpoint unless known
+            known = self.place.advertise(name)
+            return ["--bind", self.place.bind(name)] + (
+                ["--endpoint-file", ep_file(name)] if known is None else
+                ["--advertise", known] * name.startswith("server"))
         sched_argv = ["--servers", str(a.servers), "--workers", str(a.workers), "--mode", a.mode,
                       "--staleness", str(a.staleness), "--seed", str(a.seed),
-                      "--bind", "tcp://127.0.0.1:*", "--endpoint-file", ep_file("scheduler"),
-                      "--out", a.out, *common]
+                      *where("scheduler"), "--out", a.out, *common]
         for flag, value in (("--steps", a.steps), ("--epochs", a.epochs),
                             ("--tasks-per-step", a.tasks_per_step)):
             if value is not None:
@@ -102,11 +125,11 @@ class Cluster:
         sched_argv += ["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-dir", a.checkpoint_dir]
         sched_argv += ["--resume"] * a.resume
         self.spawn("scheduler", "ps.scheduler", sched_argv)
-        sched_ep = self.endpoint(self.roles[0], ep_file("scheduler"))
+        sched_ep = self.place.advertise("scheduler") or self.endpoint(self.roles[0], ep_file("scheduler"))
+        self.scheduler_started = time.monotonic()   # ~ the scheduler's clock zero (deaths' times)
         for k in range(a.servers):
-            self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, "--bind", "tcp://127.0.0.1:*",
-                                                   "--endpoint-file", ep_file(f"server{k}"), "--shard", str(k),
-                                                   *self.server_hooks(k), *common])
+            self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, *where(f"server{k}"),
+                                                   "--shard", str(k), *self.server_hooks(k), *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         self.worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):
@@ -118,7 +141,8 @@ class Cluster:
             crash = ["--crash-at", a.crash_at[w]] if w in a.crash_at else []   # not for replacements
             self.spawn(f"worker{w}", "worker", self.worker_argv[f"worker{w}"] + crash, env=self.worker_env)
         for k in range(a.servers):
-            self.endpoint(self.roles[1 + k], ep_file(f"server{k}"))
+            role = self.roles[1 + k]
+            role.endpoint = self.place.advertise(role.name) or self.endpoint(role, ep_file(role.name))
         self.write_cluster_json()
         return sched_ep
 

@@ -10,11 +10,14 @@ succeeded. The run itself writes ``summary.json`` (scheduler) and ``params.npz``
 
 This module holds the flags, one attempt at the run (``run``) and --recover's
 restarts (``launch``); the processes are ``ps.cluster``'s, the status line is
-``ps.statusline``'s, and ``ps.summary`` reads and amends summary.json.
+``ps.statusline``'s, and ``ps.summary`` reads and amends summary.json. With --netns
+the roles run in network namespaces (``ps.netns``, which also injects the link
+faults); with --hosts, on other machines over ssh (``ps.hosts``).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -23,11 +26,12 @@ from dataclasses import dataclass
 
 import zmq
 
-from . import keys, security, summary
+from . import hosts, keys, netns, security, summary
 from .checkpoint import latest_intact
 from .client import Peer, RemoteError
 from .cluster import ROOT, Cluster
 from .faults import split as split_faults
+from .faults import split_links
 from .membership import DEAD_AFTER_S
 from .protocol import Kind
 from .statusline import StatusLine, status_line
@@ -45,18 +49,20 @@ class Outcome:
     rc: int
     server_lost: str | None = None     # a server that died (the run can resume from a checkpoint)
     last_step: int = 0                 # the furthest step the run had reported
+    scheduler_started: float = 0.0     # monotonic time of the scheduler's start (deaths' clock)
 
 
-def run(args, faults, net: dict) -> Outcome:
+def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=None) -> Outcome:
     os.makedirs(args.out, exist_ok=True)
     for stale in ("summary.json", "params.npz"):
         if os.path.exists(os.path.join(args.out, stale)):
             os.remove(os.path.join(args.out, stale))
-    cluster = Cluster(args, faults, net)
+    cluster = Cluster(args, faults, net, place)
     outcome = Outcome(1)
     ctx = zmq.Context()
     try:
         sched_ep = cluster.start()
+        outcome.scheduler_started = cluster.scheduler_started
         observer = Peer(ctx, sched_ep, "scheduler")
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
@@ -75,7 +81,11 @@ def run(args, faults, net: dict) -> Outcome:
                     cluster.inject(status.get("step", 0), time.monotonic() - t_train)
             except (TimeoutError, RemoteError):   # best effort; the run decides success
                 pass
-            time.sleep(INJECT_INTERVAL_S if cluster.faults else STATUS_INTERVAL_S)
+            if links:                              # heals are due even outside training
+                training = t_train is not None
+                links.tick(outcome.last_step if training else None,
+                           time.monotonic() - t_train if training else None)
+            time.sleep(INJECT_INTERVAL_S if cluster.faults or links else STATUS_INTERVAL_S)
         line.end()
         if scheduler.returncode != 0:
             # The run failed (the summary says why): stop every role now rather than wait
@@ -83,6 +93,8 @@ def run(args, faults, net: dict) -> Outcome:
             print(f"the scheduler exited with status {scheduler.returncode}", file=sys.stderr)
             outcome.server_lost = summary.lost_server(args.out)
             return outcome
+        if links:                  # a role still cut off could never hear that the run ended
+            links.heal_all()
         if not cluster.wait_all(EXIT_GRACE_S):
             return outcome
         if args.trace:
@@ -110,10 +122,45 @@ def launch(args) -> int:
     if args.secure:                 # the roles' key pairs, and the launcher's own (observer)
         keys.generate(args.secure, args.servers, args.workers)
         security.use(security.Keyring(args.secure, security.OBSERVER))
+    network = place = None
+    if args.netns:
+        try:
+            network = netns.Network(role_names(args))
+        except (netns.Unavailable, RuntimeError) as exc:
+            print(exc, file=sys.stderr)
+            return 2
+        place = netns.Placement(network.plan)
+    elif args.hosts:
+        place = hosts.Placement(args.hosts)
+    links = netns.LinkInjector(network, split_links(args.inject)) if network else None
+    try:
+        if network:
+            network.up()
+        return _attempts(args, faults, net, links, place)
+    except KeyboardInterrupt:
+        print("\ninterrupted; stopping", file=sys.stderr)
+        return 130
+    except RuntimeError as exc:                    # the network could not be set up
+        print(f"--netns: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if network:
+            network.down()
+
+
+def role_names(args) -> list[str]:
+    return (["scheduler"] + [f"server{k}" for k in range(args.servers)]
+            + [f"worker{w}" for w in range(args.workers)])
+
+
+def _attempts(args, faults, net, links, place) -> int:
     recoveries = []
+    lost_mono: dict[str, list[float]] = {}         # role -> when it was judged dead (monotonic)
     while True:
         t0 = time.monotonic()
-        outcome = run(args, faults, net)
+        outcome = run(args, faults, net, links, place)
+        if outcome.server_lost:
+            lost_mono.setdefault(outcome.server_lost, []).append(time.monotonic())
         if not (outcome.server_lost and args.recover and len(recoveries) < MAX_RECOVERIES):
             break
         resumed = _latest_version(args.checkpoint_dir)
@@ -124,10 +171,36 @@ def launch(args) -> int:
         print(f"{outcome.server_lost} lost at step {outcome.last_step}: restarting the cluster "
               f"from the checkpoint of step {resumed}", file=sys.stderr)
         args.resume = True
-    summary.amend(args.out, faults, recoveries)
+    summary.amend(args.out, faults + (links.faults if links else []), recoveries)
+    if links and links.faults:
+        _record_links(args.out, links, outcome.scheduler_started, lost_mono)
     if outcome.rc != 0:
         return outcome.rc
     return summary.report(args.out)
+
+
+def _record_links(out: str, links: netns.LinkInjector, scheduler_started: float,
+                  lost_mono: dict[str, list[float]]) -> None:
+    """Replace the link faults' entries in summary.json with their full records: the
+    death verdicts of the last attempt's scheduler (``detected_at_s`` is on its clock),
+    and the servers the launcher saw lost, tell when each fault was detected."""
+    path = os.path.join(out, summary.FILE)
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        s = json.load(f)
+    for death in s.get("deaths", []):
+        lost_mono.setdefault(f"worker{death['worker']}", []).append(
+            scheduler_started + death["detected_at_s"])
+    firsts = {}
+    for fault in links.faults:     # the first verdict on its target at or after its firing
+        later = [t for t in lost_mono.get(fault.target, []) if t >= fault.fired_mono]
+        if fault.fired_at_s is not None and later:
+            firsts[fault.target] = min(later)
+    records = {r["spec"]: r for r in links.records(firsts)}
+    s["faults_injected"] = [records.get(r["spec"], r) for r in s.get("faults_injected", [])]
+    with open(path, "w") as f:
+        json.dump(s, f, indent=2)
 
 
 def _latest_version(root: str) -> int:
@@ -197,14 +270,35 @@ def parse_args(argv=None):
     p.add_argument("--secure", nargs="?", const="", default=None, metavar="KEYDIR",
                    help="CurveZMQ between all roles, each with its own key from KEYDIR (default: "
                         "OUT/keys, made if missing; see SECURITY.md)")
+    p.add_argument("--netns", action="store_true",
+                   help="run every role in its own network namespace with its own address on a "
+                        "virtual bridge (root only); link faults (partition, cut, flap) need it")
+    p.add_argument("--hosts", default=None, metavar="FILE",
+                   help="start the roles on the hosts of FILE over ssh (docs/multihost.md)")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         p.error("--servers and --workers must be at least 1")
     try:
-        split_faults(args.inject)
+        process_faults, _ = split_faults(args.inject)
+        links = split_links(args.inject)
     except ValueError as exc:
         p.error(str(exc))
+    if links and not args.netns:
+        p.error("--inject partition/cut/flap need --netns (every role in its own network namespace)")
+    roles = role_names(args)
+    for fault in links:
+        if fault.target not in roles or (fault.dst and fault.dst not in roles):
+            p.error(f"--inject {fault.spec!r}: no such role (this cluster has {', '.join(roles)})")
+    if args.hosts and args.netns:
+        p.error("--hosts and --netns exclude each other")
+    if args.hosts:
+        if process_faults:
+            p.error("--inject kill/pause signal local processes: not with --hosts")
+        try:
+            args.hosts = hosts.assign(hosts.parse(open(args.hosts).read()), roles)
+        except (OSError, ValueError) as exc:
+            p.error(f"--hosts {args.hosts}: {exc}")
     try:
         args.crash_at = {int(item.split(":", 1)[0]): item.split(":", 1)[1] for item in args.crash_at}
     except ValueError:

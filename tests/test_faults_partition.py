@@ -1,0 +1,142 @@
+"""Network partitions (--netns): links cut, in one or both directions, and flapping.
+
+Every role runs in its own network namespace on a virtual bridge; the launcher takes a
+role's link down (``partition``), adds a blackhole route in one direction (``cut``) or
+toggles the link (``flap``). Each BSP run must end with the no-fault run's parameters
+(the single-process oracle, to a relative 1e-5), apply every sample of every epoch
+exactly once, and end before its deadline; afterwards no namespace or link of the run
+is left. Skipped, with the reason, where namespaces cannot be made (not root, or
+`ip netns add` fails).
+"""
+import json
+import os
+import subprocess
+
+import pytest
+
+from cluster import JOBS, assert_params_close, launch, oracle
+
+JOB = os.path.join(JOBS, "tiny_mlp.py")
+STEPS = 60
+SLOW_TASKS = {"TINY_MLP_DELAY_S": "0.06"}     # ~60 ms steps: a fault lands mid-run
+STALLED = 2          # steps a BSP run may still report after a link it needs went down
+                     # (the step in flight, and one whose pushes had already left)
+
+
+def _ip(*args) -> str:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=10).stdout
+
+
+def _ours() -> set[str]:
+    """This project's namespaces and links (names start ps- / ps<id>h / psbr)."""
+    names = {line.split()[0] for line in _ip("netns", "list").splitlines() if line.startswith("ps-")}
+    links = {line.split(":")[1].strip().split("@")[0] for line in _ip("-o", "link").splitlines()}
+    return names | {n for n in links if n.startswith("ps")}
+
+
+@pytest.fixture(scope="module")
+def netns():
+    """Skip unless a network namespace can actually be created and deleted here."""
+    if os.geteuid() != 0:
+        pytest.skip("--netns needs root (network namespaces, a bridge, veth links)")
+    probe = f"ps-probe-test-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", probe], capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        pytest.skip(f"no `ip` command: {exc}")
+    if made.returncode != 0:
+        pytest.skip(f"`ip netns add` fails here: {made.stderr.strip()}")
+    subprocess.run(["ip", "netns", "del", probe], timeout=10)
+
+
+@pytest.fixture
+def clean(netns):
+    """Nothing of the run may outlive it: no namespace, bridge or veth."""
+    before = _ours()
+    yield
+    assert _ours() - before == set(), "namespaces or links left behind"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return oracle(JOB, STEPS)
+
+
+def run_partitioned(tmp_path, *args, timeout_s=120):
+    return launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+                  "--netns", *args, env=SLOW_TASKS, timeout_s=timeout_s)
+
+
+def check(run, reference, deaths):
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert summary["ok"], summary["failure"]
+    assert len(summary["deaths"]) == deaths, summary["deaths"]
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * 6 + [6 * 24], applied        # every sample exactly once
+    assert_params_close(run.params, reference, rtol=1e-5)
+    (fault,) = summary["faults_injected"]
+    assert fault["fired_at_s"] is not None and fault["healed_at_s"] is not None, fault
+    return summary, fault
+
+
+def test_roles_bind_their_own_addresses(tmp_path, clean, reference):
+    run = run_partitioned(tmp_path)
+    assert run.rc == 0 and run.summary["ok"], run.stderr[-4000:]
+    roles = json.loads((tmp_path / "cluster.json").read_text())["roles"]
+    endpoints = [roles[r]["endpoint"] for r in ("scheduler", "server0", "server1")]
+    assert all(e.startswith("tcp://10.77.") for e in endpoints), endpoints
+    assert len({e.rsplit(":", 1)[0] for e in endpoints}) == 3       # one address per role
+    assert_params_close(run.params, reference, rtol=1e-5)
+
+
+def test_worker_partitioned_past_the_timeout_is_fenced(tmp_path, clean, reference):
+    run = run_partitioned(tmp_path, "--inject", "partition:worker1@step=10,for=3s",
+                          "--dead-after-s", "1.5")
+    summary, fault = check(run, reference, deaths=1)
+    assert fault["detected_at_s"] is not None and fault["detected_at_s"] > fault["fired_at_s"]
+    assert fault["recovery_s"] is not None
+    assert "worker1 exited with status 3" in run.stderr        # healed, learnt it was fenced
+
+
+def test_worker_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, clean, reference):
+    run = run_partitioned(tmp_path, "--inject", "partition:worker1@step=10,for=1s",
+                          "--dead-after-s", "4")
+    summary, fault = check(run, reference, deaths=0)
+    assert fault["detected_at_s"] is None
+    assert fault["steps_during"] <= STALLED, fault        # BSP waited for the cut-off worker
+
+
+def test_server_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, clean, reference):
+    run = run_partitioned(tmp_path, "--inject", "partition:server0@step=10,for=1s",
+                          "--dead-after-s", "4")
+    summary, fault = check(run, reference, deaths=0)
+    assert fault["detected_at_s"] is None and summary["recoveries"] == []
+    assert fault["steps_during"] <= STALLED, fault        # nobody could complete a step
+
+
+def test_server_partitioned_past_the_timeout_recovers_from_a_checkpoint(tmp_path, clean, reference):
+    # The scheduler judges server 0 lost; --recover restarts the cluster from the newest
+    # checkpoint while the link is still down: server 0 registers once it heals.
+    run = run_partitioned(tmp_path, "--inject", "partition:server0@step=20,for=3s",
+                          "--dead-after-s", "1.5", "--checkpoint-every", "5", "--recover",
+                          timeout_s=150)
+    summary, fault = check(run, reference, deaths=0)
+    (recovery,) = summary["recoveries"]
+    assert recovery["lost"] == "server0"
+    assert fault["detected_at_s"] is not None
+
+
+def test_one_way_cut_from_a_worker_to_a_server(tmp_path, clean, reference):
+    # Worker 1 cannot reach server 0 (its pushes and pulls are retried), but its heartbeats
+    # reach the scheduler: it is not judged dead, and the run waits for it.
+    run = run_partitioned(tmp_path, "--inject", "cut:worker1->server0@step=10,for=2s",
+                          "--dead-after-s", "3")
+    summary, fault = check(run, reference, deaths=0)
+    assert fault["steps_during"] <= STALLED, fault        # shard 0 waited for worker 1's push
+
+
+def test_a_flapping_link(tmp_path, clean, reference):
+    run = run_partitioned(tmp_path, "--inject", "flap:worker1@step=5,for=4s,period=1s",
+                          "--dead-after-s", "3")
+    check(run, reference, deaths=0)
