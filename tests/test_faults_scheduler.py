@@ -1,0 +1,88 @@
+"""Scheduler failures: the scheduler is killed, started again from its journal, and the run
+ends as if nothing happened.
+
+Each test kills the scheduler (SIGKILL) at a point it names: its ``--crash-at`` hook
+(the first REPORT of a step, journaled but not answered; the K-th registration while
+the cluster forms; the moment every worker is done), or the launcher's
+``--inject kill:scheduler@step=N``. The launcher starts it again on the same endpoint
+with the same journal; servers and workers register again and the run goes on. Each
+asserts the final parameters equal the single-process oracle (to a relative 1e-5),
+that every epoch's applied samples equal the data set's size, and that the run ends
+within its deadline. The last test stalls a worker (alive, heartbeating) and asserts
+that the others' blocked pulls name the tasks it holds.
+"""
+import os
+
+import pytest
+
+from cluster import JOBS, assert_params_close, launch, oracle
+
+JOB = os.path.join(JOBS, "tiny_mlp.py")
+STEPS = 60
+CLUSTER = ["--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
+           "--tasks-per-step", "6", "--dead-after-s", "1.5"]
+SLOW_TASKS = {"TINY_MLP_DELAY_S": "0.02"}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return oracle(JOB, STEPS)
+
+
+def check(run, reference, restarts=1):
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert summary["ok"], summary["failure"]
+    assert run.stderr.count("starting it again") == 1, run.stderr[-4000:]
+    assert len(summary["scheduler_restarts"]) == restarts, summary["scheduler_restarts"]
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * 6 + [6 * 24], applied        # every sample exactly once
+    assert_params_close(run.params, reference, rtol=1e-5)
+    assert summary["deaths"] == []                           # nobody was lost on the way
+    return summary
+
+
+def test_scheduler_killed_mid_step_is_restarted_from_its_journal(tmp_path, reference):
+    # Killed with the first report of step 20 journaled but unanswered: the step's other
+    # tasks are leased under the dead scheduler; the new one deals them again (redo).
+    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "report@20")
+    summary = check(run, reference)
+    (restart,) = summary["scheduler_restarts"]
+    assert restart["members_back"] == 5                      # 2 servers, 3 workers
+    assert restart["reform_s"] < 1.5                         # everyone was back within a timeout
+
+
+def test_scheduler_killed_by_the_launcher_records_detection_and_recovery(tmp_path, reference):
+    run = launch(tmp_path, *CLUSTER, "--inject", "kill:scheduler@step=15", env=SLOW_TASKS)
+    summary = check(run, reference)
+    (fault,) = summary["faults_injected"]
+    assert fault["fired_at_s"] <= fault["detected_at_s"] < fault["fired_at_s"] + 1.0
+    assert 0 < fault["recovery_s"] < 10, fault
+
+
+def test_scheduler_killed_while_the_cluster_forms(tmp_path, reference):
+    # The third REGISTER kills it: nobody has an incarnation yet (replies are held until
+    # all have joined); the roles' REGISTER requests are resent to the new scheduler.
+    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "register@3")
+    check(run, reference, restarts=0)                        # nothing to re-form: it forms
+
+
+def test_scheduler_killed_once_every_worker_is_done(tmp_path, reference):
+    # The finisher is named in the journal; the others have not heard DONE answered and
+    # ask again; the finisher writes the parameters for the new scheduler.
+    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "finishing")
+    check(run, reference)
+
+
+def test_a_stalled_worker_is_named_by_the_pulls_that_wait_for_it(tmp_path, reference):
+    # Worker 1 stops for 4 s before its push of step 10 (its heartbeats go on, so it is not
+    # declared dead); worker 0's pull of step 11 waits on both shards for worker 1's tasks.
+    # --no-steal: tasks 41 and 43 of step 10 stay worker 1's.
+    run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "2", "--steps", str(STEPS),
+                 "--tasks-per-step", "4", "--no-steal", "--crash-at", "1:stall@10")
+    assert run.rc == 0, run.stderr[-4000:]
+    assert ("step 11 pull waiting on server0 (shard 0 at version 10: missing tasks "
+            "41 leased to worker 1, 43 leased to worker 1)") in run.stderr, run.stderr[-4000:]
+    assert "no report for" in run.stderr and "leased to worker 1" in run.stderr   # the scheduler's
+    assert "pull of step 11 by worker 0 parked" in run.stderr                     # a shard's
+    assert_params_close(run.params, reference, rtol=1e-5)
