@@ -28,6 +28,7 @@ from .statusline import StatusLine
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
 STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 ENDPOINT_WAIT_S = 60.0           # how long a role may take to bind and publish its endpoint
+MAX_SCHEDULER_RESTARTS = 5       # a scheduler killed by a signal is started again this many times
 
 
 @dataclass
@@ -64,6 +65,7 @@ class Cluster:
         self.place = place or Local()
         self.roles: list[Role] = []
         self.retired: list[Role] = []            # roles that exited and were replaced
+        self.scheduler_restarts = 0
         self.env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
         self.worker_argv: dict[str, list[str]] = {}
         self.faults = faults
@@ -124,8 +126,11 @@ class Cluster:
         sched_argv += ["--dead-after-s", str(a.dead_after_s)]
         sched_argv += ["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-dir", a.checkpoint_dir]
         sched_argv += ["--resume"] * a.resume
-        self.spawn("scheduler", "ps.scheduler", sched_argv)
+        sched_argv += ["--journal", os.path.join(a.out, "scheduler.journal")]   # for a restart
+        crash = ["--crash-at", a.scheduler_crash_at] if a.scheduler_crash_at else []   # first start only
+        self.spawn("scheduler", "ps.scheduler", sched_argv + crash)
         sched_ep = self.place.advertise("scheduler") or self.endpoint(self.roles[0], ep_file("scheduler"))
+        self.sched_argv, self.sched_ep = sched_argv, sched_ep
         self.scheduler_started = time.monotonic()   # ~ the scheduler's clock zero (deaths' times)
         for k in range(a.servers):
             self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, *where(f"server{k}"),
@@ -176,6 +181,31 @@ class Cluster:
             return False
         return False
 
+    def restart_scheduler(self) -> bool:
+        """A scheduler killed by a signal (an injected kill, a crash) is started again, on the
+        endpoint it had and with its journal, up to MAX_SCHEDULER_RESTARTS times; the roles
+        register again with it (ps.reform). One that exited with a status ended the run."""
+        old = self.roles[0]
+        if old.proc.returncode is None or old.proc.returncode >= 0 \
+                or self.scheduler_restarts >= MAX_SCHEDULER_RESTARTS:
+            return False
+        self.scheduler_restarts += 1
+        for fault in self.faults:                  # when the launcher saw the fault take effect
+            if fault.target == "scheduler" and getattr(fault, "pid", None) == old.proc.pid:
+                fault.detected_at_s = round(fault.fired_at_s + time.monotonic() - fault.fired_mono, 3)
+                fault.detected_wall = time.time()
+        argv = list(self.sched_argv)
+        if argv[argv.index("--bind") + 1].endswith(":*"):   # it bound any port: the one it got
+            argv[argv.index("--bind") + 1] = self.sched_ep
+        print(f"the scheduler exited with status {old.proc.returncode}; starting it again "
+              f"on {self.sched_ep} with its journal", file=sys.stderr)
+        self.spawn("scheduler", "ps.scheduler", argv)
+        self.retired.append(old)
+        self.roles[0] = self.roles.pop()
+        if "--endpoint-file" in argv:
+            self.endpoint(self.roles[0], argv[argv.index("--endpoint-file") + 1])
+        return True
+
     def inject(self, step: int, elapsed_s: float) -> None:
         """Fire every fault whose trigger has come; resume pauses whose time is up."""
         for fault in self.faults:
@@ -184,6 +214,7 @@ class Cluster:
                 if role is None or role.proc.poll() is not None:
                     continue
                 fault.fired_at_s = round(elapsed_s, 3)
+                fault.fired_mono = time.monotonic()
                 fault.pid = role.proc.pid
                 os.kill(role.proc.pid, signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
                 print(f"injected {fault.spec} at {elapsed_s:.2f} s (step {step})", file=sys.stderr)

@@ -54,7 +54,7 @@ class Outcome:
 
 def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=None) -> Outcome:
     os.makedirs(args.out, exist_ok=True)
-    for stale in ("summary.json", "params.npz"):
+    for stale in ("summary.json", "params.npz", "scheduler.journal"):
         if os.path.exists(os.path.join(args.out, stale)):
             os.remove(os.path.join(args.out, stale))
     cluster = Cluster(args, faults, net, place)
@@ -67,7 +67,8 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
         t_train = None
-        while scheduler.poll() is None:
+        while scheduler.poll() is None or cluster.restart_scheduler():
+            scheduler = cluster.roles[0].proc
             if cluster.check_roles(line, lambda: _phase(observer)):
                 outcome.server_lost = cluster.server_lost
                 return outcome
@@ -263,6 +264,9 @@ def parse_args(argv=None):
                    help="when a server is lost, restart the cluster from the newest checkpoint")
     p.add_argument("--server-crash-at", action="append", default=[], metavar="S:checkpoint@V",
                    help="fault hook: server S dies while writing checkpoint V (before the rename)")
+    p.add_argument("--scheduler-crash-at", default=None, metavar="POINT",
+                   help="fault hook: the scheduler kills itself at register@K, report@N or "
+                        "finishing (and is started again from its journal)")
     p.add_argument("--fail-checkpoints", action="store_true",
                    help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
