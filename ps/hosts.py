@@ -123,9 +123,9 @@ def remote_command(where: Where, cmd: list[str], env: dict[str, str]) -> list[st
     fwd = {k: v for k, v in env.items() if k != "PYTHONPATH"
            and (k.startswith("PS_") or os.environ.get(k) != v)}
     argv = [host.python, *cmd[1:]]              # cmd[0] is the launcher's interpreter
-    script = (f"cd {shlex.quote(host.dir)} && exec env "
-              + " ".join(shlex.quote(f"{k}={v}") for k, v in sorted(fwd.items()))
-              + " " + " ".join(shlex.quote(a) for a in argv))
+    script = " ".join(["cd", shlex.quote(host.dir), "&&", "exec", "env",
+                       *(shlex.quote(f"{k}={v}") for k, v in sorted(fwd.items())),
+                       *(shlex.quote(a) for a in argv)])
     return [*SSH, host.target, script]
 
 

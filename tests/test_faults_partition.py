@@ -10,11 +10,15 @@ is left. Skipped, with the reason, where namespaces cannot be made (not root, or
 """
 import json
 import os
+import shutil
+import signal
 import subprocess
+import sys
+import time
 
 import pytest
 
-from cluster import JOBS, assert_params_close, launch, oracle
+from cluster import JOBS, ROOT, assert_params_close, kill_group, launch, oracle
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
@@ -140,3 +144,83 @@ def test_a_flapping_link(tmp_path, clean, reference):
     run = run_partitioned(tmp_path, "--inject", "flap:worker1@step=5,for=4s,period=1s",
                           "--dead-after-s", "3")
     check(run, reference, deaths=0)
+
+
+# -- the namespaces themselves: cleaned up on Ctrl-C, after a crash, refused without root --
+
+def _start(out, *args):
+    return subprocess.Popen([sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out),
+                             "--job", JOB, "--steps", "100000", "--timeout-s", "30", "--netns", *args],
+                            cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_training(out, proc):
+    deadline = time.monotonic() + 60
+    while not (out / "cluster.json").exists():
+        assert proc.poll() is None and time.monotonic() < deadline, "the cluster never formed"
+        time.sleep(0.05)
+    time.sleep(1.0)
+
+
+def test_ctrl_c_removes_every_namespace_and_link(tmp_path, clean):
+    proc = _start(tmp_path)
+    try:
+        _wait_for_training(tmp_path, proc)
+        assert any(n.startswith("ps-") for n in _ours())
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 130
+    finally:
+        kill_group(proc)
+        proc.communicate()
+
+
+def test_what_a_killed_launcher_left_is_removed_by_the_next_run(tmp_path, clean):
+    proc = _start(tmp_path / "crashed")
+    try:
+        _wait_for_training(tmp_path / "crashed", proc)
+    finally:
+        kill_group(proc)                  # SIGKILL: no teardown; the roles die with it
+        proc.communicate()
+    left = {n for n in _ours() if n.startswith("ps-")}
+    assert left, "the killed run should have left its namespaces"
+    run = launch(tmp_path / "next", "--job", JOB, "--steps", "5", "--netns")
+    assert run.rc == 0, run.stderr[-4000:]
+    assert not left & _ours()             # reaped (and the clean fixture checks the rest)
+
+
+@pytest.mark.parametrize("broken,words", [
+    ("not_root", "--netns needs root"),
+    ("no_ip", "needs iproute2's `ip`"),
+    ("no_netns", "network namespaces are not supported here"),
+])
+def test_netns_where_it_cannot_work_is_a_clear_error(tmp_path, monkeypatch, capsys, broken, words):
+    from ps import launch as launcher, netns
+    args = launcher.parse_args(["--job", JOB, "--out", str(tmp_path), "--netns"])
+    if broken == "not_root":
+        monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    else:
+        monkeypatch.setattr(os, "geteuid", lambda: 0)
+    if broken == "no_ip":
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    if broken == "no_netns":
+        monkeypatch.setattr(shutil, "which", lambda name: "/sbin/ip")
+
+        def refuse(cmd, check=True):
+            raise RuntimeError(f"{' '.join(cmd)}: Operation not permitted")
+        monkeypatch.setattr(netns, "run", refuse)
+    assert launcher.launch(args) == 2
+    assert words in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "cluster.json")      # nothing was started
+
+
+def test_link_faults_need_netns(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "ps.launch", "--job", JOB, "--out", str(tmp_path),
+                          "--inject", "partition:worker1@step=3,for=1s"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "need --netns" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "ps.launch", "--job", JOB, "--out", str(tmp_path),
+                          "--netns", "--inject", "partition:worker5@step=3,for=1s"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "no such role" in out.stderr
