@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Start a local parameter-server cluster (1 scheduler, S servers, M workers), train a job,
+# Start a parameter-server cluster (1 scheduler, S servers, M workers), train a job,
 # stop everything, and exit non-zero if the run failed. `--help` lists the flags.
+# Roles run on this machine: on loopback, or each in its own network namespace with
+# --netns (as root); with --hosts FILE, on other machines over ssh (docs/multihost.md).
 # With no flags: the MLP classifier example on 2 servers and 2 workers in BSP.
 set -euo pipefail
 cd "$(dirname "$0")/.."
