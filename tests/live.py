@@ -1,0 +1,113 @@
+"""A cluster training in the background while a test attacks one of its servers.
+
+``Background`` starts ``ps.launch`` in its own process group, waits until the run
+is training (server 0 has applied a step), gives the test sockets to the roles,
+and at the end waits for the honest run to finish. Whatever happens, the group is
+killed and every socket closed before the test returns.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import zmq
+
+from cluster import ROOT, kill_group
+
+sys.path.insert(0, ROOT)
+from ps.protocol import decode, encode  # noqa: E402
+from worker.job import load_job  # noqa: E402
+
+
+def shard_ranges(job_path: str, servers: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each shard: the scheduler's cut of the flat parameter vector."""
+    model, _ = load_job(job_path).build(0)
+    total = sum(p.numel() for p in model.parameters())
+    return [(k * total // servers, (k + 1) * total // servers) for k in range(servers)]
+
+
+class Background:
+    def __init__(self, out, *args: str, env: dict | None = None):
+        self.out = out
+        cmd = [sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out), "--timeout-s", "30",
+               *args]
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                     start_new_session=True, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.ctx = zmq.Context()
+        self.roles: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        kill_group(self.proc)
+        self.proc.communicate()
+        self.ctx.destroy(linger=0)
+
+    def wait_roles(self, timeout_s: float = 30.0) -> dict:
+        deadline = time.monotonic() + timeout_s
+        path = os.path.join(self.out, "cluster.json")
+        while not os.path.exists(path):
+            assert self.proc.poll() is None, self.proc.communicate()[1][-3000:]
+            assert time.monotonic() < deadline, "the cluster did not start"
+            time.sleep(0.05)
+        self.roles = json.load(open(path))["roles"]
+        return self.roles
+
+    def socket(self, role: str, setup=None) -> zmq.Socket:
+        """A DEALER connected to a role; ``setup(sock)`` may make it a CURVE client first."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        if setup:
+            setup(sock)
+        sock.connect(self.roles[role]["endpoint"])
+        return sock
+
+    def wait_training(self, sock: zmq.Socket, min_version: int = 2, timeout_s: float = 30.0) -> dict:
+        """Ask a server for its stats until it has applied ``min_version`` steps."""
+        deadline = time.monotonic() + timeout_s
+        while True:     # a server answers once the cluster has formed (workers import torch)
+            stats = ask(sock, [encode("stats", 1)], timeout_s=max(1.0, deadline - time.monotonic()))
+            if stats.get("version", 0) >= min_version:
+                return stats
+            assert time.monotonic() < deadline, f"no training progress: {stats}"
+            time.sleep(0.05)
+
+    def alive(self, role: str) -> bool:
+        try:
+            os.kill(self.roles[role]["pid"], 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def finish(self, timeout_s: float = 120.0) -> tuple[int, str]:
+        try:
+            _, stderr = self.proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            kill_group(self.proc)
+            raise AssertionError(f"the honest run did not finish in {timeout_s} s") from None
+        return self.proc.returncode, stderr
+
+
+def ask(sock: zmq.Socket, frames: list, timeout_s: float = 5.0) -> dict:
+    """Send one request and return the decoded header of its reply."""
+    sock.send_multipart(frames)
+    if not sock.poll(int(timeout_s * 1000)):
+        raise AssertionError(f"no reply to {bytes(frames[0][:60])!r}")
+    return decode(sock.recv_multipart()[0])
+
+
+def silent(sock: zmq.Socket, frames: list, wait_s: float = 0.75) -> bool:
+    """True if a request gets no reply within ``wait_s`` (or cannot even be queued: a
+    DEALER whose handshake was refused has no peer to queue it for)."""
+    try:
+        sock.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        return True
+    return not sock.poll(int(wait_s * 1000))
