@@ -357,3 +357,95 @@ def test_copy_into_places_chunks_in_order():
     out = np.full(6, -1, dtype=np.float32)
     wire.copy_into(out, [np.array([1, 2], np.float32), np.array([3, 4, 5, 6], np.float32)])
     assert out.tolist() == [1, 2, 3, 4, 5, 6]
+
+
+# -- the layers, one by one -----------------------------------------------------------
+
+def nest(depth: int, leaf=0):
+    """``depth`` arrays, one inside the other (inside a header: depth + 1 levels)."""
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
+def test_depth_up_to_the_limit_is_fine_and_one_more_is_not():
+    assert decode(encode(Kind.OK, 0, deep=nest(protocol.MAX_DEPTH - 1)))
+    err = refused(encode(Kind.OK, 0, deep=nest(protocol.MAX_DEPTH)), Error.BAD_HEADER)
+    assert "deeper" in err.reason
+
+
+def test_depth_counts_maps_and_arrays_alike():
+    deep = {}
+    inner = deep
+    for _ in range(protocol.MAX_DEPTH):
+        inner["x"] = {}
+        inner = inner["x"]
+    refused(encode(Kind.OK, 0, deep=deep), Error.BAD_HEADER)
+    protocol.check_depth({"layout": [["w", [16, 6]], ["b", [16]]], "optimizer": {"betas": [0.9]}})
+
+
+def test_depth_check_of_a_long_flat_list_is_fast():
+    header = {"ids": list(range(protocol.MAX_MSGPACK_LEN))}
+    t0 = time.perf_counter()
+    protocol.check_depth(header)
+    assert time.perf_counter() - t0 < 0.1
+
+
+def test_layers_run_cheapest_first():
+    # Oversized AND not msgpack: the size says so before any parsing.
+    assert "bytes >" in refused(b"\xc1" * (MAX_HEADER_BYTES + 1), Error.BAD_HEADER).reason
+    # Too deep AND a bad version: the structure is refused before the envelope is read.
+    raw = pack({"v": 99, "kind": "ok", "rid": 0, "deep": nest(protocol.MAX_DEPTH)})
+    refused(raw, Error.BAD_HEADER)
+    # A bad version AND an unknown kind AND no rid: the version is read first.
+    refused(pack({"v": 99, "kind": "bogus"}), Error.BAD_VERSION)
+    # An unknown kind AND no rid: the kind, then the rid, then the schema.
+    refused(pack({"v": 1, "kind": "bogus"}), Error.UNKNOWN_KIND)
+    refused(pack({"v": 1, "kind": "push"}), Error.MISSING_FIELD)
+
+
+@pytest.mark.parametrize("layer,value,code", [
+    (protocol.check_size, b"x" * (MAX_HEADER_BYTES + 1), Error.BAD_HEADER),
+    (protocol.unpack, b"\x93\x01", Error.BAD_HEADER),
+    (protocol.unpack, pack([1]), Error.BAD_HEADER),
+    (protocol.check_depth, {"a": nest(protocol.MAX_DEPTH)}, Error.BAD_HEADER),
+    (protocol.check_envelope, {"v": 1, "kind": "push"}, Error.MISSING_FIELD),
+    (protocol.check_envelope, {"v": "1", "kind": "push", "rid": 0}, Error.BAD_VERSION),
+    (protocol.check_schema, {"kind": "pull", "worker": 0, "inc": 0}, Error.MISSING_FIELD),
+    (protocol.check_schema, {"kind": "pull", "worker": 0, "inc": 0, "step": 1.0}, Error.BAD_FIELD),
+], ids=["size", "truncated", "not-a-map", "depth", "no-rid", "str-version", "missing", "float"])
+def test_each_layer_on_its_own(layer, value, code):
+    with pytest.raises(ProtocolError) as info:
+        layer(value)
+    assert info.value.code == code
+
+
+def test_ext_types_are_refused():
+    raw = msgpack.packb({"v": 1, "kind": "ok", "rid": 0, "x": msgpack.ExtType(1, b"\x80\x04")})
+    refused(raw, Error.BAD_HEADER)
+
+
+def test_pushes_and_inits_name_their_range():
+    fields = valid_fields(Kind.PUSH)
+    del fields["lo"]
+    assert "lo" in refused(encode(Kind.PUSH, 0, **fields), Error.MISSING_FIELD).reason
+    assert "lo" in SCHEMA[Kind.INIT]
+
+
+@pytest.mark.parametrize("count,code", [(1, Error.BAD_FRAMES), (protocol.MAX_FRAMES + 3, Error.BAD_FRAMES)],
+                         ids=["identity-only", "too-many"])
+def test_request_header_checks_the_frame_count_before_decoding(count, code):
+    frames = [b"ident", b"\xc1 not even msgpack"] + [b""] * (count - 2)
+    with pytest.raises(ProtocolError) as info:
+        protocol.request_header(frames[:count])
+    assert info.value.code == code
+
+
+def test_every_socket_refuses_frames_over_the_payload_limit():
+    ctx = zmq.Context()
+    try:
+        sock = wire.make_socket(ctx, zmq.ROUTER)
+        assert sock.getsockopt(zmq.MAXMSGSIZE) == protocol.MAX_FRAME_BYTES
+        sock.close(linger=0)
+    finally:
+        ctx.term()
