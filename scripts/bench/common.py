@@ -139,17 +139,17 @@ def launch_run(argv: list[str], out: str, what: str, lenient: bool = False,
 
 
 # -- step times from a run's trace -------------------------------------------------------
-def step_end_times(path: str) -> dict[int, float]:
+def step_end_times(path: str, absolute: bool = False) -> dict[int, float]:
     """When each step's last push (one that carried tasks) ended, in seconds from the
-    first worker event of the trace: the moment the step's loss exists. In SSP a clock's
-    push is tagged with the clock, in ASP with the task's step: the same keys the
-    summary's losses are kept under."""
+    first worker event of the trace (``absolute``: ``time.time()`` seconds): the moment
+    the step's loss exists. In SSP a clock's push is tagged with the clock, in ASP with
+    the task's step: the same keys the summary's losses are kept under."""
     with open(path) as f:
         events = json.load(f)["traceEvents"]
     workers = {e["pid"] for e in events
                if e["ph"] == "M" and e["args"]["name"].startswith("worker")}
     spans = [e for e in events if e["ph"] == "X" and e["pid"] in workers]
-    t0 = min(e["ts"] for e in spans)
+    t0 = 0.0 if absolute else min(e["ts"] for e in spans)
     ends: dict[int, float] = {}
     for e in spans:
         if e["name"] == "push" and e["args"].get("tasks", 0) > 0:

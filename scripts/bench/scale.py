@@ -9,7 +9,8 @@ the run's trace (the end of each step's last push).
 
 Memory: while a run goes on, each server's VmRSS and VmHWM are read from
 /proc/PID/status every POLL_S (pids from OUT/cluster.json, written by the launcher);
-the last reading, just before the server exits, is the end of the run. Per server,
+the last reading before the last step ended (its time from the trace) is the end of
+the run: a server frees its shard when told to stop, before it exits. Per server,
 (RSS - idle) / (4 x shard parameters) is its memory per parameter byte, where idle is
 the RSS of a server process that has started and bound but holds no shard. Beside it,
 the bytes per parameter byte that ``ps.shard.Shard`` itself allocates (read off a
@@ -40,8 +41,13 @@ TINY_SWEEP_SIZE = 100_000
 SERVERS = [1, 2, 4]       # (b)
 WORKERS = [1, 2, 4]       # (c)
 BATCH = 64                # global batch: small, so moving parameters weighs as much as compute
-STEPS, WARMUP = 5, 2      # timed steps after warm-up steps (--tiny: 1 and 1)
+STEPS, WARMUP = 4, 1      # timed steps after warm-up steps (--tiny: 1 and 1); one warm-up
+                          # step is enough: timing starts when it ends, connections made
 POLL_S = 0.1              # how often server memory is read during a run
+DEAD_AFTER_S = 60.0       # liveness deadline of the runs: at 100M a server's loop can be busy
+                          # with one message for longer than the 3 s default on a loaded
+                          # 2-core machine, and would be declared dead (measured: 30M passed,
+                          # 100M failed with "server 0 silent for 3.0 s")
 IDLE_SETTLE_S = 0.5       # an idle server is read this long after it bound
 
 
@@ -74,12 +80,13 @@ def proc_status(pid: int) -> dict[str, int]:
 
 
 class ServerMemory:
-    """Polls every server's memory during a launcher run; ``last[name]`` is the final
-    reading of each: the run's end, since a server exits right after the run."""
+    """Polls every server's memory during a launcher run: ``readings[name]`` is a list
+    of (time.time(), {"VmRSS": bytes, "VmHWM": bytes}); ``at(name, t)`` the last one
+    taken at or before t."""
 
     def __init__(self, out: str):
         self.out = out
-        self.last: dict[str, dict[str, int]] = {}
+        self.readings: dict[str, list[tuple[float, dict[str, int]]]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -104,7 +111,11 @@ class ServerMemory:
             for name, pid in pids.items():
                 reading = proc_status(pid)
                 if len(reading) == 2:
-                    self.last[name] = reading
+                    self.readings.setdefault(name, []).append((time.time(), reading))
+
+    def at(self, name: str, t: float) -> dict[str, int]:
+        before = [r for when, r in self.readings.get(name, []) if when <= t]
+        return before[-1] if before else {}
 
 
 def idle_server_rss() -> int:
@@ -146,14 +157,16 @@ def scale_run(job: str, params: int, servers: int, workers: int, steps: int, war
               out: str) -> dict:
     """One launcher run; step time from its trace, each server's memory at its end."""
     argv = ["--job", job, "--mode", "bsp", "--servers", str(servers), "--workers", str(workers),
-            "--steps", str(warmup + steps), "--trace"]
+            "--steps", str(warmup + steps), "--trace", "--dead-after-s", str(DEAD_AFTER_S)]
     with ServerMemory(out) as memory:
         summary = launch_run(argv, out, f"{count(params)} x {servers} servers x {workers} "
                                         "workers", lenient=True)
-    step_s = timed_step_s(step_end_times(os.path.join(out, "trace.json")), warmup)
+    trace = os.path.join(out, "trace.json")
+    step_s = timed_step_s(step_end_times(trace), warmup)
+    end = max(step_end_times(trace, absolute=True).values())   # the last step's last push
     return {"step_s": step_s, "samples_per_s": summary["samples"] / summary["steps"] / step_s,
             "wall_s": summary["wall_s"], "final_loss": summary["final_loss"],
-            "server_memory": [memory.last.get(f"server{k}", {}) for k in range(servers)]}
+            "server_memory": [memory.at(f"server{k}", end) for k in range(servers)]}
 
 
 def run(args) -> tuple[list[dict], str]:

@@ -31,7 +31,7 @@ from .scale import sized_job
 JOBS = {"mlp10m": os.path.join(ROOT, "scripts", "jobs", "mlp10m.py"),
         "char_transformer": os.path.join(ROOT, "examples", "char_transformer.py")}
 BASELINES = os.path.join(ROOT, "scripts", "bench")
-STEPS = {"mlp10m": 30, "char_transformer": 100}   # timed steps at full size: ~5-10 s per
+STEPS = {"mlp10m": 30, "char_transformer": 80}    # timed steps at full size: ~5-10 s per
                           # system on 2 cores (mlp10m ~0.2-0.4 s a step, the LM ~20-50 ms)
 TINY_STEPS = 2
 WARMUP = 3                # untimed steps first: connections, page faults, the allocator
