@@ -105,9 +105,12 @@ class Dealer:
         self.speeds[worker] = samples_per_s if old is None else old + SPEED_ALPHA * (samples_per_s - old)
 
     # -- leases ---------------------------------------------------------------------
-    def take(self, worker: int, own_rounds, steal_rounds) -> tuple[Task | None, int | None]:
-        """Lease an idle ``worker``'s next task: own deque first, else steal from
-        ``steal_rounds``. Returns (task, victim)."""
+    def take(self, worker: int, own_rounds, steal_rounds,
+             ahead: bool = False) -> tuple[Task | None, int | None]:
+        """Lease ``worker``'s next task: own deque first, else steal from ``steal_rounds``;
+        ``ahead``: the worker is still computing (see ``take_ahead``). Returns (task, victim)."""
+        if ahead:
+            return self.take_ahead(worker, own_rounds), None
         for rnd in own_rounds:
             if rnd in self.deques and self.deques[rnd][worker]:
                 return self._lease(worker, rnd, self.deques[rnd][worker].popleft()), None

@@ -262,7 +262,7 @@ class Scheduler:
         (or, in ASP, for the run)."""
         self._check_training(header)
         worker, step = header["worker"], header["step"]
-        ahead = header.get("ahead", False)    # leased ahead by a busy worker: never a steal
+        ahead = header.get("ahead", False)    # asked by a busy worker: see Dealer.take_ahead
         if not isinstance(ahead, bool):
             raise ProtocolError(Error.BAD_FIELD, "ahead must be a bool")
         if self.run.started():
@@ -277,7 +277,7 @@ class Scheduler:
                 raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
             self._deal(step)
             rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
-            task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
+            task, victim = self.dealer.take(worker, rounds, rounds, ahead)
             self.failover.leased(worker, step)
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
@@ -290,7 +290,7 @@ class Scheduler:
         """ASP deals a whole epoch at a time; the next only when the current is drained."""
         while True:
             rounds = sorted(self.dealer.deques)
-            task, victim = self.dealer.take(worker, rounds, [] if ahead else rounds)
+            task, victim = self.dealer.take(worker, rounds, rounds, ahead)
             if task is not None or ahead or self.next_round >= self.dealer.rounds:
                 return task, victim
             self._deal(self.next_round)

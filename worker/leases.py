@@ -2,11 +2,11 @@
 
 While the worker computes task k, its lease request for task k+1 is already at the
 scheduler (and usually answered): the ~0.2 ms round trip hides behind compute. The
-cost is that a worker holds at most two tasks (the one it computes and the one
-leased ahead) that nobody else can steal. A lease asked ahead takes only from the
-worker's own deque: a busy worker must not steal (a straggler that steals at the
-start of a step becomes the step's last finisher); once it is idle and its deque
-is empty, it asks again, and then it may steal.
+cost is that a task leased ahead can no longer be stolen, so the scheduler never
+leases ahead the last task of a worker's deque (``Dealer.take_ahead``): a
+straggler's last task stays where an idle worker can steal it. A lease asked ahead
+also never steals (a straggler that steals at the start of a step becomes the
+step's last finisher); once the worker is idle it asks again, and then it may steal.
 """
 from __future__ import annotations
 
