@@ -36,6 +36,7 @@ class Role:
     name: str                     # scheduler | server0 | worker1 ...
     proc: subprocess.Popen
     endpoint: str | None
+    replacement: bool = False     # started by --respawn for a worker that died
 
 
 def _die_with_parent() -> None:
@@ -142,7 +143,8 @@ class Cluster:
                 "--scheduler", sched_ep, "--job", a.job, "--id", str(w), "--device", a.device,
                 "--seed", str(a.seed), "--out", a.out, "--threads", str(threads),
                 "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
-                *(["--trace"] * a.trace), *common]
+                *(["--trace"] * a.trace), "--grad-dtype", a.grad_dtype,
+                "--param-dtype", a.param_dtype, *(["--no-prefetch"] * a.no_prefetch), *common]
             crash = ["--crash-at", a.crash_at[w]] if w in a.crash_at else []   # not for replacements
             self.spawn(f"worker{w}", "worker", self.worker_argv[f"worker{w}"] + crash, env=self.worker_env)
         for k in range(a.servers):
@@ -172,12 +174,14 @@ class Cluster:
                 print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
                 return True
             line.end()
+            respawn = self.args.respawn and phase() == "training"   # not once training is over
             print(f"{r.name} exited with status {code}" +
-                  ("; starting a replacement" if self.args.respawn else ""), file=sys.stderr)
+                  ("; starting a replacement" if respawn else ""), file=sys.stderr)
             self.retired.append(r)
             self.roles.pop(i)
-            if self.args.respawn:
+            if respawn:
                 self.spawn(r.name, "worker", self.worker_argv[r.name], env=self.worker_env)
+                self.roles[-1].replacement = True
             return False
         return False
 
@@ -243,12 +247,28 @@ class Cluster:
             try:
                 r.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
+                if r.replacement and not self._joined(r):
+                    print(f"{r.name}: its replacement started too late to join the run; "
+                          "stopping it", file=sys.stderr)
+                    continue                     # stop() ends it
                 print(f"{r.name} did not exit after the run ended", file=sys.stderr)
                 return False
             if r.proc.returncode != 0 and r.name.startswith("server"):
                 print(f"{r.name} exited with status {r.proc.returncode}", file=sys.stderr)
                 return False
         return True
+
+    def _joined(self, role: Role) -> bool:
+        """Did this replacement register? summary.json lists every rejoin; a worker's
+        replacements join in the order they were started."""
+        try:
+            with open(os.path.join(self.args.out, "summary.json")) as f:
+                rejoins = json.load(f).get("rejoins", [])
+        except (OSError, ValueError):
+            return True                          # no evidence: treat the wait as a hang
+        worker = int(role.name.removeprefix("worker"))
+        started = sum(1 for r in self.retired + self.roles if r.name == role.name and r.replacement)
+        return sum(1 for j in rejoins if j.get("worker") == worker) >= started
 
     def stop(self) -> None:
         for r in self.retired:

@@ -69,6 +69,7 @@ class Error:
     GONE = "gone"                       # a BSP version older than the shard still holds
     REREGISTER = "reregister"           # the scheduler restarted and does not know this member
                                         # yet: register again with the same role, index and inc
+    RUN_OVER = "run_over"               # a worker registered once training was over: not needed
     INTERNAL = "internal"               # a bug on the receiving side; the process keeps serving
     FORBIDDEN = "forbidden"             # --secure: the sender's key is not the identity it claims
     NONFINITE = "nonfinite"             # a gradient holding NaN or Inf (server --nonfinite reject)

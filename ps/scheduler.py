@@ -174,6 +174,8 @@ class Scheduler:
         if self.phase == "training" and header["role"] == "worker":   # a replacement (ps.failover)
             index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
             return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))
+        if self.phase in ("finishing", "stopping") and header["role"] == "worker":
+            raise ProtocolError(Error.RUN_OVER, f"training is over ({self.phase}): no worker is needed")
         if self.phase != "forming":
             raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
         index = registration.admit(header, self.servers, self.workers, self.config)

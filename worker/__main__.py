@@ -75,6 +75,9 @@ def main(argv=None) -> int:
         if exc.code == Error.FENCED:        # a server refused us: we were declared dead
             log.error("stopping: %s", exc)
             return 3
+        if exc.code == Error.RUN_OVER:      # a replacement that came too late: nothing to do
+            log.warning("not joining: %s", exc)
+            return 0
         log.error("%s", exc)
         return 1
     except (TimeoutError, ValueError, FileNotFoundError, RuntimeError) as exc:
