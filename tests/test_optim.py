@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ps.optim import make_optimizer
+from ps.optim import CHUNK, make_optimizer
 
 # The oracle's tensors are tiny, yet torch hands some element-wise ops (sqrt) to its
 # OpenMP/MKL pool; on a loaded 2-core box that cost ~6 ms per call instead of ~3 us
@@ -204,3 +204,81 @@ def test_rejects_wrong_arrays():
 def test_bad_config_raises(config, match):
     with pytest.raises(ValueError, match=match):
         make_optimizer(config, 16)
+
+
+# -- chunked passes: the update runs CHUNK elements at a time ----------------------------
+
+CHUNK_CASES = ["sgd momentum", "sgd nesterov", "sgd weight_decay", "sgd maximize",
+               "adam default", "adam weight_decay", "adam amsgrad", "adam maximize",
+               "adamw default", "adamw amsgrad"]
+ODD_SIZE = 1000                  # not a multiple of the chunks below: the last one is short
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+@pytest.mark.parametrize("chunk", [1, 64, 333, 999])
+def test_chunks_change_no_bit(case, chunk):
+    # Every operation is element-wise, so chunking only reorders which element is done
+    # when: the result must equal one whole-shard pass bit for bit, state included.
+    config = ORACLE_CASES[case]
+    grads = list(_gradients(seed=11, steps=5, size=ODD_SIZE))
+    params0 = np.random.default_rng(12).standard_normal(ODD_SIZE).astype(np.float32)
+    whole, chunked = params0.copy(), params0.copy()
+    a = _run_ps(config, whole, grads, opt=make_optimizer(config, ODD_SIZE, chunk=ODD_SIZE))
+    b = _run_ps(config, chunked, grads, opt=make_optimizer(config, ODD_SIZE, chunk=chunk))
+    np.testing.assert_array_equal(chunked, whole)
+    for key, value in a.state().items():
+        np.testing.assert_array_equal(b.state()[key], value)
+
+
+@pytest.mark.parametrize("case", ["sgd plain", "sgd momentum", "sgd nesterov",
+                                  "sgd weight_decay", "adam default", "adamw default"])
+def test_chunked_shard_sized_run_matches_torch(case):
+    # The oracle check again, on a size that is no multiple of a small chunk.
+    config, size = ORACLE_CASES[case], 5 * 97 + 13
+    params0 = np.random.default_rng(13).standard_normal(size).astype(np.float32)
+    expected = _run_torch(config, params0, _gradients(seed=14, steps=30, size=size))
+    params = params0.copy()
+    _run_ps(config, params, _gradients(seed=14, steps=30, size=size),
+            opt=make_optimizer(config, size, chunk=97))
+    atol = ATOL_PER_MAGNITUDE * float(np.abs(expected).max())
+    np.testing.assert_allclose(params, expected, rtol=RTOL, atol=atol)
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+def test_divide_by_and_keep_equal_dividing_first_and_copying(case):
+    # The BSP shard's call: the gradient buffer holds a sum over 7 samples and receives
+    # the old parameters. Same bits as dividing the buffer, copying params, then stepping.
+    config, samples = ORACLE_CASES[case], 7
+    sums = [g * np.float32(samples) for g in _gradients(seed=15, steps=4, size=ODD_SIZE)]
+    params0 = np.random.default_rng(16).standard_normal(ODD_SIZE).astype(np.float32)
+    plain, fused = params0.copy(), params0.copy()
+    a = make_optimizer(config, ODD_SIZE)
+    b = make_optimizer(config, ODD_SIZE, chunk=128)
+    for s in sums:
+        before = plain.copy()
+        a.step(plain, np.divide(s, samples))
+        buffer = s.copy()
+        b.step(fused, buffer, divide_by=samples, keep=buffer)
+        np.testing.assert_array_equal(fused, plain)
+        np.testing.assert_array_equal(buffer, before)     # the previous parameters
+
+
+def test_scratch_is_a_constant_not_a_multiple_of_the_shard():
+    big = make_optimizer({"name": "adam"}, 10 * CHUNK)
+    assert big.state_bytes() == {"exp_avg": 40 * CHUNK, "exp_avg_sq": 40 * CHUNK,
+                                 "scratch": 2 * 4 * CHUNK}
+    small = make_optimizer({"name": "sgd", "lr": 0.1}, 10)
+    assert small.state_bytes() == {"scratch": 2 * 4 * 10}   # never more than the shard
+
+
+def test_keep_must_be_a_writable_shard_sized_array():
+    opt = make_optimizer({"name": "sgd", "lr": 0.1}, 8)
+    params, grad = np.zeros(8, np.float32), np.zeros(8, np.float32)
+    with pytest.raises(ValueError, match="keep"):
+        opt.step(params, grad, keep=np.zeros(7, np.float32))
+    frozen = np.zeros(8, np.float32)
+    frozen.setflags(write=False)
+    with pytest.raises(ValueError, match="keep"):
+        opt.step(params, grad, keep=frozen)
+    with pytest.raises(ValueError, match="chunk"):
+        make_optimizer({"name": "sgd", "lr": 0.1}, 8, chunk=0)
