@@ -275,10 +275,8 @@ class Server:
         tracker is done long before the next push arrives).
         """
         self.in_flight = [t for t in self.in_flight if not t.done]
-        if self.in_flight:
-            self.shard.params = self.shard.params.copy()
-            if self.shard.prev is not None:           # BSP: the step's end rewrites prev too
-                self.shard.prev = self.shard.prev.copy()
+        if self.in_flight:               # params, and (BSP) the previous version in grad
+            self.shard.unshare()
             self.in_flight.clear()
 
     def _answer_parked(self) -> None:

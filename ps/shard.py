@@ -18,10 +18,14 @@ here. Invariants:
 * **Fencing**: a worker incarnation declared dead is retired; its pushes and pulls are
   refused, and (SSP) its clock no longer holds anyone back, until a new incarnation
   of that worker pushes.
-* **BSP keeps the previous version** (``prev``): if a worker dies after its push
-  reached some shards but not others, a shard may complete step t while another
-  waits for the task, which is then computed again on version t. One extra copy of
-  the shard buys exact replay; it is taken once per step.
+* **BSP keeps the previous version, in the aggregation buffer**: if a worker dies
+  after its push reached some shards but not others, a shard may complete step t
+  while another waits for the task, which is then computed again on version t. The
+  optimizer step leaves version t in ``grad`` (chunk by chunk, once each chunk's
+  gradient is read), and a pull for it is answered from there until the first push
+  of step t+1 overwrites it. That push means its worker pulled version t+1 from every
+  shard, so every shard has completed step t and no task of step t is left to redo:
+  a pull for version t is then answered ``gone``. Exact replay costs no extra copy.
 
 Staleness of a read at step/clock ``c`` is ``c - min(worker clocks)``: how many
 clocks of some worker's updates it may be missing. The largest is kept.
@@ -45,9 +49,9 @@ class Shard:
         self.mode = mode
         self.staleness = staleness
         self.params: np.ndarray | None = None            # (size,) float32, set by init()
-        self.prev: np.ndarray | None = None              # BSP: params of version - 1
         self.optimizer = make_optimizer(optimizer, size)
         self.grad = np.zeros(size, dtype=np.float32)     # BSP: the step's sum; else scratch
+        self.grad_is_prev = False                        # BSP: grad holds version - 1's params
         self.version = 0                                 # optimizer updates applied
         self.clocks = [0] * num_workers                  # per worker: last pushed step + 1
         self.step_tasks_seen: set[int] = set()           # BSP: task ids summed into self.grad
@@ -69,8 +73,6 @@ class Shard:
             raise ProtocolError(Error.BAD_PAYLOAD, f"initial values must have {self.size} floats")
         self.params = np.empty(self.size, dtype=np.float32)
         copy_into(self.params, chunks)
-        if self.mode == "bsp":
-            self.prev = self.params.copy()
         return True
 
     def restore(self, params: np.ndarray, optimizer_state: dict, version: int) -> None:
@@ -81,8 +83,7 @@ class Shard:
         self.optimizer.load_state(optimizer_state)
         self.version = version
         self.clocks = [version] * len(self.clocks)
-        if self.mode == "bsp":
-            self.prev = self.params.copy()
+        self.grad_is_prev = False           # version - 1 is not in a checkpoint: gone
 
     # -- membership -----------------------------------------------------------------
     def fence(self, worker: int, incarnation: int) -> None:
@@ -132,8 +133,12 @@ class Shard:
         if len(self.step_tasks_seen) + len(tasks) > step_tasks:
             raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
         # The step's first push is copied in, later ones added in place: no temporaries, and
-        # no pass to zero the buffer between steps.
+        # no pass to zero the buffer between steps. Every check is above this line: a
+        # refused push (a late duplicate of the completed step) leaves the previous
+        # version intact; the first accepted one of the next step overwrites it.
         first = not self.step_tasks_seen
+        if first and chunks:
+            self.grad_is_prev = False
         offset = 0
         for chunk in chunks:
             part = self.grad[offset:offset + chunk.size]
@@ -143,9 +148,11 @@ class Shard:
         self.step_samples += samples
         self.pushes_applied += 1
         if len(self.step_tasks_seen) == step_tasks:             # the step's global batch is in
-            np.divide(self.grad, self.step_samples, out=self.grad)   # sample-weighted mean
-            np.copyto(self.prev, self.params)
-            self.optimizer.step(self.params, self.grad)
+            # One pass: the sample-weighted mean of the sum, the update, and this version's
+            # parameters left behind in the aggregation buffer (ps.optim, ``keep``).
+            self.optimizer.step(self.params, self.grad, divide_by=self.step_samples,
+                                keep=self.grad)
+            self.grad_is_prev = True
             self.step_tasks_seen.clear()
             self.step_samples = 0
             self.version += 1
@@ -189,15 +196,27 @@ class Shard:
     def params_for(self, step: int) -> tuple[np.ndarray, int]:
         """The buffer answering a ready read at ``step``, and its version.
 
-        BSP answers exactly version ``step``: the live buffer, or ``prev`` when this
-        shard has already moved one step past it.
+        BSP answers exactly version ``step``: the live buffer, or the aggregation buffer
+        while it still holds the previous version (until the next step's first push).
         """
         if self.mode != "bsp" or step >= self.version:
             return self.params, self.version
-        if step == self.version - 1:
-            return self.prev, step
-        raise ProtocolError(Error.GONE, f"version {step} is gone; this shard holds "
-                                        f"{self.version - 1} and {self.version}")
+        if step == self.version - 1 and self.grad_is_prev:
+            return self.grad, step
+        raise ProtocolError(Error.GONE, f"version {step} is gone; this shard holds version "
+                                        f"{self.version}" + (" and the one before"
+                                                             if self.grad_is_prev else ""))
+
+    def unshare(self) -> int:
+        """Copy-on-write, for a server whose pull replies may still be sending from this
+        shard's arrays: give the parameters, and the aggregation buffer while it holds
+        the previous version, fresh copies, so the next push cannot change bytes in
+        flight. Returns the bytes copied."""
+        self.params = self.params.copy()
+        if not self.grad_is_prev:
+            return self.params.nbytes
+        self.grad = self.grad.copy()
+        return self.params.nbytes + self.grad.nbytes
 
     def waiting(self, step: int) -> str:
         """Why a read at ``step`` is not answered yet, for a log line (ps.diagnose)."""
@@ -216,9 +235,20 @@ class Shard:
         self.max_staleness = max(self.max_staleness, stale)
         return stale
 
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of every array this shard holds, by name: ``params``, ``aggregation``
+        (BSP: the step's sum, then the previous version; SSP/ASP: the mean of a push),
+        ``optimizer.<state>`` and ``scratch`` (the optimizer's, a constant per shard)."""
+        held = {"params": self.params.nbytes if self.params is not None else 0,
+                "aggregation": self.grad.nbytes}
+        for name, nbytes in self.optimizer.state_bytes().items():
+            held[name if name == "scratch" else f"optimizer.{name}"] = nbytes
+        return held
+
     def stats(self) -> dict:
         return {"version": self.version, "pushes_applied": self.pushes_applied,
                 "duplicates_rejected": self.duplicates_rejected,
                 "max_staleness": self.max_staleness, "clocks": list(self.clocks),
                 "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead),
-                "step_tasks": sorted(self.step_tasks_seen)}   # BSP: the current step's tasks in
+                "step_tasks": sorted(self.step_tasks_seen),   # BSP: the current step's tasks in
+                "state_bytes": self.state_bytes()}            # what this shard holds, by array

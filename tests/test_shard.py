@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from ps import wire
+from ps.optim import CHUNK, make_optimizer
 from ps.protocol import Error, ProtocolError
 from ps.shard import Shard
 
@@ -58,7 +59,7 @@ def snapshot(shard: Shard) -> dict:
             "version": shard.version, "clocks": list(shard.clocks),
             "seen": set(shard.step_tasks_seen), "step_samples": shard.step_samples,
             "applied": set(shard.applied), "pushes_applied": shard.pushes_applied,
-            "max_staleness": shard.max_staleness}
+            "max_staleness": shard.max_staleness, "grad_is_prev": shard.grad_is_prev}
 
 
 def assert_unchanged(shard: Shard, before: dict) -> None:
@@ -396,7 +397,9 @@ def test_stats_names_the_counters():
     shard, _ = make("ssp", 2, staleness=1)
     assert shard.stats() == {"version": 0, "pushes_applied": 0, "duplicates_rejected": 0,
                              "max_staleness": 0, "clocks": [0, 0], "fenced_rejected": 0,
-                             "dead": []}
+                             "dead": [], "step_tasks": [],
+                             "state_bytes": {"params": 4 * SIZE, "aggregation": 4 * SIZE,
+                                             "scratch": 2 * 4 * SIZE}}
 
 
 # -- fencing and the previous version (fault tolerance) --------------------------------
@@ -437,3 +440,130 @@ def test_bsp_serves_the_previous_version_exactly():
     with pytest.raises(ProtocolError) as err:
         shard.params_for(0)
     assert err.value.code == Error.GONE
+
+
+# -- the previous version lives in the aggregation buffer ------------------------------
+
+def complete_step(shard: Shard, step: int, seed: int) -> None:
+    for w, tasks, n, g in bsp_step(step, seed):
+        shard.push(w, step, tasks, n, STEP_TASKS, received(g))
+
+
+def test_bsp_previous_version_lives_in_the_aggregation_buffer_until_the_next_push():
+    shard, _ = make("bsp", 3)
+    complete_step(shard, 0, seed=1)
+    v1 = shard.params.copy()
+    complete_step(shard, 1, seed=2)
+    assert shard.version == 2 and shard.grad_is_prev
+    assert np.array_equal(shard.grad, v1)                     # exactly version 1, bit for bit
+    buf, version = shard.params_for(1)
+    assert version == 1 and buf is shard.grad                 # served from there, no copy
+    refuse(Error.GONE, shard.params_for, 0)                   # two back: gone, as before
+
+    w, tasks, n, g = bsp_step(2, seed=3)[0]
+    shard.push(w, 2, tasks, n, STEP_TASKS, received(g))       # the first push of step 2
+    assert not shard.grad_is_prev
+    assert np.array_equal(shard.grad, g)                      # copied over version 1
+    refuse(Error.GONE, shard.params_for, 1)                   # the worker reports the task done
+    buf, version = shard.params_for(2)
+    assert version == 2 and buf is shard.params
+
+
+def test_bsp_late_duplicate_of_the_completed_step_keeps_the_previous_version():
+    shard, _ = make("bsp", 3)
+    complete_step(shard, 0, seed=1)
+    v0 = shard.grad.copy()
+    before = snapshot(shard)
+    w, tasks, n, g = bsp_step(0, seed=1)[2]
+    assert shard.push(w, 0, tasks, n, STEP_TASKS, received(g * 9)) is False
+    assert shard.push(w, 0, [77], n, STEP_TASKS, received(g * 9)) is False
+    assert_unchanged(shard, before)
+    assert np.array_equal(shard.params_for(0)[0], v0)
+
+
+def test_bsp_refused_or_empty_pushes_of_the_next_step_keep_the_previous_version():
+    shard, _ = make("bsp", 3)
+    complete_step(shard, 0, seed=1)
+    before = snapshot(shard)
+    (g,) = grad_sums(1, seed=4)
+    refuse(Error.BAD_FIELD, shard.push, 0, 1, [6, 7, 8, 9, 10, 11, 12], 7, STEP_TASKS,
+           received(g))                                       # more tasks than the step has
+    refuse(Error.BAD_FIELD, shard.push, 0, 2, [12], 1, STEP_TASKS, received(g))
+    shard.fence(0, incarnation=5)
+    refuse(Error.FENCED, shard.push, 0, 1, [6], 1, STEP_TASKS, received(g), 5)
+    assert shard.push(1, 1, [], 0, STEP_TASKS, []) is True    # no gradient: nothing overwritten
+    before["pushes_applied"] += 1
+    assert_unchanged(shard, before)
+    assert shard.params_for(0)[1] == 0
+
+
+def test_bsp_steps_after_the_buffer_held_the_previous_version_stay_exact():
+    # Adam on a shard of several optimizer chunks (the last one short), three steps of
+    # three pushes each: the same bits as the optimizer applied to the mean directly.
+    size = 2 * CHUNK + 123
+    config = {"name": "adam", "lr": 0.01}
+    shard = Shard(size, config, "bsp", 0, 3)
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(size).astype(np.float32)
+    shard.init([p.copy()])
+    oracle = make_optimizer(config, size, chunk=size)
+    for step in range(3):
+        sums = [rng.standard_normal(size).astype(np.float32) for _ in range(3)]
+        for w, g in enumerate(sums):
+            shard.push(w, step, [3 * step + w], w + 1, 3, [g])
+        before = p.copy()
+        oracle.step(p, (sums[0] + sums[1] + sums[2]) / 6)
+        assert np.array_equal(shard.params, p)
+        assert np.array_equal(shard.params_for(step)[0], before)
+
+
+def test_restore_keeps_no_previous_version():
+    shard, _ = make("bsp", 1)
+    shard.push(0, 0, [0], 1, 1, received(np.ones(SIZE, np.float32)))
+    shard.restore(shard.params.copy(), shard.optimizer.state(), 7)
+    assert not shard.grad_is_prev and shard.version == 7
+    refuse(Error.GONE, shard.params_for, 6)     # steps before a checkpoint were all applied
+    assert shard.params_for(7)[1] == 7
+
+
+def test_unshare_gives_fresh_copies_of_what_a_pull_may_be_sending():
+    shard, _ = make("bsp", 1)
+    shard.push(0, 0, [0], 1, 1, received(np.ones(SIZE, np.float32)))
+    sending_prev, sending_now = shard.params_for(0)[0], shard.params_for(1)[0]
+    prev, now = sending_prev.copy(), sending_now.copy()
+    assert shard.unshare() == 2 * 4 * SIZE
+    shard.push(0, 1, [1], 1, 1, received(np.full(SIZE, 3, np.float32)))
+    assert np.array_equal(sending_prev, prev) and np.array_equal(sending_now, now)
+    shard.push(0, 2, [2], 1, 1, received(np.full(SIZE, 3, np.float32)))
+    assert shard.unshare() == 2 * 4 * SIZE      # grad holds version 2 again
+    shard.push(0, 3, [3], 1, 2, received(np.ones(SIZE, np.float32)))   # step not complete
+    assert not shard.grad_is_prev and shard.unshare() == 4 * SIZE
+
+
+@pytest.mark.parametrize("mode,s", [("ssp", 1), ("asp", 0)])
+def test_ssp_and_asp_keep_no_previous_version(mode, s):
+    shard, _ = make(mode, 1, staleness=s)
+    shard.push(0, 0, [0], 1, 1, received(np.ones(SIZE, np.float32)))
+    assert not shard.grad_is_prev and shard.params_for(0)[0] is shard.params
+
+
+@pytest.mark.parametrize("config,arrays", [
+    ({"name": "adam"}, 4), ({"name": "adamw", "amsgrad": True}, 5),
+    ({"name": "sgd", "lr": 0.1, "momentum": 0.9}, 3), ({"name": "sgd", "lr": 0.1}, 2)])
+@pytest.mark.parametrize("mode", ["bsp", "ssp"])
+def test_state_bytes_are_params_optimizer_state_one_aggregation_buffer_and_scratch(
+        config, arrays, mode):
+    # The bound: parameters + optimizer state + one aggregation buffer, plus a
+    # constant per shard (two optimizer scratch chunks); nothing else, in any mode.
+    size = 3 * CHUNK + 5
+    shard = Shard(size, config, mode, 1, 2)
+    shard.init([np.zeros(size, np.float32)])
+    shard.push(0, 0, [0], 1, 1 if mode == "bsp" else 2, [np.ones(size, np.float32)])
+    held = shard.state_bytes()
+    assert held.pop("scratch") == 2 * 4 * CHUNK
+    assert held["params"] == held["aggregation"] == 4 * size
+    assert sum(held.values()) == arrays * 4 * size
+    arrays_held = [a for a in vars(shard).values() if isinstance(a, np.ndarray)]
+    arrays_held += [a for a in vars(shard.optimizer).values() if isinstance(a, np.ndarray)]
+    arrays_held += list(shard.optimizer._buffers.values())
+    assert sum(a.nbytes for a in arrays_held) == sum(shard.state_bytes().values())
