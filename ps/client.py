@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import zmq
 
-from . import netfaults, security, wire
+from . import compress, netfaults, security, wire
 from .protocol import Error, Kind, ProtocolError, decode, encode
 
 
@@ -158,15 +158,27 @@ class ShardInfo:
 
 
 class ShardClient:
-    """Pull and push a flat float32 parameter vector to/from all shards."""
+    """Pull and push a flat float32 parameter vector to/from all shards.
+
+    ``grad_dtype`` and ``param_dtype`` choose what travels (``ps.compress``): pushes are
+    encoded per shard before sending, pulls ask the server for their dtype and are
+    decoded straight into the flat float32 buffer. float32 (the default) is exact and
+    copies nothing on the way out.
+    """
 
     def __init__(self, ctx: zmq.Context, shards: list[ShardInfo], worker: int, timeout_s: float,
-                 incarnation: int = 0):
+                 incarnation: int = 0, grad_dtype: str = "float32", param_dtype: str = "float32"):
+        for dtype in (grad_dtype, param_dtype):
+            if dtype not in compress.WIRE_DTYPES:
+                raise ValueError(f"wire dtype {dtype!r} not in {compress.WIRE_DTYPES}")
         self.shards = shards
         self.worker = worker
         self.inc = incarnation          # our fencing number, given at registration
         self.timeout_s = timeout_s
+        self.grad_dtype, self.param_dtype = grad_dtype, param_dtype
         self.peers = [Peer(ctx, s.endpoint, f"server{s.index}") for s in shards]
+        self.pulled_bytes = 0           # bytes written into the flat buffer by pulls (one copy each)
+        self.ahead: tuple[int, list[int]] | None = None   # the last pull sent by push(then_pull=)
 
     def init(self, flat: np.ndarray) -> None:
         """Set every shard's initial values (idempotent on the server)."""
@@ -176,31 +188,52 @@ class ShardClient:
         for p, rid in zip(self.peers, rids):
             p.recv(rid, self.timeout_s, "init")
 
-    def pull_into(self, flat: np.ndarray, step: int, timeout_s: float | None = None) -> list[int]:
+    def pull_send(self, step: int) -> tuple[int, list[int]]:
+        """Send a pull to every shard and return at once: ``(step, rids)`` for
+        ``pull_into(..., pending=)``. The replies are received by zmq's I/O thread in
+        the background and wait in the socket, as frames, until asked for."""
+        return step, [p.send(Kind.PULL, worker=self.worker, inc=self.inc, step=step,
+                             dtype=self.param_dtype) for p in self.peers]
+
+    def abandon(self, pending: tuple[int, list[int]]) -> None:
+        for p, rid in zip(self.peers, pending[1]):
+            p.abandon(rid)
+
+    def pull_into(self, flat: np.ndarray, step: int, timeout_s: float | None = None,
+                  pending: tuple[int, list[int]] | None = None) -> list[int]:
         """Fill ``flat`` with the shards' parameters for ``step``; return their versions.
 
         Each server answers once its consistency gate allows (BSP: it has version
         ``step``; SSP: every worker is within the staleness bound; ASP: at once).
         All or nothing: ``flat`` is written only once every shard has answered, so a
-        timed-out pull never leaves a mix of versions in the model.
+        timed-out pull never leaves a mix of versions in the model (nor does a
+        prefetch: ``pending``, a ``pull_send`` of this step, is waited for here).
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        rids = [p.send(Kind.PULL, worker=self.worker, inc=self.inc, step=step) for p in self.peers]
+        step, rids = pending if pending is not None else self.pull_send(step)
         try:
             replies = [p.recv(rid, timeout_s, f"pull of step {step}") for p, rid in zip(self.peers, rids)]
         except TimeoutError:
-            for p, rid in zip(self.peers, rids):
-                p.abandon(rid)
+            self.abandon((step, rids))
             raise
         chunks = [wire.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
                   for (header, frames), s in zip(replies, self.shards)]
         for shard_chunks, s in zip(chunks, self.shards):
-            wire.copy_into(flat[s.lo:s.hi], shard_chunks)   # the one unavoidable copy: into the model
+            # The one unavoidable copy: frame -> model storage (decoding float16/bfloat16
+            # to float32 in the same pass).
+            wire.copy_into(flat[s.lo:s.hi], shard_chunks)
+            self.pulled_bytes += (s.hi - s.lo) * flat.itemsize
         return [header.get("version", -1) for header, _ in replies]
 
     def push(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
-             step_tasks: int, ends_clock: bool = True, only: list[int] | None = None) -> list[dict]:
+             step_tasks: int, ends_clock: bool = True, only: list[int] | None = None,
+             then_pull: int | None = None) -> list[dict]:
         """Send each shard its slice of a gradient sum; return each shard's reply.
+
+        ``then_pull``: also send a pull for that step right behind the pushes, before
+        waiting for their replies (a prefetch: ``self.ahead`` holds it for
+        ``pull_into(..., pending=)``). A server takes a connection's messages in order,
+        so the pull is answered after the push is applied (or, in BSP, summed).
 
         A shard that rejects the push as a duplicate answers OK with ``applied``
         False: the gradient is already in, which is what the sender wanted.
@@ -210,11 +243,15 @@ class ShardClient:
             if only is not None and s.index not in only:     # a fault hook's partial push
                 continue
             peers.append(p)
-            frames = wire.split(grad[s.lo:s.hi]) if samples else []
+            # float32: views of the gradient buffer; float16/bfloat16: a fresh half-size
+            # encoding of this shard's slice, which the message keeps alive until sent
+            frames = wire.split(compress.encode(grad[s.lo:s.hi], self.grad_dtype)) if samples else []
             rids.append(p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step, tasks=tasks,
                                samples=samples, step_tasks=step_tasks, ends_clock=ends_clock,
-                               lo=s.lo, dtype="float32",
+                               lo=s.lo, dtype=self.grad_dtype,
                                size=(s.hi - s.lo) if samples else 0))
+        if then_pull is not None:
+            self.ahead = self.pull_send(then_pull)
         return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
                 for p, rid in zip(peers, rids)]
 

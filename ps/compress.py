@@ -50,10 +50,19 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     return out
 
 
+BLOCK = 1 << 16                  # bfloat16 sums are decoded this many items at a time into a
+                                 # 256 KiB scratch: no temporary the size of the frame
+
+
+def wire_dtype(frame: np.ndarray) -> str:
+    """The wire dtype an array received as ``storage(dtype)`` stands for."""
+    return {"f": {4: "float32", 2: "float16"}, "u": {2: "bfloat16"}}[frame.dtype.kind][frame.itemsize]
+
+
 def decode_into(out: np.ndarray, frame: np.ndarray, dtype: str) -> None:
-    """Write a wire-dtype array into float32 ``out`` (same length)."""
-    if dtype == "bfloat16":
-        out.view(np.uint32)[:] = frame.astype(np.uint32) << 16
+    """Write a wire-dtype array into float32 ``out`` (same length), without a temporary."""
+    if dtype == "bfloat16":        # the bits, widened and shifted up in one buffered ufunc pass
+        np.left_shift(frame, np.uint32(16), out=out.view(np.uint32), dtype=np.uint32)
     else:
         np.copyto(out, frame, casting="safe")
 
@@ -61,6 +70,10 @@ def decode_into(out: np.ndarray, frame: np.ndarray, dtype: str) -> None:
 def add_into(out: np.ndarray, frame: np.ndarray, dtype: str) -> None:
     """``out += frame``, ``frame`` in the wire dtype, accumulated in float32."""
     if dtype == "bfloat16":
-        out += (frame.astype(np.uint32) << 16).view(np.float32)
-    else:
+        scratch = np.empty(min(BLOCK, frame.size), dtype=np.float32)
+        for i in range(0, frame.size, BLOCK):
+            part = scratch[:min(BLOCK, frame.size - i)]
+            decode_into(part, frame[i:i + BLOCK], dtype)
+            np.add(out[i:i + BLOCK], part, out=out[i:i + BLOCK])
+    else:                          # numpy casts float16 in its own small buffers
         np.add(out, frame, out=out, casting="safe")

@@ -29,6 +29,7 @@ import zmq
 from . import hosts, keys, netns, security, summary
 from .checkpoint import latest_intact
 from .client import Peer, RemoteError
+from .compress import WIRE_DTYPES
 from .cluster import ROOT, Cluster
 from .faults import split as split_faults
 from .faults import split_links
@@ -279,6 +280,17 @@ def parse_args(argv=None):
                         "virtual bridge (root only); link faults (partition, cut, flap) need it")
     p.add_argument("--hosts", default=None, metavar="FILE",
                    help="start the roles on the hosts of FILE over ssh (docs/multihost.md)")
+    p.add_argument("--grad-dtype", choices=WIRE_DTYPES, default="float32",
+                   help="gradients on the wire: float16/bfloat16 halve the bytes; servers sum "
+                        "in float32 (default: %(default)s)")
+    p.add_argument("--param-dtype", choices=WIRE_DTYPES, default="float32",
+                   help="parameters on the wire (pulls); servers keep float32 master copies "
+                        "and optimizer state (default: %(default)s)")
+    p.add_argument("--prefetch", choices=("push", "compute", "off"), default="push",
+                   help="SSP/ASP: send each worker's next pull right behind its push (push: it "
+                        "reads its own writes), as soon as a step's parameters are in, to hide "
+                        "behind compute (compute), or not ahead (off); BSP never prefetches "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:

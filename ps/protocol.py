@@ -15,6 +15,8 @@ from itertools import repeat
 
 import msgpack
 
+from .compress import WIRE_DTYPES
+
 PROTOCOL_VERSION = 1
 
 # --- limits (each guards against one kind of hostile or broken input) ---------------
@@ -28,7 +30,9 @@ MAX_DEPTH = 16                  # deepest nesting of arrays/maps (legitimate hea
 FRAME_BYTES = 8 << 20           # what senders use: receiving one >32 MiB frame costs a fresh mmap
                                 # and page faults, measured 2-4x slower than 8 MiB frames
 
-ALLOWED_DTYPES = ("float32",)   # what may travel in a payload; checked before any allocation
+ALLOWED_DTYPES = WIRE_DTYPES    # what may travel in a payload (float32, float16, bfloat16 as
+                                # uint16 bits: ps.compress); checked before any allocation. INIT
+                                # is float32 only; a PUSH names its dtype, a PULL the one it wants
 
 
 class Kind:

@@ -77,6 +77,7 @@ class Server:
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
         self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
         self.errors: Counter = Counter()     # rejected requests by reason code
+        self.copies: Counter = Counter()     # bytes copied on the hot path (copy-on-write)
         self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
         self.rejoined_rid = 0                # our last re-registration (scheduler restarts)
         self.waits: dict = {}                # (worker, step) -> when its pull was first parked
@@ -190,15 +191,14 @@ class Server:
         self._check_worker(header)
         validation.check_range(header, self.lo, self.hi)
         self.shard.check_live(header["inc"])
-        chunks = wire.check_payload(payload, header["dtype"], header["size"])
+        chunks = wire.check_payload(payload, header["dtype"], header["size"], ("float32",))
         fresh = self.shard.init(chunks)
         self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
         self._answer_parked()
 
     def on_pull(self, ident, header, payload) -> None:
         self._check_worker(header)
-        if header["step"] < 0:
-            raise ProtocolError(Error.BAD_FIELD, "step must be >= 0")
+        validation.check_pull(header)
         self.shard.check_live(header["inc"])
         if self.shard.pull_ready(header["step"]):
             self._answer_pull(ident, header)
@@ -257,14 +257,14 @@ class Server:
             self.errors[exc.code] += 1
             self.reply(ident, encode(Kind.ERROR, header["rid"], code=exc.code, reason=exc.reason))
             return
-        stale = self.shard.note_read(header["step"])
+        stale, dtype = self.shard.note_read(header["step"]), header.get("dtype", "float32")
         head = encode(Kind.OK, header["rid"], version=version, staleness=stale,
-                      dtype="float32", size=self.shard.size)
-        # Zero-copy reply straight from the parameter buffer. zmq sends it later, from
-        # its I/O thread, so the buffer must not change until the tracker says the
-        # bytes are gone: _release_params() enforces that before any update.
-        tracker = self.reply(ident, head, wire.split(params), track=True)
-        if tracker is not None and not tracker.done:
+                      dtype=dtype, size=self.shard.size)
+        # float32: zero-copy from the parameter buffer, which must not change until zmq's I/O
+        # thread has sent it (_release_params). float16/bfloat16: a fresh encoded buffer.
+        frames, live = wire.pull_frames(params, dtype)
+        tracker = self.reply(ident, head, frames, track=live)
+        if live and tracker is not None and not tracker.done:
             self.in_flight.append(tracker)
 
     def _release_params(self) -> None:
@@ -276,7 +276,7 @@ class Server:
         """
         self.in_flight = [t for t in self.in_flight if not t.done]
         if self.in_flight:               # params, and (BSP) the previous version in grad
-            self.shard.unshare()
+            self.copies["cow_bytes"] += self.shard.unshare()
             self.in_flight.clear()
 
     def _answer_parked(self) -> None:
@@ -336,7 +336,7 @@ class Server:
 
     def stats(self) -> dict:
         stats = self.shard.stats() if self.shard else {}
-        stats["errors"] = dict(self.errors)
+        stats["errors"], stats["copies"] = dict(self.errors), dict(self.copies)
         stats["checkpoint"] = self.last_checkpoint
         return stats
 

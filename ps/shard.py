@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .compress import add_into, decode_into, wire_dtype
 from .optim import make_optimizer
 from .protocol import Error, ProtocolError
 from .wire import copy_into
@@ -140,9 +141,9 @@ class Shard:
         if first and chunks:
             self.grad_is_prev = False
         offset = 0
-        for chunk in chunks:
-            part = self.grad[offset:offset + chunk.size]
-            np.copyto(part, chunk) if first else np.add(part, chunk, out=part)
+        for chunk in chunks:      # float16/bfloat16 pushes are decoded in the same pass
+            part, dtype = self.grad[offset:offset + chunk.size], wire_dtype(chunk)
+            decode_into(part, chunk, dtype) if first else add_into(part, chunk, dtype)
             offset += chunk.size
         self.step_tasks_seen.update(tasks)
         self.step_samples += samples
@@ -163,7 +164,11 @@ class Shard:
         """SSP/ASP: the push's mean gradient into the scratch buffer (grad = sum / samples)."""
         offset = 0
         for chunk in chunks:
-            np.divide(chunk, samples, out=self.grad[offset:offset + chunk.size])
+            part = self.grad[offset:offset + chunk.size]
+            if chunk.dtype != np.float32:     # float16/bfloat16: decode, then divide in place
+                decode_into(part, chunk, wire_dtype(chunk))
+                chunk = part
+            np.divide(chunk, samples, out=part)
             offset += chunk.size
 
     def _check(self, worker, tasks, samples, chunks) -> None:

@@ -9,7 +9,10 @@ needs the shard's state, and runs before anything is applied:
                 shard is refused even when the two slices have the same length
     window      SSP: a push's step within the staleness bound of the clocks this shard
                 has seen (BSP refuses a future step in ``ps.shard``; ASP has no bound)
-    finite      no NaN or Inf in a gradient, by the ``--nonfinite`` policy
+    finite      no NaN or Inf in a gradient, by the ``--nonfinite`` policy; a float16
+                or bfloat16 push is checked in its wire dtype, which is exact (a value
+                is non-finite after decoding iff it was before), so a float32 gradient
+                beyond float16's 65504 arrives as inf and is refused like a NaN
 
 then dedupe and fencing (``ps.shard``). ``RefusalLog`` logs refusals at a bounded
 rate, so a peer sending garbage in a loop cannot flood the log or slow the loop.
@@ -22,7 +25,7 @@ from collections import Counter
 
 import numpy as np
 
-from .protocol import Error, ProtocolError
+from .protocol import ALLOWED_DTYPES, Error, ProtocolError
 
 NONFINITE_POLICIES = ("reject", "skip")   # reject: error reply, nothing changes;
                                           # skip: the push counts, its gradient as zero
@@ -37,6 +40,17 @@ def check_range(header: dict, lo: int, hi: int) -> None:
     if header["lo"] != lo:
         raise ProtocolError(Error.WRONG_SHARD, f"range starting at {header['lo']} is not this "
                                                f"shard's [{lo}, {hi})")
+
+
+def check_pull(header: dict) -> str:
+    """A PULL's step is >= 0, and the wire dtype it asks its reply in (an optional field,
+    float32 when absent) is allowed; return the dtype."""
+    if header["step"] < 0:
+        raise ProtocolError(Error.BAD_FIELD, "step must be >= 0")
+    dtype = header.get("dtype", "float32")
+    if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+        raise ProtocolError(Error.BAD_DTYPE, f"pull dtype {dtype!r} not in {ALLOWED_DTYPES}")
+    return dtype
 
 
 def check_window(step: int, clocks: list[int], mode: str, staleness: int) -> None:

@@ -3,7 +3,9 @@
 Senders cut a flat float32 array into views of at most ``FRAME_BYTES`` and hand them
 to ZeroMQ with ``copy=False``; receivers wrap each frame's buffer with
 ``np.frombuffer`` (no copy) after checking that the bytes add up to what the header
-claims. Socket options live here, each with the failure it prevents.
+claims. A payload may travel as float16 or bfloat16 (``ps.compress``): encoded by
+the sender, decoded into float32 by the receiver in the same pass as its one copy.
+Socket options live here, each with the failure it prevents.
 
 Used by the server, the scheduler and the client (``ps.client``), never with pickle.
 """
@@ -14,6 +16,7 @@ import os
 import numpy as np
 import zmq
 
+from . import compress
 from .protocol import (ALLOWED_DTYPES, FRAME_BYTES, MAX_FRAME_BYTES, MAX_FRAMES, Error,
                        ProtocolError)
 
@@ -55,18 +58,20 @@ def split(flat: np.ndarray, frame_bytes: int = FRAME_BYTES) -> list[memoryview]:
     return [memoryview(flat[i:i + step]) for i in range(0, flat.size, step)] or []
 
 
-def check_payload(frames: list, dtype: str, size: int) -> list[np.ndarray]:
+def check_payload(frames: list, dtype: str, size: int,
+                  allowed: tuple = ALLOWED_DTYPES) -> list[np.ndarray]:
     """Validate payload frames against the header and view them as arrays (no copies).
 
-    Checked before anything is allocated or applied: dtype on the allow-list, frame
-    count and size limits, every frame a whole number of items, and the total equal
-    to ``size`` items.
+    Checked before anything is allocated or applied: dtype on the allow-list (INIT
+    narrows it to float32), frame count and size limits, every frame a whole number
+    of items of the dtype's size (``ps.compress.itemsize``: 2 for float16 and for
+    bfloat16, which is viewed as its uint16 bits), and the total equal to ``size`` items.
     """
-    if dtype not in ALLOWED_DTYPES:
-        raise ProtocolError(Error.BAD_DTYPE, f"dtype {dtype!r} not in {ALLOWED_DTYPES}")
+    if dtype not in allowed:
+        raise ProtocolError(Error.BAD_DTYPE, f"dtype {dtype!r} not in {allowed}")
     if len(frames) > MAX_FRAMES:
         raise ProtocolError(Error.BAD_FRAMES, f"{len(frames)} payload frames > {MAX_FRAMES}")
-    itemsize = np.dtype(dtype).itemsize
+    itemsize = compress.itemsize(dtype)
     total = 0
     for frame in frames:
         n = memoryview(frame.buffer if hasattr(frame, "buffer") else frame).nbytes
@@ -76,12 +81,30 @@ def check_payload(frames: list, dtype: str, size: int) -> list[np.ndarray]:
     if total != size * itemsize:
         raise ProtocolError(Error.BAD_PAYLOAD,
                             f"payload has {total} bytes, header says {size} x {dtype}")
-    return [np.frombuffer(f.buffer if hasattr(f, "buffer") else f, dtype="<f4") for f in frames]
+    storage = compress.storage(dtype)
+    return [np.frombuffer(f.buffer if hasattr(f, "buffer") else f, dtype=storage) for f in frames]
 
 
 def copy_into(out: np.ndarray, chunks: list[np.ndarray]) -> None:
-    """Copy received chunks, in order, into a flat array of exactly their total size."""
+    """Copy received chunks, in order, into a flat array of exactly their total size,
+    decoding float16/bfloat16 chunks to float32 on the way (still one pass, no temporary)."""
     offset = 0
     for chunk in chunks:
-        out[offset:offset + chunk.size] = chunk
+        part = out[offset:offset + chunk.size]
+        if chunk.dtype == out.dtype:
+            part[:] = chunk
+        else:
+            compress.decode_into(part, chunk, compress.wire_dtype(chunk))
         offset += chunk.size
+
+
+def pull_frames(params: np.ndarray, dtype: str) -> tuple[list, bool]:
+    """A PULL reply's payload: the frames, and whether they are views of ``params``.
+
+    float32: views of the live buffer (zero-copy; the server tracks the send, since
+    the buffer must not change until zmq has sent it). float16/bfloat16: encoding
+    needs a fresh buffer of half the size, which nobody else holds, so the reply
+    needs no tracking and the live buffer may change at once.
+    """
+    encoded = compress.encode(params, dtype)
+    return split(encoded), encoded is params

@@ -7,7 +7,7 @@ import logging
 import signal
 import sys
 
-from ps import netfaults, security
+from ps import compress, netfaults, security
 from ps.client import RemoteError
 from ps.protocol import Error
 
@@ -42,6 +42,14 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="fault hook: SIGKILL this worker at before_push, mid_push or after_push of STEP")
     p.add_argument("--secure", default=None, metavar="KEYDIR",
                    help="CurveZMQ with the keys in KEYDIR (python -m ps.keys); needs --id")
+    p.add_argument("--grad-dtype", choices=compress.WIRE_DTYPES, default="float32",
+                   help="gradients on the wire (servers sum in float32) (default: %(default)s)")
+    p.add_argument("--param-dtype", choices=compress.WIRE_DTYPES, default="float32",
+                   help="parameters on the wire (servers keep float32) (default: %(default)s)")
+    p.add_argument("--prefetch", choices=("push", "compute", "off"), default="push",
+                   help="SSP/ASP: send the next pull right behind the push (push), as soon as "
+                        "this step's parameters are in (compute), or not ahead (off) "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     if a.secure and a.worker_id < 0:
@@ -54,7 +62,8 @@ def parse_args(argv=None) -> WorkerConfig:
     except ValueError as exc:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
-                        a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure)
+                        a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure,
+                        a.grad_dtype, a.param_dtype, a.prefetch)
 
 
 def main(argv=None) -> int:

@@ -78,6 +78,9 @@ class WorkerConfig:
     trace: bool = False             # write trace/worker<id>.json into out
     crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
     secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
+    grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
+    param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
+    prefetch: str = "push"          # SSP/ASP: when the next pull is sent: push | compute | off
 
 
 def pick_device(name: str) -> torch.device:
@@ -111,6 +114,8 @@ class Worker:
         self.leases: Leases | None = None
         self.last_report = time.perf_counter()
         self.reports: list[int] = []         # rids of reports not yet answered
+        self.prefetched = None               # (step, rids) of a pull sent ahead (SSP/ASP)
+        self.steps = 0                       # the run's step count (no prefetch past it)
 
     def register(self) -> dict:
         job = self.job
@@ -132,7 +137,8 @@ class Worker:
             self.tracer = Tracer(self.config.out, f"worker{self.id}", 100 + self.inc,
                                  file=f"worker{self.id}-{self.inc}")   # a replacement: new file
         shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
-        self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc)
+        self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc,
+                                  self.config.grad_dtype, self.config.param_dtype)
         self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
         self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
         self.heartbeat.start()
@@ -178,12 +184,15 @@ class Worker:
         deadline = time.monotonic() + self.config.timeout_s
         log_at, waiting = time.monotonic() + WAIT_LOG_S, ""
         with self.tracer.span("pull", "wait", step=step):
+            pending = self._take_prefetch(step)
             while True:
                 self.check_fenced()
                 try:
-                    self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S)
+                    self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S,
+                                          pending=pending)
                     break
                 except TimeoutError:
+                    pending = None                     # abandoned; ask again, fresh
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"worker {self.id}: step {step} still unreadable after "
                                            f"{self.config.timeout_s:.0f} s; {waiting}") from None
@@ -196,6 +205,40 @@ class Worker:
         self.flat.after_pull()
         self.held = step
 
+    def prefetch(self, step: int, when: str) -> None:
+        """SSP/ASP: send the pull for ``step`` ahead of time, if ``--prefetch`` is ``when``.
+
+        ``push``: right behind this worker's push, on the same connections; a server
+        takes a connection's messages in order, so the pull sees the push (a worker
+        reads its own writes) and its reply travels while the worker collects the
+        push's acknowledgements, reports and leases. ``compute``: as soon as the
+        current step's parameters are in, so the transfer hides behind compute; but
+        its answer may then lack this worker's own last push (a read the server counts
+        at least 1 clock stale, still within s, and measured to hurt convergence).
+
+        Double-buffered either way: the reply lands in zmq's receive buffers (its
+        frames are the second buffer) and is copied into the model's flat buffer only
+        by the next ``pull``, so the model is never written while it computes and the
+        frame -> model copy stays the only one. Never in BSP: version t+1 exists only
+        once every push of step t is in. In SSP the server's gate holds a prefetch like
+        any pull, so no read is ever staler than s clocks.
+        """
+        if self.ahead(step, when):
+            self.prefetched = self.shards.pull_send(step)
+
+    def ahead(self, step: int, when: str) -> bool:
+        return (self.config.prefetch == when and self.mode != "bsp" and self.prefetched is None
+                and step < self.steps)
+
+    def _take_prefetch(self, step: int):
+        """The prefetched pull if it is for ``step`` (in ASP, whose pulls are answered at
+        once, for any step); else drop it (its reply is ignored)."""
+        pending, self.prefetched = self.prefetched, None
+        if pending is not None and pending[0] != step and self.mode != "asp":
+            self.shards.abandon(pending)
+            return None
+        return pending
+
     def push(self, step: int, group: Group, ends_clock: bool = True) -> None:
         """Push a group's gradient sum (an empty group: an SSP clock tick), then report it."""
         self.flat.grads_to_host()
@@ -205,9 +248,13 @@ class Worker:
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
                              ends_clock, only=[0])
             self.crash.now()
+        then = step + (self.mode == "ssp")     # the step the next pull will ask for
+        then = then if ends_clock and self.ahead(then, "push") else None
         with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
             replies = self.shards.push(self.flat.grads_np, step, ids, group.samples,
-                                       group.step_tasks, ends_clock)
+                                       group.step_tasks, ends_clock, then_pull=then)
+        if then is not None:
+            self.prefetched = self.shards.ahead
         self.crash.maybe("after_push", step)
         # Rejected: no shard took it (all had it already). A push some shards refused and
         # others took is the second half of a dead worker's partial push: applied now.
@@ -285,6 +332,7 @@ class Worker:
         # SSP pulls even for an empty clock: the gate is what keeps this worker within
         # s clocks of the slowest; ticking through empty clocks unread would escape it.
         self.pull(step, redo_step=step - 1 if self.mode == "bsp" else None)
+        self.prefetch(step + 1, "compute")   # SSP: the next clock's pull, while this one computes
         self.flat.zero_grad()
         group = Group()
         while task is not None:
@@ -309,17 +357,22 @@ class Worker:
             if task is None:
                 return
             self.pull(task[1])
+            self.prefetch(task[1], "compute")   # the next task's parameters, while this computes
             self.flat.zero_grad()
             group = Group()
             self.compute(task, step_tasks, group)
             self.push(task[1], group)
 
     def train(self, start_step: int, steps: int) -> None:
+        self.steps = steps
         if self.mode == "asp":
             self.train_asp()
         else:
             for step in range(start_step, steps):
                 self.train_step(step)
+        if self.prefetched is not None:      # sent before the others' last pushes: never final
+            self.shards.abandon(self.prefetched)
+            self.prefetched = None
 
     def wait_for_all(self) -> bool:
         """DONE is answered once every live worker is done; until then, do any task dealt
