@@ -249,7 +249,7 @@ def payload_refused(frames, dtype, size, code):
     assert info.value.code == code, info.value
 
 
-@pytest.mark.parametrize("dtype", ["float64", "object", "float16", "int32", "<f4", "", "O"])
+@pytest.mark.parametrize("dtype", ["float64", "object", "bf16", "int32", "<f4", "", "O"])
 def test_check_payload_refuses_dtypes_off_the_allow_list(dtype):
     payload_refused([f32_bytes(4)], dtype, 4, Error.BAD_DTYPE)
 
