@@ -13,9 +13,9 @@ the last reading before the last step ended (its time from the trace) is the end
 the run: a server frees its shard when told to stop, before it exits. Per server,
 (RSS - idle) / (4 x shard parameters) is its memory per parameter byte, where idle is
 the RSS of a server process that has started and bound but holds no shard. Beside it,
-the bytes per parameter byte that ``ps.shard.Shard`` itself allocates (read off a
-small Shard with the job's optimizer, array by array), and the issue's bound:
-parameters + optimizer state + one aggregation buffer. RSS counts what is resident
+the bytes per parameter byte each shard reports holding (``Shard.state_bytes``, in the
+run's summary), and the issue's bound: parameters + optimizer state + one aggregation
+buffer, plus a constant (the optimizer's scratch chunks). RSS counts what is resident
 at the end; HWM the peak, which adds whatever was in flight (received gradient frames
 not yet summed, a parameter copy made while a pull's reply was still being sent).
 """
@@ -131,26 +131,19 @@ def idle_server_rss() -> int:
         children.stop()
 
 
-def shard_bytes_per_param_byte(optimizer: dict) -> dict[str, float]:
-    """Arrays a BSP ``Shard`` allocates, by name, in bytes per byte of its parameters
-    (read off a small Shard after one step, so nothing allocated lazily is missed)."""
+def shard_bytes_per_param_byte(optimizer: dict) -> tuple[dict[str, float], int]:
+    """Arrays a BSP ``Shard`` holds (``Shard.state_bytes``), by name, in bytes per byte
+    of its parameters, and its constant scratch in bytes (read off a Shard of a few
+    optimizer chunks after one step)."""
+    from ps.optim import CHUNK
     from ps.shard import Shard
-    size = 1000
+    size = 4 * CHUNK
     shard = Shard(size, optimizer, "bsp", 0, 1)
     shard.init([np.zeros(size, np.float32)])
-    try:
-        shard.push(0, 0, [0], 1, 1, [np.ones(size, np.float32)])
-    except Exception as exc:   # the Shard API may change: then count what init allocated
-        print(f"  note: one step of a Shard failed ({exc}); counting its arrays after init",
-              file=sys.stderr)
-    held = {}
-    for owner, prefix in ((vars(shard), ""), (vars(shard.optimizer), "optimizer.")):
-        for name, value in owner.items():
-            arrays = value.items() if isinstance(value, dict) else [(name, value)]
-            for key, a in arrays:
-                if isinstance(a, np.ndarray) and a.size >= size:
-                    held[prefix + key] = a.nbytes / (4 * size)
-    return held
+    shard.push(0, 0, [0], 1, 1, [np.ones(size, np.float32)])
+    held = shard.state_bytes()
+    scratch = held.pop("scratch")
+    return {k: v / (4 * size) for k, v in held.items()}, scratch
 
 
 def scale_run(job: str, params: int, servers: int, workers: int, steps: int, warmup: int,
@@ -166,7 +159,8 @@ def scale_run(job: str, params: int, servers: int, workers: int, steps: int, war
     end = max(step_end_times(trace, absolute=True).values())   # the last step's last push
     return {"step_s": step_s, "samples_per_s": summary["samples"] / summary["steps"] / step_s,
             "wall_s": summary["wall_s"], "final_loss": summary["final_loss"],
-            "server_memory": [memory.at(f"server{k}", end) for k in range(servers)]}
+            "server_memory": [memory.at(f"server{k}", end) for k in range(servers)],
+            "state_bytes": [sh.get("state_bytes", {}) for sh in summary["shards"]]}
 
 
 def run(args) -> tuple[list[dict], str]:
@@ -181,11 +175,11 @@ def run(args) -> tuple[list[dict], str]:
     for w in args.workers:
         configs.setdefault((args.sweep_size, 2, w), []).append("workers")
     idle = idle_server_rss()
-    held = shard_bytes_per_param_byte(mlp10m.OPTIMIZER)
-    # The issue's bound: parameters, the aggregation buffer (grad) and the optimizer's
-    # state (its named buffers; its "_"-prefixed scratch arrays are not state).
-    target = sum(v for k, v in held.items() if k in ("params", "grad")
-                 or k.startswith("optimizer.") and not k.startswith("optimizer._"))
+    held, scratch = shard_bytes_per_param_byte(mlp10m.OPTIMIZER)
+    # The issue's bound: parameters, the aggregation buffer and the optimizer's state
+    # (the optimizer's scratch is the constant beside it).
+    target = sum(v for k, v in held.items() if k in ("params", "aggregation")
+                 or k.startswith("optimizer."))
     rows = []
     with tempfile.TemporaryDirectory(prefix="ps-bench-scale-") as tmp:
         for i, ((size, servers, workers), sweeps) in enumerate(configs.items()):
@@ -195,34 +189,42 @@ def run(args) -> tuple[list[dict], str]:
             total = mlp10m.param_count(mlp10m.hidden_for(size))
             shards = [hi - lo for lo, hi in cut(total, servers)]
             per_server = []
-            for k, (mem, n) in enumerate(zip(r.pop("server_memory"), shards)):
+            for k, (mem, n, state) in enumerate(zip(r.pop("server_memory"), shards,
+                                                    r.pop("state_bytes"))):
                 rss, hwm = mem.get("VmRSS", 0), mem.get("VmHWM", 0)
                 per_server.append({"server": k, "shard_params": n, "rss_bytes": rss,
                                    "hwm_bytes": hwm, "rss_per_param_byte": (rss - idle) / (4 * n),
-                                   "hwm_per_param_byte": (hwm - idle) / (4 * n)})
+                                   "hwm_per_param_byte": (hwm - idle) / (4 * n),
+                                   "state_bytes": state,
+                                   "state_per_param_byte": sum(state.values()) / (4 * n)})
             rows.append({"sweeps": sweeps, "params": total, "nominal_params": size,
                          "servers": servers, "workers": workers, "batch": args.batch,
                          "steps": args.steps, "warmup": args.warmup, **r,
                          "rss_per_param_byte": max(s["rss_per_param_byte"] for s in per_server),
                          "hwm_per_param_byte": max(s["hwm_per_param_byte"] for s in per_server),
+                         "state_per_param_byte": max(s["state_per_param_byte"]
+                                                     for s in per_server),
                          "expected_per_param_byte": sum(held.values()),
                          "target_per_param_byte": target, "idle_server_rss_bytes": idle,
+                         "scratch_bytes": scratch,
                          "shard_arrays_per_param_byte": held, "per_server": per_server})
             print(f"  [{i + 1}/{len(configs)}] {count(size)} x {servers} servers x {workers} "
                   f"workers: {r['step_s'] * 1e3:.0f} ms/step", file=sys.stderr, flush=True)
-    return rows, tables(rows, args, idle, held, target)
+    return rows, tables(rows, args, idle, held, target, scratch)
 
 
-def tables(rows: list[dict], args, idle: int, held: dict, target: float) -> str:
+def tables(rows: list[dict], args, idle: int, held: dict, target: float, scratch: int) -> str:
     headers = ["params", "servers", "workers", "step ms", "samples/s", "MB moved / step",
-               "server RSS MB (max)", "RSS per param byte", "HWM per param byte"]
+               "server RSS MB (max)", "RSS per param byte", "HWM per param byte",
+               "state per param byte"]
 
     def line(r):
         moved = 2 * 4 * r["params"] * r["workers"]       # each worker pulls and pushes it all
         return [count(r["nominal_params"]), r["servers"], r["workers"],
                 f"{r['step_s'] * 1e3:.1f}", f"{r['samples_per_s']:,.0f}", f"{moved / 1e6:,.0f}",
                 f"{max(s['rss_bytes'] for s in r['per_server']) / 1e6:,.0f}",
-                f"{r['rss_per_param_byte']:.2f}", f"{r['hwm_per_param_byte']:.2f}"]
+                f"{r['rss_per_param_byte']:.2f}", f"{r['hwm_per_param_byte']:.2f}",
+                f"{r['state_per_param_byte']:.2f}"]
 
     parts = []
     for sweep, title in (("size", "(a) model size, 2 servers x 2 workers"),
@@ -235,10 +237,12 @@ def tables(rows: list[dict], args, idle: int, held: dict, target: float) -> str:
         f"BSP, global batch {args.batch}, {args.warmup} warm-up + {args.steps} timed steps; "
         "MB moved: pulls + pushes of all workers in one step. Memory per parameter byte = "
         f"(server RSS - {idle / 1e6:.0f} MB of an idle server) / 4 x shard parameters "
-        "(the largest over servers). What ps.shard.Shard allocates, per parameter "
-        f"byte: {kept} = {sum(held.values()):g}; the bound parameters + optimizer state + one "
-        f"aggregation buffer is {target:g}. Small models read high: the constant part of a "
-        "server's heap above the idle process is divided by few bytes.")
+        "(the largest over servers). State: the arrays a shard reports holding "
+        "(Shard.state_bytes), per parameter byte: "
+        f"{kept} = {sum(held.values()):g}, plus {scratch / 1024:.0f} KiB of optimizer scratch "
+        "per shard; the bound parameters + optimizer state + one aggregation buffer is "
+        f"{target:g}. RSS above state is in-flight message frames and heap. Small models "
+        "read high: the constant part of a server's heap is divided by few bytes.")
     return "\n\n".join(parts)
 
 
