@@ -75,7 +75,7 @@ class Server:
         self.last_checkpoint: dict | None = None   # what this shard last wrote (for the manifest)
         self.next_beat = 0.0                 # when the next heartbeat is due
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
-        self.in_flight: list = []            # zmq trackers of replies that reference self.shard.params
+        self.in_flight: list = []            # zmq trackers of replies sending from the shard's arrays
         self.errors: Counter = Counter()     # rejected requests by reason code
         self.copies: Counter = Counter()     # bytes copied on the hot path (copy-on-write)
         self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
