@@ -6,6 +6,7 @@ replayed steps give the same parameters as a run without the fault (the oracle, 
 a relative 1e-5), and every epoch's samples are applied exactly once.
 """
 import os
+import shutil
 
 from cluster import JOBS, assert_params_close, launch, oracle
 
@@ -61,10 +62,11 @@ def damage(path, how):
 
 
 def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    first = launch(tmp_path / "first", "--job", JOB, "--steps", "30", *CKPT)
+    assert first.rc == 0, first.stderr[-3000:]
     for how in ("corrupt", "truncate"):
         out = tmp_path / how
-        first = launch(out, "--job", JOB, "--steps", "30", *CKPT)
-        assert first.rc == 0, first.stderr[-3000:]
+        shutil.copytree(tmp_path / "first", out)           # the same 30 steps, damaged two ways
         damage(out / "checkpoints" / "v000030" / "shard-1.npz", how)
         run = launch(out, "--job", JOB, "--steps", str(STEPS), *CKPT, "--resume")
         summary = check(run)
