@@ -35,6 +35,17 @@ def test_server_killed_mid_run_is_recovered_from_the_last_checkpoint(tmp_path):
     assert recovery["steps_redone"] == recovery["at_step"] - 20 >= 5
 
 
+def test_a_worker_and_a_server_killed_together(tmp_path):
+    run = launch(tmp_path, "--job", JOB, "--steps", str(STEPS), *CKPT, "--recover", "--respawn",
+                 "--inject", "kill:worker1@step=25", "--inject", "kill:server0@step=25",
+                 env=SLOW_TASKS, timeout_s=150)
+    summary = check(run)
+    (recovery,) = summary["recoveries"]
+    assert recovery["lost"] == "server0" and recovery["resumed_from_step"] == 20
+    assert "injected kill:worker1@step=25" in run.stderr      # both were really killed
+    assert "injected kill:server0@step=25" in run.stderr
+
+
 def test_server_paused_past_the_timeout_is_recovered(tmp_path):
     # a hung server never exits by itself: the scheduler declares it dead, the run
     # stops, and --recover restarts the cluster from the checkpoint of step 20
