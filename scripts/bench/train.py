@@ -4,6 +4,12 @@ For each model (the ~10M-parameter MLP of scripts/jobs/mlp10m.py and the example
 language model, examples/char_transformer.py), in the same run and one after another:
 
 ours  ``python -m ps.launch`` in BSP with 2 workers and 2 servers (--servers), --trace
+      two variants beside it, the same launcher run with one thing changed:
+      ours_1task  --tasks-per-step 2: one task per worker per step, DDP's granularity
+                  (nothing left to steal)
+      ours_bf16   --grad-dtype bfloat16 --param-dtype bfloat16: half the bytes on the
+                  wire; servers keep float32 parameters and optimizer state, so the
+                  numerics differ from float32 within bfloat16's rounding
 ddp   torch DistributedDataParallel, gloo backend, 2 processes (bench/ddp_baseline.py)
 rpc   a torch.distributed.rpc parameter server with 2 trainers, batch-synchronous
       (bench/rpc_baseline.py)
@@ -37,20 +43,31 @@ TINY_STEPS = 2
 WARMUP = 3                # untimed steps first: connections, page faults, the allocator
 REPEATS = 1               # runs per system and model (--repeats)
 TINY_MLP_PARAMS = 100_000  # --tiny --models mlp10m: the MLP at this size (scale.sized_job)
-SYSTEMS = ("ours", "ddp", "rpc")
+WORKERS = 2               # our workers, DDP processes, RPC trainers
+# Our variants: extra launcher flags, run in turn with the others (key -> flags, label).
+VARIANTS = {"ours_1task": (["--tasks-per-step", str(WORKERS)], "ours, 1 task / worker"),
+            "ours_bf16": (["--grad-dtype", "bfloat16", "--param-dtype", "bfloat16"],
+                          "ours, bfloat16 wire")}
+SYSTEMS = ("ours", *VARIANTS, "ddp", "rpc")
 
 
 def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
-         tasks_per_step: int | None, out: str) -> dict:
-    """One launcher run in BSP with 2 workers, timed from its trace."""
-    argv = ["--job", job, "--mode", "bsp", "--workers", "2", "--servers", str(servers),
+         tasks_per_step: int | None, out: str, system: str = "ours") -> dict:
+    """One launcher run in BSP with 2 workers, timed from its trace; ``system``: "ours"
+    or one of VARIANTS, whose flags come last (so they win over --tasks-per-step)."""
+    argv = ["--job", job, "--mode", "bsp", "--workers", str(WORKERS), "--servers", str(servers),
             "--steps", str(warmup + steps), "--threads", str(threads), "--trace"]
     argv += ["--tasks-per-step", str(tasks_per_step)] if tasks_per_step else []
-    summary = launch_run(argv, out, f"ours on {os.path.basename(job)}", lenient=True)
+    extra = VARIANTS[system][0] if system != "ours" else []
+    summary = launch_run(argv + extra, out, f"{system} on {os.path.basename(job)}",
+                         lenient=True)
     step_s = timed_step_s(step_end_times(os.path.join(out, "trace.json")), warmup)
     batch = summary["samples"] // summary["steps"]
-    return {"system": "ours", "step_s": step_s, "samples_per_s": batch / step_s,
+    wire = dict(zip(extra[::2], extra[1::2]))
+    return {"system": system, "step_s": step_s, "samples_per_s": batch / step_s,
             "batch": batch, "servers": servers, "tasks_per_step": summary["tasks_per_step"],
+            "grad_dtype": wire.get("--grad-dtype", "float32"),
+            "param_dtype": wire.get("--param-dtype", "float32"),
             "final_loss": summary["final_loss"], "wall_s": summary["wall_s"]}
 
 
@@ -80,9 +97,9 @@ def run(args) -> tuple[list[dict], str]:
             for rep in range(args.repeats):            # systems alternate within a repeat
                 for system in SYSTEMS:
                     out = os.path.join(tmp, f"{model}-{system}-{rep}")
-                    if system == "ours":
+                    if system.startswith("ours"):
                         r = ours(job, steps, args.warmup, args.threads, args.servers,
-                                 args.tasks_per_step, out)
+                                 args.tasks_per_step, out, system)
                     else:
                         r = baseline(system, job, steps, args.warmup, args.threads, out)
                     runs[system].append(r)
@@ -98,21 +115,51 @@ def run(args) -> tuple[list[dict], str]:
                     r["samples_per_s"] for r in results)
                 row[f"{system}_step_s"] = statistics.median(r["step_s"] for r in results)
                 row[f"{system}_runs"] = results
-            row["ours_over_ddp"] = row["ours_samples_per_s"] / row["ddp_samples_per_s"]
-            row["ours_over_rpc"] = row["ours_samples_per_s"] / row["rpc_samples_per_s"]
+            for system in ("ours", *VARIANTS):
+                first = runs[system][0]
+                if system != "ours":
+                    row[f"{system}_tasks_per_step"] = first["tasks_per_step"]
+                    row[f"{system}_grad_dtype"] = first["grad_dtype"]
+                    row[f"{system}_param_dtype"] = first["param_dtype"]
+                for base in ("ddp", "rpc"):
+                    row[f"{system}_over_{base}"] = (row[f"{system}_samples_per_s"]
+                                                    / row[f"{base}_samples_per_s"])
             rows.append(row)
-    table = markdown(
+    return rows, table(rows) + "\n\n" + note(args, rows)
+
+
+def table(rows: list[dict]) -> str:
+    """One line per model, as before, then one line per variant of ours under it; a
+    variant's line is compared with the same DDP and RPC runs as the model's line."""
+    def cell(r, s):
+        return f"{r[f'{s}_samples_per_s']:,.0f} ({r[f'{s}_step_s'] * 1e3:.1f})"
+    lines = []
+    for r in rows:
+        same = [f"{r['params']:,}", r["batch"], r["optimizer"]]
+        lines.append([r["model"], *same, r["tasks_per_step"],
+                      *(cell(r, s) for s in ("ours", "ddp", "rpc")),
+                      f"{r['ours_over_ddp']:.2f}", f"{r['ours_over_rpc']:.2f}"])
+        for v, (_, label) in VARIANTS.items():
+            lines.append([f"{r['model']}: {label}", *same, r[f"{v}_tasks_per_step"],
+                          cell(r, v), "(as above)", "(as above)",
+                          f"{r[f'{v}_over_ddp']:.2f}", f"{r[f'{v}_over_rpc']:.2f}"])
+    return markdown(
         ["model", "params", "batch", "optimizer", "ours: tasks / step",
          "ours samples/s (step ms)", "DDP samples/s (step ms)", "RPC PS samples/s (step ms)",
-         "ours / DDP", "ours / RPC"],
-        [[r["model"], f"{r['params']:,}", r["batch"], r["optimizer"], r["tasks_per_step"],
-          *(f"{r[f'{s}_samples_per_s']:,.0f} ({r[f'{s}_step_s'] * 1e3:.1f})" for s in SYSTEMS),
-          f"{r['ours_over_ddp']:.2f}", f"{r['ours_over_rpc']:.2f}"] for r in rows])
-    note = (f"2 workers / DDP processes / RPC trainers, {args.threads} torch thread(s) each; "
-            f"ours: BSP, {args.servers} servers. Timed: {args.warmup} warm-up steps, then "
-            f"{', '.join(str(r['steps']) for r in rows)} steps; median of {args.repeats} "
-            "run(s) per cell, systems alternating.")
-    return rows, table + "\n\n" + note
+         "ours / DDP", "ours / RPC"], lines)
+
+
+def note(args, rows: list[dict]) -> str:
+    return (f"{WORKERS} workers / DDP processes / RPC trainers, {args.threads} torch thread(s) "
+            f"each; ours: BSP, {args.servers} servers. Timed: {args.warmup} warm-up steps, "
+            f"then {', '.join(str(r['steps']) for r in rows)} steps; median of {args.repeats} "
+            f"run(s) per cell, systems alternating ({', '.join(SYSTEMS)}). Variant lines: "
+            f"\"1 task / worker\" is --tasks-per-step {WORKERS}, DDP's granularity (no "
+            "stealing granularity); \"bfloat16 wire\" is --grad-dtype bfloat16 --param-dtype "
+            "bfloat16: gradients and parameters travel as bfloat16, servers keep float32 "
+            "parameters and optimizer state. That changes the numerics (within bfloat16's "
+            "rounding of each pushed gradient and pulled parameter), so that line is not "
+            "like-for-like with float32 DDP and RPC.")
 
 
 def add_arguments(p) -> None:
