@@ -13,57 +13,34 @@ gradient, with its own copy of the job's optimizer: the same update BSP makes.
 
 Rank 0 times the steps after ``--warmup`` (from the end of step warmup - 1 to the end
 of the last step) and writes {samples_per_s, step_s, ...} as JSON to ``--out``.
-Only torch and the standard library: this file reads the job file itself, and shares
-no code with the parameter server. Every process it starts is ended, every wait has a
+Only torch and the standard library (and scripts/bench/baseline.py, shared with the RPC
+baseline): it reads the job file itself, and shares no code with the parameter server.
+Every process it starts is ended, every wait has a
 deadline (``--timeout-s``).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
 import os
-import socket
 import sys
 import time
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
+from baseline import batch_indices, load_job, run_ranks   # scripts/bench/baseline.py
+
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
-def load_job(path: str):
-    """Import a job file (build_model, build_dataset, loss_fn, OPTIMIZER, BATCH_SIZE)."""
-    spec = importlib.util.spec_from_file_location("job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
     """{"name": "adam", "lr": 1e-3, ...} -> torch.optim.Adam(params, lr=1e-3, ...)."""
     kwargs = dict(config)
     return OPTIMIZERS[kwargs.pop("name")](params, **kwargs)
-
-
-def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[int]:
-    """Rank ``rank``'s part of global batch ``step``: samples [kB, (k+1)B) mod n, cut in N."""
-    share = batch // procs
-    lo = step * batch + rank * share
-    return [i % n for i in range(lo, lo + share)]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it; a race is possible, and harmless
-    here: a clash fails the rendezvous, which has a deadline)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rank_main(rank: int, args, port: int) -> None:
@@ -117,25 +94,7 @@ def main(argv=None) -> int:
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned ranks
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, args, port)) for r in range(args.procs)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + args.timeout_s
-    try:
-        for proc in procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-    finally:
-        for proc in procs:                               # late or stuck: end it now
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    codes = [proc.exitcode for proc in procs]
-    if any(code != 0 for code in codes):
-        print(f"ddp_baseline: rank exit codes {codes}", file=sys.stderr)
-        return 1
-    return 0
+    return run_ranks(rank_main, args.procs, args, args.timeout_s, "ddp_baseline")
 
 
 if __name__ == "__main__":

@@ -24,55 +24,33 @@ the server process and apply one update per trainer and step, not a global batch
 
 Trainer 0 times the steps after ``--warmup`` (from the end of step warmup - 1 to the
 end of the last step) and writes {samples_per_s, step_s, ...} as JSON to ``--out``.
-Only torch and the standard library. Every process it starts is ended, every wait has
+Only torch and the standard library (and scripts/bench/baseline.py, shared with the DDP
+baseline). Every process it starts is ended, every wait has
 a deadline (``--timeout-s``; it is also the RPC timeout).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
-import socket
 import sys
 import threading
 import time
 
 import torch
 import torch.distributed.rpc as rpc
-import torch.multiprocessing as mp
 from torch.utils.data import default_collate
+
+from baseline import batch_indices, load_job, run_ranks   # scripts/bench/baseline.py
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SERVER = None            # the ParameterServer, in process 0 only
-
-
-def load_job(path: str):
-    """Import a job file (build_model, build_dataset, loss_fn, OPTIMIZER, BATCH_SIZE)."""
-    spec = importlib.util.spec_from_file_location("job", path)
-    job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(job)
-    return job
 
 
 def optimizer_args(config: dict) -> tuple[type, dict]:
     """{"name": "adam", "lr": 1e-3} -> (torch.optim.Adam, {"lr": 1e-3})."""
     kwargs = dict(config)
     return OPTIMIZERS[kwargs.pop("name")], kwargs
-
-
-def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[int]:
-    """Trainer ``rank``'s part of global batch ``step``: samples [kB, (k+1)B) mod n, cut in N."""
-    share = batch // procs
-    lo = step * batch + rank * share
-    return [i % n for i in range(lo, lo + share)]
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on now (a race is possible: the rendezvous has a deadline)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the server (process 0) --------------------------------------------------------------
@@ -188,26 +166,7 @@ def main(argv=None) -> int:
     if args.warmup < 1 or args.steps < 1:
         p.error("--warmup and --steps must be >= 1")
     os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned processes
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=rank_main, args=(r, args, port))
-             for r in range(args.trainers + 1)]
-    for proc in procs:
-        proc.start()
-    deadline = time.monotonic() + args.timeout_s
-    try:
-        for proc in procs:
-            proc.join(max(0.1, deadline - time.monotonic()))
-    finally:
-        for proc in procs:                               # late or stuck: end it now
-            if proc.is_alive():
-                proc.kill()
-                proc.join(5)
-    codes = [proc.exitcode for proc in procs]
-    if any(code != 0 for code in codes):
-        print(f"rpc_baseline: process exit codes {codes}", file=sys.stderr)
-        return 1
-    return 0
+    return run_ranks(rank_main, args.trainers + 1, args, args.timeout_s, "rpc_baseline")
 
 
 if __name__ == "__main__":
