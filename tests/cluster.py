@@ -93,3 +93,19 @@ def assert_params_close(got: dict, want: dict, rtol: float) -> None:
         scale = float(np.abs(want[name]).max())
         np.testing.assert_allclose(got[name], want[name], rtol=rtol, atol=rtol * scale,
                                    err_msg=f"parameter {name}")
+
+
+def check_tiny_mlp_run(run: Run, reference: dict, steps: int, deaths: int | None = None) -> dict:
+    """The promises of a BSP fault test on tests/jobs/tiny_mlp.py (200 samples, batch 24:
+    9 steps an epoch, the last of 8 samples): the run succeeded, every sample of every
+    epoch was applied exactly once, and the parameters are the oracle's."""
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert summary["ok"], summary["failure"]
+    if deaths is not None:
+        assert len(summary["deaths"]) == deaths, summary["deaths"]
+    full, rest = divmod(steps, 9)
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * full + ([rest * 24] if rest else []), applied
+    assert_params_close(run.params, reference, rtol=1e-5)
+    return summary

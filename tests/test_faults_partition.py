@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from cluster import JOBS, ROOT, assert_params_close, kill_group, launch, oracle
+from cluster import JOBS, ROOT, check_tiny_mlp_run, kill_group, launch, oracle
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
@@ -72,13 +72,7 @@ def run_partitioned(tmp_path, *args, timeout_s=120):
 
 
 def check(run, reference, deaths):
-    assert run.rc == 0, run.stderr[-4000:]
-    summary = run.summary
-    assert summary["ok"], summary["failure"]
-    assert len(summary["deaths"]) == deaths, summary["deaths"]
-    applied = [e["samples_applied"] for e in summary["per_epoch"]]
-    assert applied == [200] * 6 + [6 * 24], applied        # every sample exactly once
-    assert_params_close(run.params, reference, rtol=1e-5)
+    summary = check_tiny_mlp_run(run, reference, STEPS, deaths)
     (fault,) = summary["faults_injected"]
     assert fault["fired_at_s"] is not None and fault["healed_at_s"] is not None, fault
     return summary, fault
@@ -136,8 +130,11 @@ def test_one_way_cut_from_a_worker_to_a_server(tmp_path, clean, reference):
 
 
 def test_a_flapping_link(tmp_path, clean, reference):
+    # Down half of every second for 4 s: each cut is far shorter than the timeout, but TCP's
+    # retransmission backoff can hold a heartbeat back for a few seconds after the link
+    # returns, hence a timeout with room (3 s was declared dead once on a loaded machine).
     run = run_partitioned(tmp_path, "--inject", "flap:worker1@step=5,for=4s,period=1s",
-                          "--dead-after-s", "3")
+                          "--dead-after-s", "6")
     check(run, reference, deaths=0)
 
 

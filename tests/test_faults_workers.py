@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from cluster import JOBS, assert_params_close, launch, oracle
+from cluster import JOBS, check_tiny_mlp_run, launch, oracle
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
@@ -25,14 +25,7 @@ def reference():
 
 
 def check(run, reference, deaths):
-    assert run.rc == 0, run.stderr[-4000:]
-    summary = run.summary
-    assert summary["ok"], summary["failure"]
-    assert len(summary["deaths"]) == deaths, summary["deaths"]
-    applied = [e["samples_applied"] for e in summary["per_epoch"]]
-    assert applied == [200] * 6 + [6 * 24], applied        # every sample exactly once
-    assert_params_close(run.params, reference, rtol=1e-5)
-    return summary
+    return check_tiny_mlp_run(run, reference, STEPS, deaths)
 
 
 @pytest.mark.parametrize("point", ["before_push", "mid_push", "after_push"])
