@@ -40,13 +40,27 @@ def encode(x: np.ndarray, dtype: str) -> np.ndarray:
     if dtype == "float16":
         with np.errstate(over="ignore"):        # overflow becomes inf, refused downstream
             return x.astype("<f2")
+    return _encode_bfloat16(x)
+
+
+def _encode_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, keep the upper
+    half. Done BLOCK items at a time in one uint32 scratch, in place: the whole-array
+    expression made five temporaries the size of the tensor and was about 3x slower."""
     bits = x.view(np.uint32)
-    # round to nearest, ties to even: add 0x7FFF plus the lowest kept bit, then truncate
-    rounded = bits + (np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1)))
-    out = (rounded >> 16).astype("<u2")
-    nan = np.isnan(x)                            # rounding must not turn a NaN into inf
-    if nan.any():
-        out[nan] = 0x7FC0
+    out = np.empty(x.size, dtype="<u2")
+    scratch = np.empty(min(BLOCK, x.size), dtype=np.uint32)
+    for i in range(0, x.size, BLOCK):
+        b, t = bits[i:i + BLOCK], scratch[:min(BLOCK, x.size - i)]
+        np.right_shift(b, 16, out=t)
+        np.bitwise_and(t, 1, out=t)
+        np.add(t, 0x7FFF, out=t)
+        np.add(t, b, out=t)
+        np.right_shift(t, 16, out=t)
+        out[i:i + BLOCK] = t                     # the low 16 bits: exact, after the shift
+        nan = np.isnan(x[i:i + BLOCK])           # rounding must not turn a NaN into inf
+        if nan.any():
+            out[i:i + BLOCK][nan] = 0x7FC0
     return out
 
 
