@@ -238,22 +238,32 @@ class ShardClient:
         A shard that rejects the push as a duplicate answers OK with ``applied``
         False: the gradient is already in, which is what the sender wanted.
         """
-        rids, peers = [], []
+        sent = self.push_send(grad, step, tasks, samples, step_tasks, ends_clock, only)
+        if then_pull is not None:
+            self.ahead = self.pull_send(then_pull)
+        return self.push_wait(sent, step)
+
+    def push_send(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
+                  step_tasks: int, ends_clock: bool = True,
+                  only: list[int] | None = None) -> list[tuple[Peer, int]]:
+        """Send the push to the shards in ``only`` (all: None) and return at once, with
+        ``(peer, rid)`` per shard for ``push_wait`` (a worker pushing from backward hooks
+        sends each shard as soon as its slice is complete)."""
+        sent = []
         for p, s in zip(self.peers, self.shards):
             if only is not None and s.index not in only:     # a fault hook's partial push
                 continue
-            peers.append(p)
             # float32: views of the gradient buffer; float16/bfloat16: a fresh half-size
             # encoding of this shard's slice, which the message keeps alive until sent
             frames = wire.split(compress.encode(grad[s.lo:s.hi], self.grad_dtype)) if samples else []
-            rids.append(p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step, tasks=tasks,
-                               samples=samples, step_tasks=step_tasks, ends_clock=ends_clock,
-                               lo=s.lo, dtype=self.grad_dtype,
-                               size=(s.hi - s.lo) if samples else 0))
-        if then_pull is not None:
-            self.ahead = self.pull_send(then_pull)
-        return [p.recv(rid, self.timeout_s, f"push of step {step}")[0]
-                for p, rid in zip(peers, rids)]
+            sent.append((p, p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step,
+                                   tasks=tasks, samples=samples, step_tasks=step_tasks,
+                                   ends_clock=ends_clock, lo=s.lo, dtype=self.grad_dtype,
+                                   size=(s.hi - s.lo) if samples else 0)))
+        return sent
+
+    def push_wait(self, sent: list[tuple[Peer, int]], step: int) -> list[dict]:
+        return [p.recv(rid, self.timeout_s, f"push of step {step}")[0] for p, rid in sent]
 
     def stats(self, timeout_s: float | None = None) -> list[dict]:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s

@@ -144,7 +144,8 @@ class Cluster:
                 "--seed", str(a.seed), "--out", a.out, "--threads", str(threads),
                 "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
                 *(["--trace"] * a.trace), "--grad-dtype", a.grad_dtype,
-                "--param-dtype", a.param_dtype, "--prefetch", a.prefetch, *common]
+                "--param-dtype", a.param_dtype, "--prefetch", a.prefetch,
+                *(["--no-overlap"] * a.no_overlap), *common]
             crash = ["--crash-at", a.crash_at[w]] if w in a.crash_at else []   # not for replacements
             self.spawn(f"worker{w}", "worker", self.worker_argv[f"worker{w}"] + crash, env=self.worker_env)
         for k in range(a.servers):

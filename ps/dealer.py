@@ -209,3 +209,9 @@ class Dealer:
     def left(self, rnd: int) -> int:
         """Tasks of a round not yet leased."""
         return sum(len(dq) for dq in self.deques.get(rnd, ()))
+
+    def own_left(self, worker: int, rounds) -> int:
+        """Tasks still waiting in ``worker``'s own deques of ``rounds`` (what a LEASE reply
+        calls ``left``: 0 after an empty reply tells the worker that the task it computes
+        is its last own one, so it may push as backward goes)."""
+        return sum(len(self.deques[rnd][worker]) for rnd in rounds if rnd in self.deques)

@@ -291,6 +291,9 @@ def parse_args(argv=None):
                         "reads its own writes), as soon as a step's parameters are in, to hide "
                         "behind compute (compute), or not ahead (off); BSP never prefetches "
                         "(default: %(default)s)")
+    p.add_argument("--no-overlap", action="store_true",
+                   help="BSP on the CPU: workers push after backward instead of each shard as "
+                        "soon as backward completes it (worker/overlap.py), for A/B runs")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:

@@ -271,6 +271,7 @@ class Scheduler:
             self.journal.started(self.run.t_start)
         if self.config.mode == "asp":
             task, victim = self._lease_asp(worker, ahead)
+            rounds = sorted(self.dealer.deques)
         elif step == -1:                 # "anything dealt again?" from a worker done stepping
             rounds = sorted(self.dealer.deques)
             task, victim = self.dealer.take(worker, rounds, rounds)
@@ -286,7 +287,8 @@ class Scheduler:
                                 tasks=self.dealer.steal_log[-1][3])
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
                    step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
-                   redo=bool(task and task.id in self.dealer.redo))
+                   redo=bool(task and task.id in self.dealer.redo),
+                   left=self.dealer.own_left(worker, rounds))
 
     def _lease_asp(self, worker: int, ahead: bool):
         """ASP deals a whole epoch at a time; the next only when the current is drained."""

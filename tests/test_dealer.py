@@ -183,3 +183,17 @@ def test_emptied_rounds_are_dropped_but_never_dealt_again():
     assert 0 not in d.deques
     d.deal(0)
     assert 0 not in d.deques
+
+
+def test_own_left_counts_only_the_workers_own_deque_and_tells_its_last_task():
+    d = Dealer(plan(), 2, total_steps=2)
+    d.deal(0)                                                 # 4 tasks each
+    assert d.own_left(0, [0]) == 4 and d.own_left(0, [1]) == 0   # round 1 not dealt
+    for _ in range(3):
+        d.take_ahead(0, [0])
+    assert d.take_ahead(0, [0]) is None and d.own_left(0, [0]) == 1   # withheld: not the last
+    d.take(0, [0], [0])                                       # idle: takes its last one
+    assert d.take_ahead(0, [0]) is None and d.own_left(0, [0]) == 0   # computing its last
+    assert d.own_left(1, [0]) == 4
+    d.take(0, [0], [0])                                       # steals 2 of worker 1's 4
+    assert d.own_left(0, [0]) == 1 and d.own_left(1, [0]) == 2

@@ -50,6 +50,9 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="SSP/ASP: send the next pull right behind the push (push), as soon as "
                         "this step's parameters are in (compute), or not ahead (off) "
                         "(default: %(default)s)")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false",
+                   help="BSP on the CPU: push the last task's gradient after backward, not "
+                        "shard by shard from backward hooks (worker/overlap.py), for A/B runs")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     if a.secure and a.worker_id < 0:
@@ -63,7 +66,7 @@ def parse_args(argv=None) -> WorkerConfig:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
                         a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure,
-                        a.grad_dtype, a.param_dtype, a.prefetch)
+                        a.grad_dtype, a.param_dtype, a.prefetch, a.overlap)
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ state. Its loop, for each step (BSP) or clock (SSP)::
     while task:                               # own tasks first, then stolen ones
         grads += n * grad(mean loss of the task's batch)
         task = scheduler.lease(step)
-    shards.push(grads, task ids, sample count)
+    shards.push(grads, task ids, sample count)   # BSP, CPU: per shard, in backward (overlap.py)
     scheduler.report(step, task ids, loss, timings)
 
 and in ASP, for each task: lease, pull, compute, push, report.
@@ -44,13 +44,14 @@ from .flat import FlatModel
 from .heartbeat import Fenced, Heartbeat
 from .job import collate, load_job
 from .leases import Leases
+from .overlap import Overlap
+from .reports import Reports
 from .straggler import CrashAt, Slowdown
 from .waits import describe_pull
 
 log = logging.getLogger("worker")
 
 POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re-dealt tasks
-MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the answers
 
 
 @dataclass
@@ -61,6 +62,7 @@ class Group:
     samples: int = 0
     compute_s: float = 0.0
     step_tasks: int = 1          # tasks in the step (BSP: the shard waits for that many)
+    replies: list | None = None  # the shards' replies, once pushed from backward hooks
 
 
 @dataclass
@@ -81,6 +83,7 @@ class WorkerConfig:
     grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
     param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
     prefetch: str = "push"          # SSP/ASP: when the next pull is sent: push | compute | off
+    overlap: bool = True            # BSP on the CPU: push shards from backward (worker.overlap)
 
 
 def pick_device(name: str) -> torch.device:
@@ -112,8 +115,9 @@ class Worker:
         self.crash = CrashAt.parse(config.crash_at)
         self.tracer = Tracer(None, "worker", 0)
         self.leases: Leases | None = None
+        self.overlap: Overlap | None = None
         self.last_report = time.perf_counter()
-        self.reports: list[int] = []         # rids of reports not yet answered
+        self.reports: Reports | None = None
         self.prefetched = None               # (step, rids) of a pull sent ahead (SSP/ASP)
         self.steps = 0                       # the run's step count (no prefetch past it)
 
@@ -143,6 +147,10 @@ class Worker:
         self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
         self.heartbeat.start()
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s)
+        self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
+        if (self.config.overlap and self.mode == "bsp" and self.device.type == "cpu"
+                and not self.config.crash_at):     # why only then: worker/overlap.py
+            self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
         if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start
             self.shards.init(self.flat.params_np)
         log.info("worker %d (incarnation %d) on %s, steps %d..%d, %s", self.id, self.inc,
@@ -162,21 +170,29 @@ class Worker:
         log.warning("worker %d registered again with a restarted scheduler", self.id)
 
     # -- the pieces of a step -------------------------------------------------------
-    def compute(self, task: list, step_tasks: int, group: Group) -> None:
-        """Add n * grad(mean loss) of one task into the flat gradient."""
+    def compute(self, task: list, step_tasks: int, group: Group, overlap: bool = False) -> None:
+        """Add n * grad(mean loss) of one task into the flat gradient; with ``overlap``, if
+        it is our last own task of the step, push the group from backward hooks."""
         task_id, step, sample_ids = task
         with self.tracer.span("task", "task", task=task_id, step=step):
             t0 = time.perf_counter()
             batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
             n = len(sample_ids)
-            (loss * n).backward()            # gradient of the task's loss SUM, accumulated
+            armed = overlap and self.overlap is not None and self.leases.last_own(step)
+            if armed:
+                self.overlap.arm(step, [t[0] for t in group.tasks] + [task_id],
+                                 group.samples + n, step_tasks)
+            with self.tracer.span("backward", "task", task=task_id, overlap=armed):
+                (loss * n).backward()        # gradient of the task's loss SUM, accumulated
             group.loss_sum += float(loss.detach()) * n
             self.slowdown.after(task_id, time.perf_counter() - t0)
             group.compute_s += time.perf_counter() - t0
         group.tasks.append(task)
         group.samples += n
         group.step_tasks = step_tasks
+        if armed:
+            group.replies = self.overlap.finish()
 
     def pull(self, step: int, redo_step: int | None = None) -> None:
         """Read the parameters for ``step``, however long the gate takes (up to the
@@ -240,9 +256,21 @@ class Worker:
         return pending
 
     def push(self, step: int, group: Group, ends_clock: bool = True) -> None:
-        """Push a group's gradient sum (an empty group: an SSP clock tick), then report it."""
-        self.flat.grads_to_host()
+        """Push a group's gradient sum (an empty group: an SSP clock tick), then report it.
+        A group already pushed from backward hooks (``replies``) is only reported."""
         ids = [t[0] for t in group.tasks]
+        replies = group.replies if group.replies is not None else \
+            self.send_push(step, group, ids, ends_clock)
+        # Rejected: no shard took it (all had it already). A push some shards refused and
+        # others took is the second half of a dead worker's partial push: applied now.
+        rejected = ids if not any(r.get("applied", True) for r in replies) else []
+        now = time.perf_counter()
+        self.reports.send(step, ids, rejected, group.loss_sum, group.samples, group.compute_s,
+                          max(0.0, now - self.last_report - group.compute_s))
+        self.last_report = now
+
+    def send_push(self, step: int, group: Group, ids: list[int], ends_clock: bool) -> list:
+        self.flat.grads_to_host()
         self.crash.maybe("before_push", step)
         if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
@@ -256,37 +284,7 @@ class Worker:
         if then is not None:
             self.prefetched = self.shards.ahead
         self.crash.maybe("after_push", step)
-        # Rejected: no shard took it (all had it already). A push some shards refused and
-        # others took is the second half of a dead worker's partial push: applied now.
-        rejected = ids if not any(r.get("applied", True) for r in replies) else []
-        now = time.perf_counter()
-        self.report(step, ids, rejected, group.loss_sum, group.samples, group.compute_s,
-                    max(0.0, now - self.last_report - group.compute_s))
-        self.last_report = now
-
-    def report(self, step, ids, rejected, loss_sum, samples, compute_s, wait_s) -> None:
-        """Tell the scheduler which tasks were pushed. Nothing waits on the answer here:
-        the connection keeps the report ahead of our next LEASE, and the answers are
-        collected later (``collect_reports``), when a lost one is also sent again."""
-        self.reports.append(self.scheduler.send(
-            Kind.REPORT, worker=self.id, inc=self.inc, step=step, tasks=ids, rejected=rejected,
-            loss_sum=loss_sum, samples=samples, compute_s=compute_s, wait_s=wait_s))
-        if len(self.reports) > MAX_UNCONFIRMED_REPORTS:
-            self.collect_reports(wait=True)
-
-    def collect_reports(self, wait: bool) -> None:
-        """Take in the answers to our reports; with ``wait``, until every one is in."""
-        still = []
-        for rid in self.reports:
-            try:
-                self.scheduler.recv(rid, self.config.timeout_s if wait else 0.0, "report")
-            except TimeoutError:
-                if wait:
-                    raise
-                still.append(rid)
-            except RemoteError as exc:
-                raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
-        self.reports = still
+        return replies
 
     def run_alone(self, task: list, step_tasks: int) -> None:
         """A task dealt again (its holder died, or stolen while we wait): computed on
@@ -309,7 +307,7 @@ class Worker:
         self.push(step, group, ends_clock=False)
 
     def push_nothing(self, task: list) -> None:
-        self.report(task[1], [task[0]], [], 0.0, 0, 0.0, 0.0)
+        self.reports.send(task[1], [task[0]], [], 0.0, 0, 0.0, 0.0)
 
     def redo_waiting(self, step: int) -> None:
         """While blocked: take every task still leasable for ``step`` (-1: any) and do it."""
@@ -345,7 +343,11 @@ class Worker:
                     self.pull(step)
                 self.flat.zero_grad()
             else:
-                self.compute(task, step_tasks, group)
+                if group.replies is not None:   # pushed from backward hooks; a stolen task
+                    self.push(step, group)      # goes in a second push of its own
+                    group = Group()
+                    self.flat.zero_grad()
+                self.compute(task, step_tasks, group, overlap=True)
             task, step_tasks, redo = self.leases.next(step)
         if group.tasks or self.mode == "ssp":
             self.push(step, group)
@@ -377,7 +379,7 @@ class Worker:
     def wait_for_all(self) -> bool:
         """DONE is answered once every live worker is done; until then, do any task dealt
         again. Returns whether this worker writes the final parameters."""
-        self.collect_reports(wait=True)      # DONE must not overtake a lost report
+        self.reports.collect(wait=True)      # DONE must not overtake a lost report
         rid = self.scheduler.send(Kind.DONE, worker=self.id, inc=self.inc)
         deadline = time.monotonic() + 10 * self.config.timeout_s
         while True:

@@ -1,0 +1,127 @@
+"""Push while backward runs (worker/overlap.py): earlier, and still exactly the oracle.
+
+Unit: with a fake shard client, each shard is sent from a backward hook at the moment
+its slice of the flat gradient is final (a parameter straddling two shards holds both
+back), the last layers' shard first; hooks do nothing unless armed. Cluster: with
+``--trace``, a worker's first shard push starts before the backward of its last own
+task of the step ends, and the BSP run ends on the oracle's parameters, with the
+overlap and with ``--no-overlap`` (which sends no push from inside backward).
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from cluster import JOBS, assert_params_close, launch, oracle
+
+from ps.client import ShardInfo
+from ps.trace import Tracer
+from worker.flat import FlatModel
+from worker.overlap import Overlap
+
+JOB = os.path.join(JOBS, "tiny_mlp.py")
+STEPS = 30
+
+
+class FakeShards:
+    """Records each push_send: which shard, and its slice of the gradient at that moment."""
+
+    def __init__(self, shards):
+        self.shards, self.sent = shards, []
+
+    def push_send(self, grad, step, tasks, samples, step_tasks, ends_clock=True, only=None):
+        (k,) = only
+        s = self.shards[k]
+        self.sent.append((k, grad[s.lo:s.hi].copy(), tasks, samples))
+        return [(k, len(self.sent))]
+
+    def push_wait(self, sent, step):
+        return [{"shard": k, "rid": rid} for k, rid in sent]
+
+
+def model_and_overlap(cuts):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))   # 25 + 18 floats
+    flat = FlatModel(model, torch.device("cpu"))
+    bounds = [0, *cuts, flat.grads_np.size]
+    shards = FakeShards([ShardInfo(k, "", lo, hi) for k, (lo, hi) in
+                         enumerate(zip(bounds, bounds[1:]))])
+    return model, flat, shards, Overlap(model, flat, shards, Tracer(None, "worker", 0))
+
+
+def backward(model):
+    x = torch.randn(8, 4)
+    (model(x).square().sum()).backward()
+
+
+@pytest.mark.timeout(30)
+def test_each_shard_is_sent_from_backward_once_its_slice_is_final():
+    # shard 0: first weight; 1: first bias + part of the second weight (straddled); 2: the rest
+    model, flat, shards, overlap = model_and_overlap([20, 30])
+    backward(model)                                   # not armed: the hooks do nothing
+    assert shards.sent == []
+    overlap.arm(step=3, tasks=[7, 8], samples=16, step_tasks=4)
+    backward(model)
+    order = [k for k, *_ in shards.sent]
+    assert order == [2, 1, 0]                         # backward ends at the first layer
+    final = flat.grads_np.copy()
+    for k, part, tasks, samples in shards.sent:       # nothing added after the send
+        s = shards.shards[k]
+        np.testing.assert_array_equal(part, final[s.lo:s.hi])
+        assert (tasks, samples) == ([7, 8], 16)
+    replies = overlap.finish()
+    assert [r["shard"] for r in replies] == [0, 1, 2] and overlap.armed is None
+
+
+@pytest.mark.timeout(30)
+def test_a_shard_whose_parameters_get_no_gradient_is_sent_by_finish():
+    model, flat, shards, overlap = model_and_overlap([20, 30])
+    overlap.arm(step=0, tasks=[1], samples=8, step_tasks=1)
+    model[0](torch.randn(8, 4)).sum().backward()     # the second layer is not in the loss
+    assert [k for k, *_ in shards.sent] == [0]        # only shard 0 completes in backward
+    overlap.finish()
+    assert sorted(k for k, *_ in shards.sent) == [0, 1, 2]
+
+
+def trace_events(out):
+    with open(os.path.join(out, "trace.json")) as f:
+        return json.load(f)["traceEvents"]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return oracle(JOB, STEPS)
+
+
+@pytest.mark.timeout(120)
+def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, reference):
+    run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
+                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.summary["duplicates_rejected"] == 0
+    assert_params_close(run.params, reference, rtol=1e-5)
+    events = trace_events(tmp_path)
+    sends = [e for e in events if e["name"] == "push shard"]
+    overlapped = [e for e in events if e["name"] == "backward" and e["args"]["overlap"]]
+    assert overlapped, "no backward ran with the overlap armed"
+    early = 0
+    for b in overlapped:
+        end = b["ts"] + b["dur"]
+        mine = [s["ts"] for s in sends if s["pid"] == b["pid"] and b["ts"] <= s["ts"] <= end]
+        early += bool(mine) and min(mine) < end
+    # the first shard's push starts inside the backward of the step's last own task
+    assert early == len(overlapped)
+
+
+@pytest.mark.timeout(120)
+def test_no_overlap_pushes_after_backward_and_equals_the_oracle(tmp_path, reference):
+    run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
+                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace", "--no-overlap")
+    assert run.rc == 0, run.stderr[-3000:]
+    assert_params_close(run.params, reference, rtol=1e-5)
+    events = trace_events(tmp_path)
+    assert not [e for e in events if e["name"] == "push shard"]
+    assert not [e for e in events if e["name"] == "backward" and e["args"]["overlap"]]
