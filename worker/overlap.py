@@ -20,7 +20,9 @@ Off (the whole-gradient push after backward) on CUDA, where the gradient must fi
 come down to host memory and a per-shard copy from inside backward would synchronise
 the stream; in SSP and ASP (a clock's push also moves this worker's clock, and a task
 stolen after it would belong to an already-ended clock); with ``--crash-at`` (its
-fault points name moments of the whole push); and with ``--no-overlap``, for A/B runs.
+fault points name moments of the whole push); under ``--slow`` or ``--jitter`` (the
+emulated delay is slept after backward: an overlapped push would leave before it, as a
+really slow worker's would not); and with ``--no-overlap``, for A/B runs.
 Hooks run in the thread that called ``backward`` (CPU autograd does), the only
 thread that uses the shard sockets.
 """

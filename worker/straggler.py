@@ -27,6 +27,11 @@ class Slowdown:
             raise ValueError("slow factors must be >= 1 and jitter probability in [0, 1]")
         self.slow, self.jitter, self.seed = slow, jitter, seed
 
+    @property
+    def active(self) -> bool:
+        """Does any task sleep? (--slow or --jitter given)"""
+        return self.slow > 1.0 or (self.jitter[0] > 0 and self.jitter[1] > 1.0)
+
     def factor(self, task_id: int) -> float:
         p, f = self.jitter
         if p > 0 and np.random.default_rng([self.seed, task_id]).random() < p:
