@@ -52,6 +52,7 @@ log = logging.getLogger("ps.scheduler")
 
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
 STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to repeat it
+                           # (cut short once every server said bye)
 
 
 class Scheduler:
@@ -71,6 +72,7 @@ class Scheduler:
         self.done_waiting: list[tuple] = []      # (ident, rid): DONE replies held until all are done
         self.shard_stats: dict[int, dict] = {}
         self.stopped: set[int] = set()           # shards told to stop
+        self.byes: set[int] = set()              # shards that said they heard it (bye)
         self.run: RunState | None = None
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
@@ -384,6 +386,13 @@ class Scheduler:
             self.shard_stats[index] = header["stats"]
             if self.config.checkpoint_every and self.run is not None:
                 self.recovery.commit(self.shard_stats, self.run)
+        if not isinstance(header.get("bye", False), bool):
+            raise ProtocolError(Error.BAD_FIELD, "bye must be a bool")
+        if header.get("bye") and self.phase == "stopping":   # it heard our stop and is gone
+            self.byes.add(index)
+            if len(self.byes) == self.config.servers:
+                self.exit_at = time.monotonic()         # nobody left to repeat the stop to
+            return
         stop = self.phase == "stopping"
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
         if stop:

@@ -40,6 +40,7 @@ log = logging.getLogger("ps.server")
 MAX_TASKS_PER_PUSH = 1 << 16     # a push names at most this many task ids
 PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a retried or
                                  # duplicated push gets its first answer again, not a second apply
+BYE_FLUSH_S = 0.2                # how long the last heartbeat (bye) may take to leave at exit
 
 
 @dataclass
@@ -122,6 +123,7 @@ class Server:
             if self.scheduler.sock in events:
                 last_heard = time.monotonic()
                 if self._heartbeat_reply():
+                    self._say_bye()
                     return
             if self.router in events:
                 for _ in range(64):          # drain a burst before the next heartbeat check
@@ -153,6 +155,14 @@ class Server:
         if fenced:
             self._answer_parked()       # an SSP gate may open now that a clock left the minimum
         return bool(header.get("stop"))
+
+    def _say_bye(self) -> None:
+        """Tell the scheduler we heard its stop, so it need not linger to repeat it; given
+        BYE_FLUSH_S to leave before the socket closes. Lost, it costs the scheduler its
+        linger, nothing else."""
+        self.scheduler.send(Kind.HEARTBEAT, want_reply=False, role="server", index=self.index,
+                            inc=self.inc, stats=self.stats(), bye=True)
+        self.scheduler.sock.close(linger=int(BYE_FLUSH_S * 1000))
 
     def rejoin(self) -> None:
         """The scheduler restarted (it answered REREGISTER): register again as the same
