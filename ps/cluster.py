@@ -175,7 +175,8 @@ class Cluster:
                 print(f"{r.name} exited with status {code}; stopping the cluster", file=sys.stderr)
                 return True
             line.end()
-            respawn = self.args.respawn and phase() == "training"   # not once training is over
+            # Not once training is over (a replacement would be told run_over anyway).
+            respawn = self.args.respawn and phase() not in ("finishing", "stopping")
             print(f"{r.name} exited with status {code}" +
                   ("; starting a replacement" if respawn else ""), file=sys.stderr)
             self.retired.append(r)

@@ -52,11 +52,17 @@ def ids_of(plan: TaskPlan, step: int) -> list[int]:
 
 
 def count(run: RunState, plan: TaskPlan, ids, rejected=()) -> None:
-    """Count tasks by id (the plan says their step and samples)."""
+    """Count tasks by id (the plan says their step and samples; ids are checked first,
+    ``valid_ids``)."""
     for tid in ids:
         step = tid // plan.tasks_per_step
-        task = plan.tasks(step)[tid % plan.tasks_per_step]
-        run.count_task(tid, step // plan.steps_per_epoch, len(task.samples), tid in rejected)
+        run.count_task(tid, step // plan.steps_per_epoch, plan.task_size(tid), tid in rejected)
+
+
+def valid_ids(plan: TaskPlan, steps: int, ids) -> bool:
+    """Every id names a task of one of the run's steps."""
+    return all(plan.task_size(tid) is not None and tid // plan.tasks_per_step < steps
+               for tid in ids)
 
 
 def replay(s, records: list[dict]) -> "Reform | None":

@@ -46,6 +46,7 @@ from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list,
 from .recovery import Recovery
 from .runstate import RunState
 from .scheduler_config import SchedulerConfig, crash_at, default_tasks_per_step, parse_args
+from .tasks import steps_per_epoch
 from .trace import Tracer
 
 log = logging.getLogger("ps.scheduler")
@@ -193,7 +194,8 @@ class Scheduler:
         specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
         ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
         tasks_per_step = cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
-        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * -(-job["dataset_size"] // job["batch_size"])
+        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * steps_per_epoch(
+            job["dataset_size"], job["batch_size"])
         plan, self.dealer, self.run = reform.build(cfg, job, steps, tasks_per_step)
         shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
                   for k, (lo, hi) in enumerate(ranges)]
@@ -313,6 +315,8 @@ class Scheduler:
         self._check_training(header)
         ids = check_int_list(header, "tasks", 1 << 16)
         rejected = set(check_int_list(header, "rejected", 1 << 16))
+        if not reform.valid_ids(self.dealer.plan, self.run.steps, ids):
+            raise ProtocolError(Error.BAD_FIELD, "tasks names an id no step of the run has")
         worker = header["worker"]
         if self.reform and self.reform.seen_report(header["inc"], header["rid"]):
             return self.reply(ident, Kind.OK, header["rid"])     # journaled before our restart
@@ -382,12 +386,12 @@ class Scheduler:
         if role == "worker":
             self.reply(ident, Kind.OK, header["rid"])
             return
+        if not isinstance(header.get("bye", False), bool):
+            raise ProtocolError(Error.BAD_FIELD, "bye must be a bool")
         if isinstance(header.get("stats"), dict):
             self.shard_stats[index] = header["stats"]
             if self.config.checkpoint_every and self.run is not None:
                 self.recovery.commit(self.shard_stats, self.run)
-        if not isinstance(header.get("bye", False), bool):
-            raise ProtocolError(Error.BAD_FIELD, "bye must be a bool")
         if header.get("bye") and self.phase == "stopping":   # it heard our stop and is gone
             self.byes.add(index)
             if len(self.byes) == self.config.servers:

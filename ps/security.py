@@ -143,8 +143,10 @@ def claimed(header: dict) -> str | None:
         return None
     if kind == Kind.HEARTBEAT:
         return f"{header['role']}{header['index']}"
-    if kind == Kind.REGISTER:          # a first REGISTER names "shard"/"worker", a rejoin "index"
-        field = "shard" if header["role"] == "server" else "worker"
+    if kind == Kind.REGISTER:
+        if isinstance(header.get("inc"), int) and header["inc"] > 0:   # registering again after
+            return f"{header['role']}{header.get('index')}"   # a restart: the scheduler acts on index
+        field = "shard" if header["role"] == "server" else "worker"     # a first REGISTER
         return f"{header['role']}{header.get(field, header.get('index'))}"
     return f"worker{header.get('worker')}"
 

@@ -228,13 +228,14 @@ class Server:
         validation.check_window(header["step"], self.shard.clocks, self.shard.mode,
                                 self.shard.staleness)
         chunks = wire.check_payload(payload, header["dtype"], header["size"])
-        if header["samples"] > 0:
-            chunks = validation.screen_gradient(chunks, self.shard.size, self.config.nonfinite,
-                                                self.errors)
         key = (header["inc"], header["rid"])
         if key in self.push_replies:      # the same request again (a retry, or duplicated
             self.reply(ident, self.push_replies[key])   # on the wire): same answer, no apply
             return
+        self.shard.check_live(header["inc"])     # fenced: refused before a scan of its bytes
+        if header["samples"] > 0:
+            chunks = validation.screen_gradient(chunks, self.shard.size, self.config.nonfinite,
+                                                self.errors)
         self._release_params()
         ends_clock = header.get("ends_clock", True)
         if not isinstance(ends_clock, bool):
@@ -313,9 +314,9 @@ class Server:
                                      reason=f"step {header['step']} not readable: clocks "
                                             f"{self.shard.clocks}, version {self.shard.version}"))
         self.parked = [p for p in self.parked if p[0] > now]
-        if not self.parked:
-            self.waits.clear()
-            self.logged_waits.clear()
+        parked = {(h["worker"], h["step"]) for _, _, h in self.parked}   # forget answered waits
+        self.waits = {k: t for k, t in self.waits.items() if k in parked}
+        self.logged_waits &= parked
 
     def reply(self, ident, head: bytes, payload=(), track: bool = False):
         try:

@@ -59,8 +59,23 @@ class TaskPlan:
             self._orders = {epoch: epoch_order(self.num_samples, epoch, self.seed, self.shuffle)}
         return self._orders[epoch][k * self.batch_size:(k + 1) * self.batch_size]
 
+    def batch_len(self, step: int) -> int:
+        """Samples in step ``step``'s batch (the last of an epoch may be short)."""
+        k = step % self.steps_per_epoch
+        return min(self.batch_size, self.num_samples - k * self.batch_size)
+
     def num_tasks(self, step: int) -> int:
-        return min(self.tasks_per_step, len(self.batch(step)))
+        return min(self.tasks_per_step, self.batch_len(step))
+
+    def task_size(self, task_id: int) -> int | None:
+        """Samples in task ``task_id`` without cutting its step (``tasks`` splits a batch of
+        n into k parts, the first n % k one larger); None for an id no step has."""
+        step, j = divmod(task_id, self.tasks_per_step)
+        if step < 0:
+            return None
+        n = self.batch_len(step)
+        k = min(self.tasks_per_step, n)
+        return n // k + (j < n % k) if j < k else None
 
     def tasks(self, step: int) -> list[Task]:
         """The step's batch cut into at most ``tasks_per_step`` non-empty tasks."""

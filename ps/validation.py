@@ -68,17 +68,20 @@ def check_window(step: int, clocks: list[int], mode: str, staleness: int) -> Non
 
 
 def finite(chunks: list[np.ndarray]) -> bool:
-    """No NaN or Inf in any chunk. min and max propagate NaN and expose +-Inf: as fast
-    as ``np.isfinite(x).all()`` (measured ~0.6 ms per 8 MiB frame) without allocating
-    its temporary bool array."""
+    """No NaN or Inf in any chunk. float32: min and max propagate NaN and expose +-Inf,
+    without allocating ``np.isfinite``'s bool array (0.62 ms against 0.45 ms on 2M
+    floats: a little slower, no frame-sized temporary). 16-bit formats: a value is Inf or
+    NaN when all its exponent bits are set, a bit test on the raw bits (0.65 ms on 2M
+    float16 values, where numpy's float16 min and max take 25 ms)."""
     for c in chunks:
         if not c.size:
             continue
-        if c.dtype.kind == "f":
+        if c.dtype == np.float32:
             if not (np.isfinite(c.min()) and np.isfinite(c.max())):
                 return False
-        elif c.dtype == np.uint16:        # bfloat16 bits: all exponent bits set is Inf/NaN
-            if np.any((c & 0x7F80) == 0x7F80):
+        else:                             # float16 (exponent 0x7C00) or bfloat16 bits (0x7F80)
+            exponent = np.uint16(0x7C00 if c.dtype.kind == "f" else 0x7F80)
+            if np.any((c.view(np.uint16) & exponent) == exponent):
                 return False
     return True
 

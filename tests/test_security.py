@@ -126,6 +126,9 @@ def test_keys_are_made_once_with_private_secrets(tmp_path):
     ({"kind": "register", "role": "server", "shard": 1}, "server1"),
     ({"kind": "register", "role": "server", "index": 1}, "server1"),
     ({"kind": "register", "role": "worker", "worker": 4}, "worker4"),
+    # registering again after a scheduler restart: the scheduler acts on index, so index
+    # is the claim, whatever a worker field says
+    ({"kind": "register", "role": "worker", "worker": 1, "index": 0, "inc": 3}, "worker0"),
     ({"kind": "stats"}, None),
     ({"kind": "status"}, None),
 ])

@@ -120,3 +120,18 @@ def test_task_ids_are_unique_across_steps_and_follow_the_formula():
 
 def test_task_to_wire_is_plain_lists():
     assert Task(7, 2, (4, 5)).to_wire() == [7, 2, [4, 5]]
+
+
+def test_task_size_and_valid_ids_need_no_cut_of_the_step():
+    from ps import reform
+    p = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
+    for step in range(3 * p.steps_per_epoch):
+        for task in p.tasks(step):
+            assert p.task_size(task.id) == len(task.samples)
+    last = p.steps_per_epoch - 1                  # 97 = 3 x 31 + 4: the last batch has 4 samples
+    assert p.num_tasks(last) == 4 and p.task_size(last * 6 + 4) is None
+    steps = 2 * p.steps_per_epoch
+    assert reform.valid_ids(p, steps, [0, 5, last * 6 + 3])
+    assert not reform.valid_ids(p, steps, [last * 6 + 4])     # no such task in a short step
+    assert not reform.valid_ids(p, steps, [steps * 6])        # past the run's last step
+    assert not reform.valid_ids(p, steps, [-1])
