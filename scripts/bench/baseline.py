@@ -1,18 +1,39 @@
-"""What the two torch baselines (ddp_baseline.py, rpc_baseline.py) share: reading a job
-file, each process's part of a global batch, a free port for the rendezvous, and
-starting N processes that all end by a deadline.
+"""What the two torch baselines (ddp_baseline.py, rpc_baseline.py) share: their flags,
+reading a job file, each process's part of a global batch, a free port for the
+rendezvous, and starting N processes that all end by a deadline.
 
 Only torch and the standard library, like the baselines themselves: they share no code
 with the parameter server.
 """
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import os
 import socket
 import sys
 import time
 
 import torch.multiprocessing as mp
+
+
+def parse_args(argv, description: str, count_flag: str, count_help: str) -> argparse.Namespace:
+    """The flags both baselines take; ``count_flag`` names how many processes train."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--job", required=True, help="job file")
+    p.add_argument(count_flag, type=int, default=2, help=f"{count_help} (default 2)")
+    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--batch", type=int, default=0, help="global batch (default: the job's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run")
+    p.add_argument("--out", required=True, help="JSON result file")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1:
+        p.error("--warmup and --steps must be >= 1")
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned processes
+    return args
 
 
 def load_job(path: str):

@@ -20,7 +20,6 @@ deadline (``--timeout-s``).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -32,7 +31,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from baseline import batch_indices, load_job, run_ranks   # scripts/bench/baseline.py
+from baseline import batch_indices, load_job, parse_args, run_ranks   # scripts/bench/baseline.py
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
@@ -80,20 +79,7 @@ def rank_main(rank: int, args, port: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", required=True, help="job file")
-    p.add_argument("--procs", type=int, default=2, help="DDP processes (default 2)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--batch", type=int, default=0, help="global batch (default: the job's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run")
-    p.add_argument("--out", required=True, help="JSON result file")
-    args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1")
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned ranks
+    args = parse_args(argv, __doc__.split("\n\n")[0], "--procs", "DDP processes")
     return run_ranks(rank_main, args.procs, args, args.timeout_s, "ddp_baseline")
 
 

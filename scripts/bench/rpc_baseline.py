@@ -30,9 +30,7 @@ a deadline (``--timeout-s``; it is also the RPC timeout).
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import sys
 import threading
 import time
@@ -41,7 +39,7 @@ import torch
 import torch.distributed.rpc as rpc
 from torch.utils.data import default_collate
 
-from baseline import batch_indices, load_job, run_ranks   # scripts/bench/baseline.py
+from baseline import batch_indices, load_job, parse_args, run_ranks   # scripts/bench/baseline.py
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SERVER = None            # the ParameterServer, in process 0 only
@@ -152,20 +150,7 @@ def rank_main(rank: int, args, port: int) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--job", required=True, help="job file")
-    p.add_argument("--trainers", type=int, default=2, help="trainer processes (default 2)")
-    p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--batch", type=int, default=0, help="global batch (default: the job's)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout-s", type=float, default=300.0, help="deadline of the whole run")
-    p.add_argument("--out", required=True, help="JSON result file")
-    args = p.parse_args(argv)
-    if args.warmup < 1 or args.steps < 1:
-        p.error("--warmup and --steps must be >= 1")
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)    # inherited by the spawned processes
+    args = parse_args(argv, __doc__.split("\n\n")[0], "--trainers", "trainer processes")
     return run_ranks(rank_main, args.trainers + 1, args, args.timeout_s, "rpc_baseline")
 
 
