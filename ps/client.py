@@ -265,9 +265,20 @@ class ShardClient:
     def push_wait(self, sent: list[tuple[Peer, int]], step: int) -> list[dict]:
         return [p.recv(rid, self.timeout_s, f"push of step {step}")[0] for p, rid in sent]
 
-    def stats(self, timeout_s: float | None = None) -> list[dict]:
+    def stats(self, timeout_s: float | None = None) -> dict[int, dict]:
+        """Every shard's counters by index, asked of all shards before waiting on any;
+        a shard that does not answer within ``timeout_s`` gets ``{"error": why}``."""
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
-        return [p.request(Kind.STATS, timeout_s)[0] for p in self.peers]
+        rids = [p.send(Kind.STATS) for p in self.peers]
+        deadline = time.monotonic() + timeout_s
+        stats = {}
+        for info, p, rid in zip(self.shards, self.peers, rids):
+            try:
+                stats[info.index] = p.recv(rid, max(0.0, deadline - time.monotonic()), "stats")[0]
+            except (TimeoutError, RemoteError) as exc:
+                p.abandon(rid)
+                stats[info.index] = {"error": str(exc)}
+        return stats
 
     def close(self) -> None:
         for p in self.peers:

@@ -20,12 +20,7 @@ ASK_TIMEOUT_S = 1.0     # a shard or scheduler that cannot answer STATS in this 
 
 
 def describe_pull(shards: ShardClient, scheduler: Peer, step: int, mode: str) -> str:
-    stats = {}
-    for info, peer in zip(shards.shards, shards.peers):
-        try:
-            stats[info.index] = peer.request(Kind.STATS, ASK_TIMEOUT_S)[0]
-        except (TimeoutError, RemoteError) as exc:
-            stats[info.index] = {"error": str(exc)}
+    stats = shards.stats(ASK_TIMEOUT_S)          # every shard asked at once
     behind = {k: st for k, st in stats.items() if "error" in st or mode != "bsp"
               or st.get("version", step) < step}
     versions = [st["version"] for st in behind.values() if "version" in st]
