@@ -13,7 +13,9 @@ finish it first, so stealing only corrects what changes; ``steal=False`` deals r
 static baseline.
 
 A lease lasts from ``take`` until ``complete`` (the task's gradient was pushed);
-``leases`` says who holds what. Pure logic: no sockets, no clocks.
+``leases`` says who holds what. ``take_more`` adds tasks of the same deque to a lease,
+for the worker to compute in one pass, and leaves the deque's last task to a thief when
+one would do it sooner. Pure logic: no sockets, no clocks.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from collections import deque
 from .tasks import Task, TaskPlan
 
 SPEED_ALPHA = 0.2     # weight of a new speed measurement in the running average
+PROBE_ROUNDS = 8      # a live worker dealt nothing this many rounds running gets one task
 
 
 def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
@@ -55,6 +58,7 @@ class Dealer:
         self.steal_log: list[tuple[int, int, int, int]] = []   # (thief, victim, round, tasks)
         self.gone: set[int] = set()            # dead workers: dealt nothing, stolen from by all
         self.redo: set[int] = set()            # ids of tasks dealt again after their holder died
+        self.starved = [0] * num_workers       # rounds running each worker was dealt nothing
 
     # -- rounds ---------------------------------------------------------------------
     @property
@@ -88,13 +92,27 @@ class Dealer:
             return []
         speeds = [self.speeds[w] for w in live]
         if not self.steal or None in speeds:
-            return [live[i % len(live)] for i in range(n)]
+            return self._probe([live[i % len(live)] for i in range(n)], live)
         assigned = [0] * len(live)
         owners = []
         for _ in range(n):
             i = min(range(len(live)), key=lambda j: ((assigned[j] + 1) / speeds[j], j))
             assigned[i] += 1
             owners.append(live[i])
+        return self._probe(owners, live)
+
+    def _probe(self, owners: list[int], live: list[int]) -> list[int]:
+        """A worker measured slow is dealt nothing, and a worker dealt nothing is never
+        measured again: one preempted while it was measured (a shared node, a busy
+        moment) would stay idle for the rest of the run. So a live worker dealt nothing
+        for PROBE_ROUNDS rounds running gets one task, the last of the most loaded
+        worker's share, and its next report measures it again. If it is as slow as
+        measured, that costs one task at its speed every PROBE_ROUNDS rounds."""
+        for w in live:
+            if w not in owners and self.starved[w] + 1 >= PROBE_ROUNDS and len(owners) >= len(live):
+                busiest = max(live, key=lambda v: (owners.count(v), -v))
+                owners[len(owners) - 1 - owners[::-1].index(busiest)] = w
+            self.starved[w] = 0 if w in owners else self.starved[w] + 1
         return owners
 
     def note_speed(self, worker: int, samples_per_s: float) -> None:
@@ -146,6 +164,44 @@ class Dealer:
                 return None                # the last one: wait until we are idle
         return None
 
+    def take_more(self, worker: int, first: Task, fuse: int) -> list[Task]:
+        """Lease up to ``fuse - 1`` more tasks behind ``first`` from the front of the same
+        deque, for the worker to compute together with it in one pass (one forward and
+        backward over all their samples: on a CPU, four passes of 32 samples cost about
+        twice one pass of 128). A task dealt again is never among them (it is pushed
+        alone). What the worker holds cannot be stolen; so with stealing on, the deque's
+        last task stays behind when another worker is expected to run out of work soon
+        enough to do it sooner (``_tail_wanted``); otherwise the worker takes it too and
+        does its whole share in one pass."""
+        if first.id in self.redo:
+            return []
+        rnd = self._round_of(first.step)
+        mine = self.deques.get(rnd, [()] * self.num_workers)[worker]
+        keep = 1 if self.steal and mine and self._tail_wanted(worker, rnd, [first, *mine]) else 0
+        more = []
+        while len(more) < fuse - 1 and len(mine) > keep and mine[0].id not in self.redo:
+            more.append(self._lease(worker, rnd, mine.popleft()))
+        return more
+
+    def _tail_wanted(self, worker: int, rnd: int, share: list[Task]) -> bool:
+        """Would a thief finish the last task of ``share`` sooner than ``worker`` would?
+        ``worker`` alone would end at T = samples(share) / its speed. Another worker v with
+        its own work left in the round (queued or leased, W_v samples) is idle at W_v / s_v
+        and, stealing the last task (x samples), done at W_v / s_v + x / s_v: stealing
+        helps if that is before T. Unknown speeds: assume it may (keep the tail back)."""
+        if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
+            return True
+        left = [0] * self.num_workers                 # samples of the round not yet done
+        for v, dq in enumerate(self.deques.get(rnd, ())):
+            left[v] += sum(len(t.samples) for t in dq)
+        for v, task in self.leases.values():
+            if self._round_of(task.step) == rnd:
+                left[v] += len(task.samples)
+        x = len(share[-1].samples)
+        mine = sum(len(t.samples) for t in share) / self._speed(worker)
+        return any((left[v] + x) / self._speed(v) < mine
+                   for v in range(self.num_workers) if v != worker and v not in self.gone)
+
     def _speed(self, worker: int) -> float:
         """Measured speed, or 1.0 for everyone until all live workers are measured."""
         if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
@@ -193,6 +249,7 @@ class Dealer:
         """A replacement took a dead worker's id: deal to it again, speed unknown."""
         self.gone.discard(worker)
         self.speeds[worker] = None
+        self.starved[worker] = 0
 
     def _round_of(self, step: int) -> int:
         return step // self.plan.steps_per_epoch if self.per_epoch else step

@@ -294,10 +294,17 @@ def parse_args(argv=None):
     p.add_argument("--no-overlap", action="store_true",
                    help="BSP on the CPU: workers push after backward instead of each shard as "
                         "soon as backward completes it (worker/overlap.py), for A/B runs")
+    p.add_argument("--fuse", type=int, default=0, metavar="N",
+                   help="BSP/SSP: each worker computes at most N of the tasks it leases together, "
+                        "in one forward and backward pass (0: all a lease carries: its own "
+                        "deque's tasks but the last, which stays stealable; 1: one task per pass, "
+                        "for A/B runs) (default: %(default)s)")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:
         p.error("--servers and --workers must be at least 1")
+    if not 0 <= args.fuse <= 1 << 16:
+        p.error("--fuse must be in [0, 65536] (0: no limit)")
     try:
         process_faults, _ = split_faults(args.inject)
         links = split_links(args.inject)

@@ -266,11 +266,14 @@ class Scheduler:
         """Lease the worker's next task: BSP from its step, SSP from its clock or older
         rounds, ASP from any dealt epoch. None means: nothing left for this step/clock
         (or, in ASP, for the run)."""
-        self._check_training(header)
-        worker, step = header["worker"], header["step"]
         ahead = header.get("ahead", False)    # asked by a busy worker: see Dealer.take_ahead
+        fuse = header.get("fuse", 1)          # tasks it computes in one pass: Dealer.take_more
         if not isinstance(ahead, bool):
             raise ProtocolError(Error.BAD_FIELD, "ahead must be a bool")
+        if not isinstance(fuse, int) or isinstance(fuse, bool) or not 1 <= fuse <= 1 << 16:
+            raise ProtocolError(Error.BAD_FIELD, "fuse must be an int in [1, 65536]")
+        self._check_training(header)
+        worker, step = header["worker"], header["step"]
         if self.run.started():
             self.journal.started(self.run.t_start)
         if self.config.mode == "asp":
@@ -289,7 +292,9 @@ class Scheduler:
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
+        more = self.dealer.take_more(worker, task, fuse) if task and fuse > 1 else []
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
+                   more=[t.to_wire() for t in more],
                    step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
                    redo=bool(task and task.id in self.dealer.redo),
                    left=self.dealer.own_left(worker, rounds))

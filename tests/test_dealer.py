@@ -197,3 +197,63 @@ def test_own_left_counts_only_the_workers_own_deque_and_tells_its_last_task():
     assert d.own_left(1, [0]) == 4
     d.take(0, [0], [0])                                       # steals 2 of worker 1's 4
     assert d.own_left(0, [0]) == 1 and d.own_left(1, [0]) == 2
+
+
+def test_a_worker_measured_too_slow_for_any_task_is_dealt_one_every_probe_rounds():
+    from ps.dealer import PROBE_ROUNDS
+    p = plan(n=6 * 40, b=6, t=6)
+    d = Dealer(p, 3, total_steps=40)
+    d.speeds = [100.0, 100.0, 10.0]            # worker 2 measured 10x slower: no share of 6
+    dealt_to_2 = []
+    for step in range(2 * PROBE_ROUNDS):
+        d.deal(step)
+        dealt_to_2.append(len(d.deques[step][2]))
+    probes = [PROBE_ROUNDS - 1, 2 * PROBE_ROUNDS - 1]
+    assert dealt_to_2 == [1 if s in probes else 0 for s in range(2 * PROBE_ROUNDS)]
+    # the probe's task is the last of a busiest worker's share; every task dealt once
+    assert sorted(len(q) for q in d.deques[probes[0]][:2]) == [2, 3]
+    assert sorted(t.id for q in d.deques[probes[0]] for t in q) == ids(p.tasks(probes[0]))
+    for _ in range(3):                         # its reports: not so slow after all
+        d.note_speed(2, 100.0)
+    d.deal(2 * PROBE_ROUNDS)
+    assert len(d.deques[2 * PROBE_ROUNDS][2]) > 0
+
+
+def test_a_fused_lease_takes_the_front_of_the_own_deque_and_never_a_redo():
+    p = plan(n=64, b=16, t=8)                      # 8 tasks of 2 samples per step
+    d = Dealer(p, 2, total_steps=4)
+    d.deal(0)
+    first, _ = d.take(0, [0], [0])
+    more = d.take_more(0, first, fuse=64)          # speeds unknown: the last task stays
+    assert ids([first] + more) == ids(p.tasks(0)[0:6:2]) and len(d.deques[0][0]) == 1
+    assert all(d.leases[t.id][0] == 0 for t in more)
+    first, _ = d.take(1, [0], [0])
+    assert ids(d.take_more(1, first, fuse=2)) == [p.tasks(0)[3].id]   # at most fuse in all
+    d.redo.add(p.tasks(0)[5].id)                   # a task dealt again is pushed alone
+    assert d.take_more(1, p.tasks(0)[1], fuse=64) == []
+
+
+def test_a_fused_lease_keeps_the_last_task_only_for_a_thief_that_would_finish_it_sooner():
+    p = plan(n=64, b=16, t=8)
+    d = Dealer(p, 2, total_steps=4)
+    d.speeds = [10.0, 10.0]                        # balanced: each does its whole share at once
+    d.deal(0)
+    d.deal(1)                                      # 4 tasks each in both rounds
+    first, _ = d.take(0, [0], [0])
+    assert len(d.take_more(0, first, fuse=64)) == 3 and not d.deques[0][0]
+    d.speeds = [2.0, 10.0]                         # worker 0 turned 5x slower than dealt for
+    first, _ = d.take(0, [1], [1])
+    assert len(d.take_more(0, first, fuse=64)) == 2 and len(d.deques[1][0]) == 1
+    # its last task is there for worker 1, which steals it when idle
+    for _ in range(4):
+        d.take(1, [1], [1])
+    task, victim = d.take(1, [1], [1])
+    assert victim == 0 and task.id == p.tasks(1)[6].id
+
+
+def test_without_stealing_a_fused_lease_takes_the_whole_share():
+    p = plan(n=64, b=16, t=8)
+    d = Dealer(p, 2, total_steps=4, steal=False)
+    d.deal(0)
+    first, _ = d.take(0, [0], [0])
+    assert len(d.take_more(0, first, fuse=64)) == 3 and not d.deques[0][0]

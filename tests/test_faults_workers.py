@@ -42,10 +42,14 @@ def test_worker_crash_at_a_precise_point(tmp_path, reference, point):
 
 
 def test_same_worker_killed_three_times_with_replacements(tmp_path, reference):
+    # The others steal a dead worker's queued tasks, so the run need not slow down until
+    # the death is detected (1.5 s); each kill must still find the previous replacement
+    # joined: 22 steps of at least 80 ms apart (a kill landing on a replacement that has
+    # not registered yet would kill a process the scheduler never knew).
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
-                 "--inject", "kill:worker1@step=8", "--inject", "kill:worker1@step=24",
-                 "--inject", "kill:worker1@step=40", "--respawn", *FAST,
-                 env=SLOW_TASKS, timeout_s=150)
+                 "--inject", "kill:worker1@step=8", "--inject", "kill:worker1@step=30",
+                 "--inject", "kill:worker1@step=52", "--respawn", *FAST,
+                 env={"TINY_MLP_DELAY_S": "0.08"}, timeout_s=150)
     summary = check(run, reference, deaths=3)
     assert len(summary["rejoins"]) >= 2                        # replacements joined mid-run
     assert all(r["worker"] == 1 for r in summary["rejoins"])

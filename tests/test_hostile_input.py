@@ -142,6 +142,14 @@ def test_hostile_messages_are_refused_counted_and_harmless(tmp_path):
         assert silent(big, push(lo, hi - lo)[:1] + [b"\0" * (MAX_FRAME_BYTES + 4)])
         big.close(linger=0)
 
+        # The scheduler checks a LEASE's options before it looks at (or touches) anything.
+        sched = run.socket("scheduler")
+        for rid, bad in enumerate([{"ahead": 1}, {"fuse": 0}, {"fuse": True}, {"fuse": "all"},
+                                   {"fuse": 1 << 17}], start=900):
+            reply = ask(sched, [encode("lease", rid, worker=0, inc=INC, step=0, **bad)])
+            assert reply["kind"] == "error" and reply["code"] == Error.BAD_FIELD, (bad, reply)
+        sched.close(linger=0)
+
         after = ask(sock, [encode("stats", 2)])
         assert run.alive("server0")
         delta = {code: after["errors"].get(code, 0) - before["errors"].get(code, 0)

@@ -12,7 +12,8 @@ from ps.client import RemoteError
 from ps.protocol import Error
 
 from .heartbeat import Fenced
-from .runner import Worker, WorkerConfig
+from .config import WorkerConfig
+from .runner import Worker
 from .straggler import parse_jitter
 
 log = logging.getLogger("worker")
@@ -53,10 +54,16 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="BSP on the CPU: push the last task's gradient after backward, not "
                         "shard by shard from backward hooks (worker/overlap.py), for A/B runs")
+    p.add_argument("--fuse", type=int, default=0, metavar="N",
+                   help="BSP/SSP: compute at most N tasks of a lease together, in one forward and "
+                        "backward pass (0: as many as the scheduler leases; 1: one task per pass) "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     if a.secure and a.worker_id < 0:
         p.error("--secure needs --id: a worker's key names its id")
+    if not 0 <= a.fuse <= 1 << 16:
+        p.error("--fuse must be in [0, 65536] (0: no limit)")
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s worker{'' if a.worker_id < 0 else a.worker_id} "
                                "%(levelname)s %(message)s")
@@ -66,7 +73,7 @@ def parse_args(argv=None) -> WorkerConfig:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
                         a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure,
-                        a.grad_dtype, a.param_dtype, a.prefetch, a.overlap)
+                        a.grad_dtype, a.param_dtype, a.prefetch, a.overlap, a.fuse)
 
 
 def main(argv=None) -> int:

@@ -7,6 +7,9 @@ leases ahead the last task of a worker's deque (``Dealer.take_ahead``): a
 straggler's last task stays where an idle worker can steal it. A lease asked ahead
 also never steals (a straggler that steals at the start of a step becomes the
 step's last finisher); once the worker is idle it asks again, and then it may steal.
+
+A lease may carry several tasks of the worker's own deque (``fuse``, in BSP and SSP),
+which the worker computes together in one pass (``Dealer.take_more``).
 """
 from __future__ import annotations
 
@@ -17,17 +20,19 @@ from .heartbeat import Fenced
 
 
 class Leases:
-    def __init__(self, scheduler: Peer, worker: int, inc: int, timeout_s: float):
+    def __init__(self, scheduler: Peer, worker: int, inc: int, timeout_s: float, fuse: int = 1):
         self.scheduler = scheduler
         self.worker, self.inc = worker, inc
         self.timeout_s = timeout_s
+        self.fuse = fuse                             # most tasks a lease may carry (Dealer.take_more)
         self.ahead: tuple[int, int] | None = None    # (rid, step) of the request in flight
         self.early: dict | None = None               # its reply, if ``last_own`` took it in
 
     def next(self, step: int) -> tuple[list | None, int, bool]:
-        """The next task ``[id, step, sample ids]`` for ``step`` (-1 in ASP: any), or None
-        when there is none left; the number of tasks in the task's step; and whether it
-        is a task dealt again (``redo``)."""
+        """The next tasks for ``step`` (-1 in ASP: any), to compute together in one pass:
+        a list of ``[id, step, sample ids]`` (one, or up to ``fuse`` from our own deque),
+        or None when there is none left; the number of tasks in their step; and whether
+        it is a task dealt again (``redo``: always alone)."""
         if self.ahead is not None and self.ahead[1] == step:
             reply = self.early or self._answer(self.ahead[0], step)
             if reply["task"] is None:          # our own deque is empty; now that we are
@@ -36,7 +41,8 @@ class Leases:
             reply = self._answer(self._ask(step, ahead=False), step)
         task, self.early = reply["task"], None
         self.ahead = (self._ask(step, ahead=True), step) if task else None   # while we compute
-        return task, reply["step_tasks"], bool(reply.get("redo"))
+        tasks = [task, *reply.get("more", [])] if task else None
+        return tasks, reply["step_tasks"], bool(reply.get("redo"))
 
     def last_own(self, step: int) -> bool:
         """Whether the task being computed is our last own task of ``step``: the lease
@@ -53,7 +59,7 @@ class Leases:
 
     def _ask(self, step: int, ahead: bool) -> int:
         return self.scheduler.send(Kind.LEASE, worker=self.worker, inc=self.inc, step=step,
-                                   ahead=ahead)
+                                   ahead=ahead, fuse=self.fuse)
 
     def _answer(self, rid: int, step: int, timeout_s: float | None = None) -> dict:
         timeout_s = self.timeout_s if timeout_s is None else timeout_s

@@ -2,9 +2,10 @@
 
 After each push the worker tells the scheduler which tasks it pushed (REPORT). Nothing
 waits on the answer there: the connection keeps the report ahead of the worker's next
-LEASE, and the answers are collected later, when MAX_UNCONFIRMED_REPORTS are out and
-before DONE (which must not overtake a lost report); a report still unanswered by
-then is sent again by the Lazy Pirate retry of ``Peer.recv``.
+LEASE, and the answers are collected later: when MAX_UNCONFIRMED_REPORTS are out,
+before DONE (which must not overtake a lost report), and after each task done while
+DONE waits for its answer (nothing else would send that task's report again). A
+report still unanswered then is sent again by the Lazy Pirate retry of ``Peer.recv``.
 """
 from __future__ import annotations
 

@@ -40,6 +40,7 @@ from ps.diagnose import WAIT_LOG_S
 from ps.protocol import Error, Kind
 from ps.trace import Tracer
 
+from .config import WorkerConfig, pick_device
 from .flat import FlatModel
 from .heartbeat import Fenced, Heartbeat
 from .job import collate, load_job
@@ -52,6 +53,7 @@ from .waits import describe_pull
 log = logging.getLogger("worker")
 
 POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re-dealt tasks
+MAX_FUSE = 1 << 16      # --fuse 0: as many tasks per pass as a lease carries
 
 
 @dataclass
@@ -63,35 +65,6 @@ class Group:
     compute_s: float = 0.0
     step_tasks: int = 1          # tasks in the step (BSP: the shard waits for that many)
     replies: list | None = None  # the shards' replies, once pushed from backward hooks
-
-
-@dataclass
-class WorkerConfig:
-    scheduler: str                  # the scheduler's endpoint
-    job: str                        # path of the job file
-    worker_id: int = -1             # -1: the scheduler assigns one
-    device: str = "auto"            # auto | cpu | cuda
-    seed: int = 0                   # must equal the scheduler's
-    out: str | None = None          # the finisher writes params.npz here
-    threads: int = 0                # torch intra-op threads (0: torch's default)
-    timeout_s: float = 120.0        # deadline of every request
-    slow: float = 1.0               # straggler emulation: every task this many times slower
-    jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
-    trace: bool = False             # write trace/worker<id>.json into out
-    crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
-    secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
-    grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
-    param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
-    prefetch: str = "push"          # SSP/ASP: when the next pull is sent: push | compute | off
-    overlap: bool = True            # BSP on the CPU: push shards from backward (worker.overlap)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda, but torch sees no CUDA device")
-    return torch.device(name)
 
 
 class Worker:
@@ -146,7 +119,8 @@ class Worker:
         self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
         self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
         self.heartbeat.start()
-        self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s)
+        fuse = 1 if self.mode == "asp" else (self.config.fuse or MAX_FUSE)   # ASP: a push per task
+        self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s, fuse)
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
         if (self.config.overlap and self.mode == "bsp" and self.device.type == "cpu"
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/overlap.py
@@ -170,25 +144,29 @@ class Worker:
         log.warning("worker %d registered again with a restarted scheduler", self.id)
 
     # -- the pieces of a step -------------------------------------------------------
-    def compute(self, task: list, step_tasks: int, group: Group, overlap: bool = False) -> None:
-        """Add n * grad(mean loss) of one task into the flat gradient; with ``overlap``, if
-        it is our last own task of the step, push the group from backward hooks."""
-        task_id, step, sample_ids = task
-        with self.tracer.span("task", "task", task=task_id, step=step):
+    def compute(self, tasks: list, step_tasks: int, group: Group, overlap: bool = False) -> None:
+        """Add n * grad(mean loss) of tasks of one step into the flat gradient, in one pass
+        over all their samples (a fused lease: ``Dealer.take_more``); with ``overlap``, if
+        they are our last own tasks of the step, push the group from backward hooks."""
+        ids, step = [t[0] for t in tasks], tasks[0][1]
+        sample_ids = [i for t in tasks for i in t[2]]
+        with self.tracer.span("task", "task", task=ids[0], tasks=ids, step=step):
             t0 = time.perf_counter()
             batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
             n = len(sample_ids)
             armed = overlap and self.overlap is not None and self.leases.last_own(step)
             if armed:
-                self.overlap.arm(step, [t[0] for t in group.tasks] + [task_id],
-                                 group.samples + n, step_tasks)
-            with self.tracer.span("backward", "task", task=task_id, overlap=armed):
-                (loss * n).backward()        # gradient of the task's loss SUM, accumulated
+                self.overlap.arm(step, [t[0] for t in group.tasks] + ids, group.samples + n,
+                                 step_tasks)
+            with self.tracer.span("backward", "task", task=ids[0], overlap=armed):
+                (loss * n).backward()        # gradient of the tasks' loss SUM, accumulated
             group.loss_sum += float(loss.detach()) * n
-            self.slowdown.after(task_id, time.perf_counter() - t0)
+            took = time.perf_counter() - t0
+            for t in tasks:                  # each task slowed (or not) by its own share
+                self.slowdown.after(t[0], took * len(t[2]) / n)
             group.compute_s += time.perf_counter() - t0
-        group.tasks.append(task)
+        group.tasks += tasks
         group.samples += n
         group.step_tasks = step_tasks
         if armed:
@@ -303,7 +281,7 @@ class Worker:
                 return
         self.flat.zero_grad()
         group = Group()
-        self.compute(task, step_tasks, group)
+        self.compute([task], step_tasks, group)
         self.push(step, group, ends_clock=False)
 
     def push_nothing(self, task: list) -> None:
@@ -324,8 +302,8 @@ class Worker:
         In SSP the clock advances when this worker's deque for it is empty, whether
         its tasks were done here or stolen; a clock with no task is pushed as a tick.
         """
-        task, step_tasks, redo = self.leases.next(step)
-        if task is None and self.mode == "bsp":
+        tasks, step_tasks, redo = self.leases.next(step)
+        if tasks is None and self.mode == "bsp":
             return
         # SSP pulls even for an empty clock: the gate is what keeps this worker within
         # s clocks of the slowest; ticking through empty clocks unread would escape it.
@@ -333,12 +311,12 @@ class Worker:
         self.prefetch(step + 1, "compute")   # SSP: the next clock's pull, while this one computes
         self.flat.zero_grad()
         group = Group()
-        while task is not None:
+        while tasks is not None:
             if redo:
                 if group.tasks:
                     self.push(step, group, ends_clock=False)
                     group = Group()
-                self.run_alone(task, step_tasks)
+                self.run_alone(tasks[0], step_tasks)
                 if self.mode == "bsp" and self.held != step:
                     self.pull(step)
                 self.flat.zero_grad()
@@ -347,23 +325,24 @@ class Worker:
                     self.push(step, group)      # goes in a second push of its own
                     group = Group()
                     self.flat.zero_grad()
-                self.compute(task, step_tasks, group, overlap=True)
-            task, step_tasks, redo = self.leases.next(step)
+                self.compute(tasks, step_tasks, group, overlap=True)
+            tasks, step_tasks, redo = self.leases.next(step)
         if group.tasks or self.mode == "ssp":
             self.push(step, group)
 
     def train_asp(self) -> None:
         """ASP: each task is pulled, computed and pushed on its own, as fast as it goes."""
         while True:
-            task, step_tasks, _ = self.leases.next(-1)
-            if task is None:
+            tasks, step_tasks, _ = self.leases.next(-1)     # one at a time: Leases(fuse=1)
+            if tasks is None:
                 return
-            self.pull(task[1])
-            self.prefetch(task[1], "compute")   # the next task's parameters, while this computes
+            step = tasks[0][1]
+            self.pull(step)
+            self.prefetch(step, "compute")   # the next task's parameters, while this computes
             self.flat.zero_grad()
             group = Group()
-            self.compute(task, step_tasks, group)
-            self.push(task[1], group)
+            self.compute(tasks, step_tasks, group)
+            self.push(step, group)
 
     def train(self, start_step: int, steps: int) -> None:
         self.steps = steps
@@ -391,6 +370,9 @@ class Worker:
                 if time.monotonic() > deadline:
                     raise
                 self.redo_waiting(-1)
+                # A report of a task done here may be lost, and nothing else would send it
+                # again: the scheduler would wait for that task, and we for it, forever.
+                self.reports.collect(wait=True)
             except RemoteError as exc:
                 raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
 

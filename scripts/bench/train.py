@@ -5,8 +5,10 @@ language model, examples/char_transformer.py), in the same run and one after ano
 
 ours  ``python -m ps.launch`` in BSP with 2 workers and 2 servers (--servers), --trace
       two variants beside it, the same launcher run with one thing changed:
-      ours_1task  --tasks-per-step 2: one task per worker per step, DDP's granularity
-                  (nothing left to steal)
+      ours_fuse1  --fuse 1: one forward and backward pass per task, as before leases
+                  were fused (4 passes of 32 samples per worker and step for the MLP,
+                  where the default computes a worker's share in one pass when the deal
+                  is balanced: README, "Fused leases")
       ours_bf16   --grad-dtype bfloat16 --param-dtype bfloat16: half the bytes on the
                   wire; servers keep float32 parameters and optimizer state, so the
                   numerics differ from float32 within bfloat16's rounding
@@ -45,7 +47,7 @@ REPEATS = 1               # runs per system and model (--repeats)
 TINY_MLP_PARAMS = 100_000  # --tiny --models mlp10m: the MLP at this size (scale.sized_job)
 WORKERS = 2               # our workers, DDP processes, RPC trainers
 # Our variants: extra launcher flags, run in turn with the others (key -> flags, label).
-VARIANTS = {"ours_1task": (["--tasks-per-step", str(WORKERS)], "ours, 1 task / worker"),
+VARIANTS = {"ours_fuse1": (["--fuse", "1"], "ours, one pass per task"),
             "ours_bf16": (["--grad-dtype", "bfloat16", "--param-dtype", "bfloat16"],
                           "ours, bfloat16 wire")}
 SYSTEMS = ("ours", *VARIANTS, "ddp", "rpc")
@@ -66,7 +68,7 @@ def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
     wire = dict(zip(extra[::2], extra[1::2]))
     return {"system": system, "step_s": step_s, "samples_per_s": batch / step_s,
             "batch": batch, "servers": servers, "tasks_per_step": summary["tasks_per_step"],
-            "grad_dtype": wire.get("--grad-dtype", "float32"),
+            "fuse": int(wire.get("--fuse", 0)), "grad_dtype": wire.get("--grad-dtype", "float32"),
             "param_dtype": wire.get("--param-dtype", "float32"),
             "final_loss": summary["final_loss"], "wall_s": summary["wall_s"]}
 
@@ -154,8 +156,9 @@ def note(args, rows: list[dict]) -> str:
             f"each; ours: BSP, {args.servers} servers. Timed: {args.warmup} warm-up steps, "
             f"then {', '.join(str(r['steps']) for r in rows)} steps; median of {args.repeats} "
             f"run(s) per cell, systems alternating ({', '.join(SYSTEMS)}). Variant lines: "
-            f"\"1 task / worker\" is --tasks-per-step {WORKERS}, DDP's granularity (no "
-            "stealing granularity); \"bfloat16 wire\" is --grad-dtype bfloat16 --param-dtype "
+            "\"one pass per task\" is --fuse 1 (each of a worker's tasks in a forward and "
+            "backward pass of its own, instead of the tasks it leases together); "
+            "\"bfloat16 wire\" is --grad-dtype bfloat16 --param-dtype "
             "bfloat16: gradients and parameters travel as bfloat16, servers keep float32 "
             "parameters and optimizer state. That changes the numerics (within bfloat16's "
             "rounding of each pushed gradient and pulled parameter), so that line is not "
