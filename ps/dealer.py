@@ -24,7 +24,8 @@ from collections import deque
 from .tasks import Task, TaskPlan
 
 SPEED_ALPHA = 0.2     # weight of a new speed measurement in the running average
-PROBE_ROUNDS = 8      # a live worker dealt nothing this many rounds running gets one task
+PROBE_ROUNDS = 8      # a live worker dealt nothing PROBE_ROUNDS - 1 rounds running gets
+                      # one task in the next
 
 
 def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
@@ -105,9 +106,9 @@ class Dealer:
         """A worker measured slow is dealt nothing, and a worker dealt nothing is never
         measured again: one preempted while it was measured (a shared node, a busy
         moment) would stay idle for the rest of the run. So a live worker dealt nothing
-        for PROBE_ROUNDS rounds running gets one task, the last of the most loaded
-        worker's share, and its next report measures it again. If it is as slow as
-        measured, that costs one task at its speed every PROBE_ROUNDS rounds."""
+        for PROBE_ROUNDS - 1 rounds running gets one task in the next, the last of the
+        most loaded worker's share, and its next report measures it again. If it is as
+        slow as measured, that costs one task at its speed every PROBE_ROUNDS rounds."""
         for w in live:
             if w not in owners and self.starved[w] + 1 >= PROBE_ROUNDS and len(owners) >= len(live):
                 busiest = max(live, key=lambda v: (owners.count(v), -v))
@@ -164,41 +165,44 @@ class Dealer:
                 return None                # the last one: wait until we are idle
         return None
 
-    def take_more(self, worker: int, first: Task, fuse: int) -> list[Task]:
-        """Lease up to ``fuse - 1`` more tasks behind ``first`` from the front of the same
-        deque, for the worker to compute together with it in one pass (one forward and
-        backward over all their samples: on a CPU, four passes of 32 samples cost about
-        twice one pass of 128). A task dealt again is never among them (it is pushed
-        alone). What the worker holds cannot be stolen; so with stealing on, the deque's
-        last task stays behind when another worker is expected to run out of work soon
-        enough to do it sooner (``_tail_wanted``); otherwise the worker takes it too and
-        does its whole share in one pass."""
+    def take_more(self, worker: int, first: Task, fuse: int, ahead: bool = False) -> list[Task]:
+        """Lease up to ``fuse - 1`` more tasks of ``first``'s step behind it from the front
+        of the same deque, for the worker to compute together with it in one pass (one
+        forward and backward over all their samples: on a CPU, four passes of 32 samples
+        cost about twice one pass of 128). A task dealt again is never among them (it is
+        pushed alone). What the worker holds cannot be stolen; so with stealing on, the
+        deque's last task stays behind on a lease asked ahead (as in ``take_ahead``) and
+        when another worker is expected to run out of work soon enough to do it sooner
+        (``_tail_wanted``); otherwise the worker takes it too and does its whole share
+        in one pass."""
         if first.id in self.redo:
             return []
         rnd = self._round_of(first.step)
         mine = self.deques.get(rnd, [()] * self.num_workers)[worker]
-        keep = 1 if self.steal and mine and self._tail_wanted(worker, rnd, [first, *mine]) else 0
+        keep = 1 if self.steal and mine and (ahead or self._tail_wanted(worker, rnd, mine[-1])) else 0
         more = []
-        while len(more) < fuse - 1 and len(mine) > keep and mine[0].id not in self.redo:
+        while (len(more) < fuse - 1 and len(mine) > keep and mine[0].id not in self.redo
+               and mine[0].step == first.step):
             more.append(self._lease(worker, rnd, mine.popleft()))
         return more
 
-    def _tail_wanted(self, worker: int, rnd: int, share: list[Task]) -> bool:
-        """Would a thief finish the last task of ``share`` sooner than ``worker`` would?
-        ``worker`` alone would end at T = samples(share) / its speed. Another worker v with
-        its own work left in the round (queued or leased, W_v samples) is idle at W_v / s_v
-        and, stealing the last task (x samples), done at W_v / s_v + x / s_v: stealing
-        helps if that is before T. Unknown speeds: assume it may (keep the tail back)."""
+    def _tail_wanted(self, worker: int, rnd: int, last: Task) -> bool:
+        """Would a thief finish ``last``, the last task of ``worker``'s deque, sooner than
+        ``worker`` would? With W_v the samples of round ``rnd`` that worker v still has to
+        do (queued, or leased and not yet reported) and s_v its speed, ``worker`` alone
+        ends at W / s; another worker v is idle at W_v / s_v and, stealing ``last`` (x
+        samples), done at (W_v + x) / s_v: stealing helps if that is sooner. Unknown
+        speeds: assume it may (keep the tail back)."""
         if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
             return True
-        left = [0] * self.num_workers                 # samples of the round not yet done
+        left = [0] * self.num_workers
         for v, dq in enumerate(self.deques.get(rnd, ())):
             left[v] += sum(len(t.samples) for t in dq)
         for v, task in self.leases.values():
             if self._round_of(task.step) == rnd:
                 left[v] += len(task.samples)
-        x = len(share[-1].samples)
-        mine = sum(len(t.samples) for t in share) / self._speed(worker)
+        x = len(last.samples)
+        mine = left[worker] / self._speed(worker)
         return any((left[v] + x) / self._speed(v) < mine
                    for v in range(self.num_workers) if v != worker and v not in self.gone)
 

@@ -296,9 +296,9 @@ def parse_args(argv=None):
                         "soon as backward completes it (worker/overlap.py), for A/B runs")
     p.add_argument("--fuse", type=int, default=0, metavar="N",
                    help="BSP/SSP: each worker computes at most N of the tasks it leases together, "
-                        "in one forward and backward pass (0: all a lease carries: its own "
-                        "deque's tasks but the last, which stays stealable; 1: one task per pass, "
-                        "for A/B runs) (default: %(default)s)")
+                        "in one forward and backward pass (0: all a lease carries, up to its "
+                        "whole share of a step; 1: one task per pass, for A/B runs) "
+                        "(default: %(default)s)")
     p.add_argument("--log-level", default="WARNING", help="log level of every role")
     args = p.parse_args(argv)
     if args.servers < 1 or args.workers < 1:

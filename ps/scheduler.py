@@ -292,7 +292,8 @@ class Scheduler:
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
-        more = self.dealer.take_more(worker, task, fuse) if task and fuse > 1 else []
+        fused = task and fuse > 1 and self.config.mode != "asp"    # ASP: a push per task
+        more = self.dealer.take_more(worker, task, fuse, ahead) if fused else []
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
                    more=[t.to_wire() for t in more],
                    step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,

@@ -4,7 +4,8 @@
     python scripts/plot_trace.py RUN_DIR/trace.json -o timeline.png [--title TEXT]
 
 Reads the Chrome trace written by ``start_cluster.sh --trace``. One row per worker;
-each task is a bar (stolen tasks, those the worker took from another's deque, are
+each forward and backward pass is a bar, over the tasks computed in it (a fused lease:
+one bar for several tasks; stolen ones, those the worker took from another's deque, are
 hatched), pulls/pushes/waits are thin grey bars under it, and each steal is a
 triangle on the thief's row. Needs matplotlib (``pip install matplotlib``).
 """

@@ -257,3 +257,16 @@ def test_without_stealing_a_fused_lease_takes_the_whole_share():
     d.deal(0)
     first, _ = d.take(0, [0], [0])
     assert len(d.take_more(0, first, fuse=64)) == 3 and not d.deques[0][0]
+
+
+def test_a_fused_lease_asked_ahead_leaves_the_last_task_and_stays_in_its_step():
+    p = plan(n=64, b=16, t=8)
+    d = Dealer(p, 2, total_steps=4)
+    d.speeds = [10.0, 10.0]                        # balanced: asked when idle, it takes all
+    d.deal(0)
+    first = d.take_ahead(0, [0])
+    assert len(d.take_more(0, first, fuse=64, ahead=True)) == 2 and len(d.deques[0][0]) == 1
+    e = Dealer(p, 2, total_steps=4, per_epoch=True)   # ASP-style rounds: an epoch of steps
+    e.deal(0)
+    first, _ = e.take(0, [0], [0])
+    assert {t.step for t in e.take_more(0, first, fuse=64)} == {first.step}

@@ -159,7 +159,7 @@ class Worker:
             if armed:
                 self.overlap.arm(step, [t[0] for t in group.tasks] + ids, group.samples + n,
                                  step_tasks)
-            with self.tracer.span("backward", "task", task=ids[0], overlap=armed):
+            with self.tracer.span("backward", "task", task=ids[0], tasks=ids, overlap=armed):
                 (loss * n).backward()        # gradient of the tasks' loss SUM, accumulated
             group.loss_sum += float(loss.detach()) * n
             took = time.perf_counter() - t0

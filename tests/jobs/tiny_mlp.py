@@ -14,7 +14,9 @@ from torch import nn
 OPTIMIZER = json.loads(os.environ.get("TINY_MLP_OPTIMIZER", '{"name": "sgd", "lr": 0.05, "momentum": 0.9}'))
 BATCH_SIZE = int(os.environ.get("TINY_MLP_BATCH", "24"))
 SHUFFLE = os.environ.get("TINY_MLP_SHUFFLE", "0") == "1"
-DELAY_S = float(os.environ.get("TINY_MLP_DELAY_S", "0"))   # fault tests: make a task take time
+DELAY_S = float(os.environ.get("TINY_MLP_DELAY_S", "0"))   # fault tests: seconds per 8 samples
+                                                           # (a task, with 3 workers), so a pass
+                                                           # over fused tasks takes theirs together
 
 
 def build_model():
@@ -29,7 +31,7 @@ def build_dataset():
 
 
 def loss_fn(model, batch):
-    if DELAY_S:
-        time.sleep(DELAY_S)
     x, y = batch
+    if DELAY_S:
+        time.sleep(DELAY_S * len(x) / 8)
     return nn.functional.mse_loss(model(x), y)
