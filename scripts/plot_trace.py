@@ -64,8 +64,8 @@ def main(argv=None) -> int:
     ax.set_yticks(range(len(workers)))
     ax.set_yticklabels([names[pid] for pid in workers])
     ax.invert_yaxis()
-    ax.set_xlabel("seconds since the first event (bars: tasks, coloured by step; hatched: stolen; "
-                  "grey: pull/push/wait; triangles: steals)", fontsize=8)
+    ax.set_xlabel("seconds since the first event (bars: passes over leased tasks, coloured by step; "
+                  "hatched: stolen; grey: pull/push/wait; triangles: steals)", fontsize=8)
     ax.set_title(a.title or a.trace, fontsize=10)
     fig.tight_layout()
     fig.savefig(a.output, dpi=110)
