@@ -92,7 +92,12 @@ def test_worker_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, c
                           "--dead-after-s", "4")
     summary, fault = check(run, reference, deaths=0)
     assert fault["detected_at_s"] is None
-    assert fault["steps_during"] <= STALLED, fault        # BSP waited for the cut-off worker
+    # BSP waited for the cut-off worker, if it held a lease then; if not (cut between its
+    # report and its next lease), the others stole its queued tasks: steps completed
+    # only through them
+    stolen = summary["per_worker"][1]["stolen_from"]
+    assert fault["steps_during"] <= STALLED or stolen >= fault["steps_during"] - STALLED, \
+        (fault, stolen)
     # every role bound its own address on the bridge, none the loopback
     roles = json.loads((tmp_path / "cluster.json").read_text())["roles"]
     endpoints = [roles[r]["endpoint"] for r in ("scheduler", "server0", "server1")]
