@@ -124,23 +124,25 @@ def test_train_tiny(tmp_path):
     [row] = result["rows"]                     # --tiny: the language model only
     assert row["model"] == "char_transformer" and row["optimizer"] == "adamw"
     assert row["batch"] == load(ROOT / "examples" / "char_transformer.py").BATCH_SIZE
-    for system in ("ours", "ours_fuse1", "ours_bf16", "ddp", "rpc"):
+    for system in ("ours", "ours_fuse1", "ours_1srv", "ours_bf16", "ddp", "rpc"):
         assert positive(row[f"{system}_samples_per_s"]) and positive(row[f"{system}_step_s"])
         [run] = row[f"{system}_runs"]
         assert run["batch"] == row["batch"]    # the same global batch everywhere
         assert math.isclose(run["samples_per_s"] * run["step_s"], row["batch"])
     assert row["ddp_runs"][0]["params"] == row["rpc_runs"][0]["params"] == row["params"]
-    for system in ("ours", "ours_fuse1", "ours_bf16"):
+    for system in ("ours", "ours_fuse1", "ours_1srv", "ours_bf16"):
         assert positive(row[f"{system}_over_ddp"]) and positive(row[f"{system}_over_rpc"])
     # The variants: one pass per task; bfloat16 gradients and parameters.
     assert row["ours_fuse1_runs"][0]["fuse"] == 1 and row["ours_runs"][0]["fuse"] == 0
     assert row["ours_fuse1_tasks_per_step"] == row["tasks_per_step"]
+    assert row["ours_1srv_runs"][0]["servers"] == 1 and row["ours_runs"][0]["servers"] == 2
     assert row["ours_bf16_tasks_per_step"] == row["tasks_per_step"]
     assert row["ours_bf16_grad_dtype"] == row["ours_bf16_param_dtype"] == "bfloat16"
     assert row["ours_fuse1_grad_dtype"] == row["ours_runs"][0]["grad_dtype"] == "float32"
     assert math.isfinite(row["ours_bf16_runs"][0]["final_loss"])
     assert "| char_transformer | 116,318 |" in stdout
     assert "| char_transformer: ours, one pass per task | 116,318 |" in stdout
+    assert "| char_transformer: ours, 1 server | 116,318 |" in stdout
     assert "| char_transformer: ours, bfloat16 wire | 116,318 |" in stdout
 
 

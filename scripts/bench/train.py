@@ -9,6 +9,8 @@ ours  ``python -m ps.launch`` in BSP with 2 workers and 2 servers (--servers), -
                   were fused (4 passes of 32 samples per worker and step for the MLP,
                   where the default computes a worker's share in one pass when the deal
                   is balanced: README, "Fused leases")
+      ours_1srv   --servers 1: the model in one shard (a small model's second shard only
+                  adds a round trip to every pull and push)
       ours_bf16   --grad-dtype bfloat16 --param-dtype bfloat16: half the bytes on the
                   wire; servers keep float32 parameters and optimizer state, so the
                   numerics differ from float32 within bfloat16's rounding
@@ -48,6 +50,7 @@ TINY_MLP_PARAMS = 100_000  # --tiny --models mlp10m: the MLP at this size (scale
 WORKERS = 2               # our workers, DDP processes, RPC trainers
 # Our variants: extra launcher flags, run in turn with the others (key -> flags, label).
 VARIANTS = {"ours_fuse1": (["--fuse", "1"], "ours, one pass per task"),
+            "ours_1srv": (["--servers", "1"], "ours, 1 server"),
             "ours_bf16": (["--grad-dtype", "bfloat16", "--param-dtype", "bfloat16"],
                           "ours, bfloat16 wire")}
 SYSTEMS = ("ours", *VARIANTS, "ddp", "rpc")
@@ -67,7 +70,8 @@ def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
     batch = summary["samples"] // summary["steps"]
     wire = dict(zip(extra[::2], extra[1::2]))
     return {"system": system, "step_s": step_s, "samples_per_s": batch / step_s,
-            "batch": batch, "servers": servers, "tasks_per_step": summary["tasks_per_step"],
+            "batch": batch, "servers": int(wire.get("--servers", servers)),
+            "tasks_per_step": summary["tasks_per_step"],
             "fuse": int(wire.get("--fuse", 0)), "grad_dtype": wire.get("--grad-dtype", "float32"),
             "param_dtype": wire.get("--param-dtype", "float32"),
             "final_loss": summary["final_loss"], "wall_s": summary["wall_s"]}
@@ -158,6 +162,7 @@ def note(args, rows: list[dict]) -> str:
             f"run(s) per cell, systems alternating ({', '.join(SYSTEMS)}). Variant lines: "
             "\"one pass per task\" is --fuse 1 (each of a worker's tasks in a forward and "
             "backward pass of its own, instead of the tasks it leases together); "
+            "\"1 server\" is --servers 1; "
             "\"bfloat16 wire\" is --grad-dtype bfloat16 --param-dtype "
             "bfloat16: gradients and parameters travel as bfloat16, servers keep float32 "
             "parameters and optimizer state. That changes the numerics (within bfloat16's "
