@@ -193,7 +193,7 @@ class Dealer:
         ends at W / s; another worker v is idle at W_v / s_v and, stealing ``last`` (x
         samples), done at (W_v + x) / s_v: stealing helps if that is sooner. Unknown
         speeds: assume it may (keep the tail back)."""
-        if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
+        if not self._measured():
             return True
         left = [0] * self.num_workers
         for v, dq in enumerate(self.deques.get(rnd, ())):
@@ -208,9 +208,11 @@ class Dealer:
 
     def _speed(self, worker: int) -> float:
         """Measured speed, or 1.0 for everyone until all live workers are measured."""
-        if any(self.speeds[w] is None for w in range(self.num_workers) if w not in self.gone):
-            return 1.0
-        return self.speeds[worker] or 1.0
+        return (self.speeds[worker] or 1.0) if self._measured() else 1.0
+
+    def _measured(self) -> bool:
+        """Has every live worker reported a speed?"""
+        return all(self.speeds[w] is not None for w in range(self.num_workers) if w not in self.gone)
 
     def _most_loaded(self, thief: int, rounds) -> tuple[int, int] | None:
         """The deque with the most work left, in time: tasks / owner's speed."""

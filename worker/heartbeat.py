@@ -25,6 +25,11 @@ class Fenced(RuntimeError):
     """The scheduler declared this incarnation dead; it must stop."""
 
 
+def as_fenced(exc: RemoteError) -> Exception:
+    """A refusal to raise: ``Fenced`` if it says we were declared dead, else itself."""
+    return Fenced(exc.reason) if exc.code == Error.FENCED else exc
+
+
 class Heartbeat(threading.Thread):
     def __init__(self, ctx: zmq.Context, endpoint: str, worker: int, inc: int,
                  interval_s: float = HEARTBEAT_INTERVAL_S):

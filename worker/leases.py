@@ -14,9 +14,9 @@ which the worker computes together in one pass (``Dealer.take_more``).
 from __future__ import annotations
 
 from ps.client import Peer, RemoteError
-from ps.protocol import Error, Kind
+from ps.protocol import Kind
 
-from .heartbeat import Fenced
+from .heartbeat import as_fenced
 
 
 class Leases:
@@ -66,4 +66,4 @@ class Leases:
         try:
             return self.scheduler.recv(rid, timeout_s, f"lease for step {step}")[0]
         except RemoteError as exc:
-            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+            raise as_fenced(exc)

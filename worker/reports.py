@@ -10,9 +10,9 @@ report still unanswered then is sent again by the Lazy Pirate retry of ``Peer.re
 from __future__ import annotations
 
 from ps.client import Peer, RemoteError
-from ps.protocol import Error, Kind
+from ps.protocol import Kind
 
-from .heartbeat import Fenced
+from .heartbeat import as_fenced
 
 MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the answers
 
@@ -31,18 +31,13 @@ class Reports:
             rejected=rejected, loss_sum=loss_sum, samples=samples, compute_s=compute_s,
             wait_s=wait_s))
         if len(self.rids) > MAX_UNCONFIRMED_REPORTS:
-            self.collect(wait=True)
+            self.collect()
 
-    def collect(self, wait: bool) -> None:
-        """Take in the answers to our reports; with ``wait``, until every one is in."""
-        still = []
-        for rid in self.rids:
+    def collect(self) -> None:
+        """Wait until every report is answered (resending any whose answer is late)."""
+        while self.rids:
             try:
-                self.scheduler.recv(rid, self.timeout_s if wait else 0.0, "report")
-            except TimeoutError:
-                if wait:
-                    raise
-                still.append(rid)
+                self.scheduler.recv(self.rids[0], self.timeout_s, "report")
             except RemoteError as exc:
-                raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
-        self.rids = still
+                raise as_fenced(exc)
+            self.rids.pop(0)

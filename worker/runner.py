@@ -42,7 +42,7 @@ from ps.trace import Tracer
 
 from .config import WorkerConfig, pick_device
 from .flat import FlatModel
-from .heartbeat import Fenced, Heartbeat
+from .heartbeat import Fenced, Heartbeat, as_fenced
 from .job import collate, load_job
 from .leases import Leases
 from .overlap import Overlap
@@ -119,8 +119,8 @@ class Worker:
         self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
         self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
         self.heartbeat.start()
-        fuse = 1 if self.mode == "asp" else (self.config.fuse or MAX_FUSE)   # ASP: a push per task
-        self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s, fuse)
+        self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
+                             self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
         if (self.config.overlap and self.mode == "bsp" and self.device.type == "cpu"
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/overlap.py
@@ -333,7 +333,7 @@ class Worker:
     def train_asp(self) -> None:
         """ASP: each task is pulled, computed and pushed on its own, as fast as it goes."""
         while True:
-            tasks, step_tasks, _ = self.leases.next(-1)     # one at a time: Leases(fuse=1)
+            tasks, step_tasks, _ = self.leases.next(-1)     # one task a lease in ASP
             if tasks is None:
                 return
             step = tasks[0][1]
@@ -358,7 +358,7 @@ class Worker:
     def wait_for_all(self) -> bool:
         """DONE is answered once every live worker is done; until then, do any task dealt
         again. Returns whether this worker writes the final parameters."""
-        self.reports.collect(wait=True)      # DONE must not overtake a lost report
+        self.reports.collect()               # DONE must not overtake a lost report
         rid = self.scheduler.send(Kind.DONE, worker=self.id, inc=self.inc)
         deadline = time.monotonic() + 10 * self.config.timeout_s
         while True:
@@ -372,9 +372,9 @@ class Worker:
                 self.redo_waiting(-1)
                 # A report of a task done here may be lost, and nothing else would send it
                 # again: the scheduler would wait for that task, and we for it, forever.
-                self.reports.collect(wait=True)
+                self.reports.collect()
             except RemoteError as exc:
-                raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+                raise as_fenced(exc)
 
     def finish(self, steps: int) -> None:
         """Pull the final parameters, save them, run the job's finish()."""
@@ -396,7 +396,7 @@ class Worker:
             return self.scheduler.request(kind, self.config.timeout_s, worker=self.id,
                                           inc=self.inc, **fields)
         except RemoteError as exc:
-            raise Fenced(exc.reason) if exc.code == Error.FENCED else exc
+            raise as_fenced(exc)
 
     def check_fenced(self) -> None:
         if self.heartbeat is not None and self.heartbeat.fenced.is_set():
