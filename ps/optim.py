@@ -11,6 +11,7 @@ multiple of the shard.
     opt.step(params, grad)          # params: (n,) float32, writable; grad: (n,) float32
     opt.step(params, sums, divide_by=samples, keep=sums)   # BSP: mean of a sum; the old
                                     # parameters left in the sum's buffer (ps.shard)
+    opt.step(params, frames, divide_by=samples)   # grad as pieces: the received frames
     snapshot = opt.state()          # {"step": 1, "exp_avg": (n,), "exp_avg_sq": (n,)}
     opt.load_state(snapshot)        # e.g. after a restart, before the next step
 
@@ -21,8 +22,9 @@ Invariants:
   twice, so results agree to about one float32 ulp per step, not bit for bit.
 - Chunking changes no result: every operation is element-wise, so each element sees the
   same operations in the same order whatever the chunk size (tests compare bit for bit).
-- ``grad`` is never written (it may be a read-only view straight into a zmq frame), unless
-  the caller passes the same array as ``keep``.
+- ``grad`` is never written (it may be a read-only view straight into a zmq frame, or a
+  list of them: pieces in order, together n floats), unless the caller passes the same
+  array as ``keep``.
 - The config uses torch's argument names and defaults (except: sgd requires lr).
 """
 
@@ -94,17 +96,19 @@ class Optimizer:
         self._g = np.empty(n, F32)                    # (chunk,) effective gradient / numerator
         self._tmp = np.empty(n, F32)                  # (chunk,) products, denominators
 
-    def step(self, params: np.ndarray, grad: np.ndarray, divide_by: int = 1,
+    def step(self, params: np.ndarray, grad: np.ndarray | list[np.ndarray], divide_by: int = 1,
              keep: np.ndarray | None = None) -> None:
         """Apply ``grad / divide_by`` to ``params`` in place.
 
-        ``grad`` is only read, unless it is also ``keep``. ``keep``: an (n,) array that
-        receives the parameters as they were before this step; it may be ``grad`` itself
-        (the BSP shard keeps its previous version in its aggregation buffer this way):
-        each chunk of it is written only once that chunk's gradient has been read.
+        ``grad``: an (n,) array, or a list of 1-D pieces that together make one (a push's
+        frames, read where they arrived: no copy into a buffer first). It is only read,
+        unless it is also ``keep``. ``keep``: an (n,) array that receives the parameters
+        as they were before this step; it may be ``grad`` itself (the BSP shard keeps its
+        previous version in its aggregation buffer this way): each chunk of it is written
+        only once that chunk's gradient has been read.
         """
         self._check("params", params)
-        self._check("grad", grad)
+        pieces = self._pieces(grad)
         if not params.flags.writeable:
             raise ValueError("params must be writable: the update is applied in place")
         if keep is not None:
@@ -114,14 +118,18 @@ class Optimizer:
         self._step += 1
         # The gradient is copied into scratch when it must be divided or its buffer
         # takes the old parameters (copying is exact, so the result does not change).
-        copy = divide_by != 1 or keep is not None
-        for lo in range(0, self.size, self.chunk):
-            hi = min(lo + self.chunk, self.size)
-            p = params[lo:hi]                         # (chunk,) view into the shard
-            g = self._effective_grad(p, grad[lo:hi], divide_by, copy)
-            if keep is not None:
-                np.copyto(keep[lo:hi], p)             # the chunk's gradient is in g now
-            self._update(p, g, lo, hi, self._step)
+        copy = divide_by != 1 or (keep is not None
+                                   and any(np.may_share_memory(keep, g) for g in pieces))
+        start = 0
+        for piece in pieces:
+            for i in range(0, piece.size, self.chunk):     # chunks never span two pieces
+                lo, hi = start + i, start + min(i + self.chunk, piece.size)
+                p = params[lo:hi]                          # (chunk,) view into the shard
+                g = self._effective_grad(p, piece[i:i + self.chunk], divide_by, copy)
+                if keep is not None:
+                    np.copyto(keep[lo:hi], p)              # the chunk's gradient is in g now
+                self._update(p, g, lo, hi, self._step)
+            start += piece.size
 
     def state(self) -> dict[str, np.ndarray | int]:
         """A snapshot (copies) of the named state: safe to write out while steps go on."""
@@ -151,6 +159,18 @@ class Optimizer:
         if not isinstance(a, np.ndarray) or a.dtype != F32 or a.shape != (self.size,):
             got = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
             raise ValueError(f"{name} must be a ({self.size},) float32 array, got {got}")
+
+    def _pieces(self, grad) -> list[np.ndarray]:
+        """``grad`` as a list of 1-D float32 pieces totalling n floats, or ValueError."""
+        if isinstance(grad, np.ndarray):
+            self._check("grad", grad)
+            return [grad]
+        if not (isinstance(grad, list) and all(isinstance(g, np.ndarray) and g.dtype == F32
+                                               and g.ndim == 1 for g in grad)
+                and sum(g.size for g in grad) == self.size):
+            raise ValueError(f"grad must be a ({self.size},) float32 array or a list of 1-D "
+                             f"float32 pieces of {self.size} floats in all")
+        return grad
 
     def _effective_grad(self, p, grad, divide_by: int, copy: bool):
         """torch's ``g = -grad if maximize else grad; g = g + weight_decay * params``, for

@@ -115,9 +115,8 @@ class Shard:
         if any(t in self.applied for t in tasks):
             self.duplicates_rejected += 1
             return False
-        if samples:
-            self._mean_into_grad(chunks, samples)
-            self.optimizer.step(self.params, self.grad)
+        if samples:                         # the mean over the push's own samples
+            self.optimizer.step(self.params, self._float32(chunks), divide_by=samples)
             self.version += 1
         self.applied.update(tasks)
         if ends_clock:                      # a task dealt again is pushed mid-clock, alone
@@ -133,11 +132,20 @@ class Shard:
             raise ProtocolError(Error.BAD_FIELD, f"push for step {step}, shard is at {self.version}")
         if len(self.step_tasks_seen) + len(tasks) > step_tasks:
             raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
-        # The step's first push is copied in, later ones added in place: no temporaries, and
-        # no pass to zero the buffer between steps. Every check is above this line: a
-        # refused push (a late duplicate of the completed step) leaves the previous
-        # version intact; the first accepted one of the next step overwrites it.
         first = not self.step_tasks_seen
+        self.step_tasks_seen.update(tasks)
+        self.step_samples += samples
+        self.pushes_applied += 1
+        complete = len(self.step_tasks_seen) == step_tasks    # the step's global batch is in
+        if first and complete and all(c.dtype == np.float32 for c in chunks):
+            # The whole step in one push: the update reads the received frames where they
+            # are, and the aggregation buffer is only written with the kept version.
+            self._step_done(list(chunks))
+            return True
+        # Otherwise the step's first push is copied in, later ones added in place: no
+        # temporaries, and no pass to zero the buffer between steps. Every check is above
+        # this line: a refused push (a late duplicate of the completed step) leaves the
+        # previous version intact; the first accepted one of the next step overwrites it.
         if first and chunks:
             self.grad_is_prev = False
         offset = 0
@@ -145,31 +153,31 @@ class Shard:
             part, dtype = self.grad[offset:offset + chunk.size], wire_dtype(chunk)
             decode_into(part, chunk, dtype) if first else add_into(part, chunk, dtype)
             offset += chunk.size
-        self.step_tasks_seen.update(tasks)
-        self.step_samples += samples
-        self.pushes_applied += 1
-        if len(self.step_tasks_seen) == step_tasks:             # the step's global batch is in
-            # One pass: the sample-weighted mean of the sum, the update, and this version's
-            # parameters left behind in the aggregation buffer (ps.optim, ``keep``).
-            self.optimizer.step(self.params, self.grad, divide_by=self.step_samples,
-                                keep=self.grad)
-            self.grad_is_prev = True
-            self.step_tasks_seen.clear()
-            self.step_samples = 0
-            self.version += 1
-            self.clocks = [self.version] * len(self.clocks)
+        if complete:
+            self._step_done(self.grad)
         return True
 
-    def _mean_into_grad(self, chunks, samples) -> None:
-        """SSP/ASP: the push's mean gradient into the scratch buffer (grad = sum / samples)."""
+    def _step_done(self, grad) -> None:
+        """BSP: the step's sum is in ``grad`` (the buffer, or one push's frames). One pass:
+        the sample-weighted mean, the update, and this version's parameters left behind
+        in the aggregation buffer (ps.optim, ``keep``)."""
+        self.optimizer.step(self.params, grad, divide_by=self.step_samples, keep=self.grad)
+        self.grad_is_prev = True
+        self.step_tasks_seen.clear()
+        self.step_samples = 0
+        self.version += 1
+        self.clocks = [self.version] * len(self.clocks)
+
+    def _float32(self, chunks) -> list[np.ndarray]:
+        """SSP/ASP: the push's chunks as float32 pieces: as received, or (float16/bfloat16)
+        decoded into the scratch buffer."""
+        if all(c.dtype == np.float32 for c in chunks):
+            return list(chunks)
         offset = 0
         for chunk in chunks:
-            part = self.grad[offset:offset + chunk.size]
-            if chunk.dtype != np.float32:     # float16/bfloat16: decode, then divide in place
-                decode_into(part, chunk, wire_dtype(chunk))
-                chunk = part
-            np.divide(chunk, samples, out=part)
+            decode_into(self.grad[offset:offset + chunk.size], chunk, wire_dtype(chunk))
             offset += chunk.size
+        return [self.grad]
 
     def _check(self, worker, tasks, samples, chunks) -> None:
         """Refuse a malformed push before looking at state (cheapest, most certain first)."""

@@ -68,16 +68,20 @@ def check_window(step: int, clocks: list[int], mode: str, staleness: int) -> Non
 
 
 def finite(chunks: list[np.ndarray]) -> bool:
-    """No NaN or Inf in any chunk. float32: min and max propagate NaN and expose +-Inf,
-    without allocating ``np.isfinite``'s bool array (0.62 ms against 0.45 ms on 2M
-    floats: a little slower, no frame-sized temporary). 16-bit formats: a value is Inf or
-    NaN when all its exponent bits are set, a bit test on the raw bits (0.65 ms on 2M
-    float16 values, where numpy's float16 min and max take 25 ms)."""
+    """No NaN or Inf in any chunk. float32: the dot product of a chunk with itself is a
+    sum of squares, so it is NaN or Inf if any element is; finite, the chunk is too. One
+    BLAS pass (1.5 ms against 3 ms for min and max, on 10M floats). A sum that overflows
+    (values near 1e19) is settled exactly by min and max, which propagate NaN and expose
+    +-Inf. 16-bit formats: a value is Inf or NaN when all its exponent bits are set, a bit
+    test on the raw bits (0.65 ms on 2M float16 values, where numpy's float16 min and max
+    take 25 ms)."""
     for c in chunks:
         if not c.size:
             continue
         if c.dtype == np.float32:
-            if not (np.isfinite(c.min()) and np.isfinite(c.max())):
+            with np.errstate(over="ignore", invalid="ignore"):     # both are answers here
+                squares = np.dot(c, c)
+            if not np.isfinite(squares) and not (np.isfinite(c.min()) and np.isfinite(c.max())):
                 return False
         else:                             # float16 (exponent 0x7C00) or bfloat16 bits (0x7F80)
             exponent = np.uint16(0x7C00 if c.dtype.kind == "f" else 0x7F80)

@@ -282,3 +282,38 @@ def test_keep_must_be_a_writable_shard_sized_array():
         opt.step(params, grad, keep=frozen)
     with pytest.raises(ValueError, match="chunk"):
         make_optimizer({"name": "sgd", "lr": 0.1}, 8, chunk=0)
+
+
+@pytest.mark.parametrize("case", CHUNK_CASES)
+def test_grad_as_pieces_equals_the_whole_array(case):
+    # A shard steps straight from a push's frames: pieces that cut across the chunk grid
+    # (7, 128, ...) give the same bits as the whole gradient, and are never written.
+    config, samples = ORACLE_CASES[case], 3
+    sums = [g * np.float32(samples) for g in _gradients(seed=17, steps=3, size=ODD_SIZE)]
+    params0 = np.random.default_rng(18).standard_normal(ODD_SIZE).astype(np.float32)
+    whole, pieced = params0.copy(), params0.copy()
+    a = make_optimizer(config, ODD_SIZE, chunk=100)
+    b = make_optimizer(config, ODD_SIZE, chunk=100)
+    cuts = [7, 135, 400]
+    for s in sums:
+        before, kept = whole.copy(), np.full(ODD_SIZE, np.nan, np.float32)
+        a.step(whole, s.copy(), divide_by=samples)
+        pieces = [p.copy() for p in np.split(s, cuts)]
+        for p in pieces:
+            p.setflags(write=False)
+        b.step(pieced, pieces, divide_by=samples, keep=kept)
+        np.testing.assert_array_equal(pieced, whole)
+        np.testing.assert_array_equal(kept, before)             # the previous parameters
+        np.testing.assert_array_equal(np.concatenate(pieces), s)
+
+
+def test_pieces_must_be_float32_and_add_up_to_the_shard():
+    opt = make_optimizer({"name": "sgd", "lr": 0.1}, 8)
+    params = np.zeros(8, np.float32)
+    for bad in ([np.zeros(3, np.float32), np.zeros(4, np.float32)],      # 7 floats
+                [np.zeros(4, np.float32), np.zeros(4, np.float64)],      # a float64 piece
+                [np.zeros((2, 4), np.float32)],                          # not 1-D
+                (np.zeros(8, np.float32),)):                             # a tuple
+        with pytest.raises(ValueError, match="grad"):
+            opt.step(params, bad)
+    assert not params.any() and opt.state()["step"] == 0

@@ -210,6 +210,18 @@ def test_nonfinite_gradients_rejected_or_skipped(bad):
     assert validation.screen_gradient(fine, 3, "reject", counters) is fine
 
 
+def test_huge_finite_gradients_are_finite():
+    # The float32 scan squares and sums (one BLAS pass); a sum that overflows is settled
+    # exactly, so a finite gradient of huge values still passes, and Inf anywhere fails.
+    grad = np.ones(1000, np.float32)
+    grad[[3, 700]] = [3e38, -1e30]
+    assert validation.finite([grad[:500], grad[500:]])
+    for bad in (np.inf, -np.inf, np.nan):
+        worse = grad.copy()
+        worse[999] = bad
+        assert not validation.finite([worse[:500], worse[500:]])
+
+
 def test_nonfinite_bfloat16_bits():
     inf_bits = np.array([0x3F80, 0x7F80], np.uint16)           # 1.0, +inf
     nan_bits = np.array([0xFFC1], np.uint16)

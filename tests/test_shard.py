@@ -16,6 +16,7 @@ import pytest
 from ps import wire
 from ps.optim import CHUNK, make_optimizer
 from ps.protocol import Error, ProtocolError
+from ps import shard as shard_module
 from ps.shard import Shard
 
 LR = 0.1
@@ -132,6 +133,26 @@ def test_bsp_single_worker_single_task_is_one_sgd_step_on_the_mean():
     (g,) = grad_sums(1)
     shard.push(0, 0, [0], 4, 1, received(g))
     close(shard.params, sgd(p0, g / np.float32(4)))
+
+
+def test_bsp_step_completed_by_one_push_reads_its_frames_and_keeps_the_old_version(monkeypatch):
+    # One push holding the step's whole batch is stepped straight from the received
+    # frames (never copied into the aggregation buffer): the same parameters as two
+    # pushes summed there, and the old version lands in the buffer.
+    shard, p0 = make("bsp", 2)
+    g = grad_sums(1)[0]
+    frames = received(g)
+    with monkeypatch.context() as m:
+        m.setattr(shard_module, "decode_into", lambda *a: pytest.fail("copied into the buffer"))
+        shard.push(0, 0, [0, 1], 6, 2, frames)
+    close(shard.params, sgd(p0, g / np.float32(6)))
+    assert shard.version == 1 and shard.grad_is_prev
+    assert np.array_equal(shard.params_for(0)[0], p0)
+    assert np.array_equal(np.concatenate(frames), g)             # the frames are only read
+    split, _ = make("bsp", 2)
+    split.push(0, 0, [0], 2, 2, received(g / np.float32(3)))
+    split.push(1, 0, [1], 4, 2, received(g * np.float32(2 / 3)))
+    close(shard.params, split.params)
 
 
 def test_bsp_duplicate_task_in_the_same_step_is_rejected_and_changes_nothing():
