@@ -1,6 +1,6 @@
 """What the two torch baselines (ddp_baseline.py, rpc_baseline.py) share: their flags,
-reading a job file, each process's part of a global batch, a free port for the
-rendezvous, and starting N processes that all end by a deadline.
+reading a job file, each process's part of a global batch, a rendezvous file, and
+starting N processes that all end by a deadline.
 
 Only torch and the standard library, like the baselines themselves: they share no code
 with the parameter server.
@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import time
 
 import torch.multiprocessing as mp
@@ -51,20 +52,17 @@ def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[
     return [i % n for i in range(lo, lo + share)]
 
 
-def free_port() -> int:
-    """A TCP port nobody listens on now (the OS picks it; a race is possible, and harmless
-    here: a clash fails the rendezvous, which has a deadline)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(target, ranks: int, args, timeout_s: float, name: str) -> int:
-    """Start ``target(rank, args, port)`` in ``ranks`` spawned processes; wait for all of
-    them until the deadline, kill any still running then. 0 when every one exited 0."""
+    """Start ``target(rank, args, init_method)`` in ``ranks`` spawned processes; wait for
+    all of them until the deadline, kill any still running then. 0 when every one exited 0.
+
+    ``init_method`` is torch's rendezvous URL, a file in a fresh directory (``file://``):
+    picking a free TCP port for it and binding it later is a race that another process
+    taking the port in between (an outgoing connection's local port, say) loses."""
     ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [ctx.Process(target=target, args=(r, args, port)) for r in range(ranks)]
+    rendezvous = tempfile.mkdtemp(prefix=f"{name}-")
+    init_method = "file://" + os.path.join(rendezvous, "store")
+    procs = [ctx.Process(target=target, args=(r, args, init_method)) for r in range(ranks)]
     for proc in procs:
         proc.start()
     deadline = time.monotonic() + timeout_s
@@ -76,6 +74,7 @@ def run_ranks(target, ranks: int, args, timeout_s: float, name: str) -> int:
             if proc.is_alive():
                 proc.kill()
                 proc.join(5)
+        shutil.rmtree(rendezvous, ignore_errors=True)
     codes = [proc.exitcode for proc in procs]
     if any(code != 0 for code in codes):
         print(f"{name}: process exit codes {codes}", file=sys.stderr)

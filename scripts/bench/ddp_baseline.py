@@ -5,7 +5,7 @@
 
 What a user of plain PyTorch would run instead of a parameter server. Every rank
 builds the job's model from the same seed, wraps it in DDP (gloo backend, rendezvous
-over TCP on 127.0.0.1 at a free port) and trains on its share of every global batch:
+through a file, traffic over TCP on 127.0.0.1) and trains on its share of every global batch:
 step k uses samples [kB, (k+1)B) of the data set (wrapping around), rank r the r-th
 of N equal parts. During backward DDP all-reduces the gradients in buckets and
 averages them, so every rank applies the same update, the global batch's mean
@@ -42,11 +42,10 @@ def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
     return OPTIMIZERS[kwargs.pop("name")](params, **kwargs)
 
 
-def rank_main(rank: int, args, port: int) -> None:
+def rank_main(rank: int, args, init_method: str) -> None:
     """One DDP process: join the group, train ``warmup + steps`` steps, rank 0 reports."""
     torch.set_num_threads(args.threads)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=args.procs,
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=args.procs,
                             timeout=datetime.timedelta(seconds=args.timeout_s))
     try:
         job = load_job(args.job)

@@ -120,14 +120,14 @@ def train(job, args, trainer: int) -> list[float]:
     return ends
 
 
-def rank_main(rank: int, args, port: int) -> None:
+def rank_main(rank: int, args, init_method: str) -> None:
     """Process 0 serves; the others train; trainer 0 reports."""
     global SERVER
     torch.set_num_threads(args.threads)
     job = load_job(args.job)
     if rank == 0:
         SERVER = ParameterServer(job, args.trainers, args.seed)    # before anyone can call
-    options = rpc.TensorPipeRpcBackendOptions(init_method=f"tcp://127.0.0.1:{port}",
+    options = rpc.TensorPipeRpcBackendOptions(init_method=init_method,
                                               rpc_timeout=args.timeout_s)
     rpc.init_rpc("ps" if rank == 0 else f"trainer{rank - 1}", rank=rank,
                  world_size=args.trainers + 1, rpc_backend_options=options)
