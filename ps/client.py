@@ -241,7 +241,13 @@ class ShardClient:
         sent = self.push_send(grad, step, tasks, samples, step_tasks, ends_clock, only)
         if then_pull is not None:
             self.ahead = self.pull_send(then_pull)
-        return self.push_wait(sent, step)
+        try:
+            return self.push_wait(sent, step)
+        except BaseException:
+            if then_pull is not None:           # nobody will take the prefetch now: its
+                self.abandon(self.ahead)        # reply is dropped when it comes, not kept
+                self.ahead = None
+            raise
 
     def push_send(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
                   step_tasks: int, ends_clock: bool = True,

@@ -7,12 +7,16 @@ prefetched pull like any other, so the summary's max_staleness never exceeds s
 with the default). The reply is copied into the model only at the next pull.
 """
 import os
+import threading
 import types
 
 import numpy as np
 import pytest
 
 from cluster import JOBS, launch
+from inproc import InProcessServer
+
+from ps.client import RemoteError
 
 from worker.runner import Worker
 
@@ -81,3 +85,22 @@ def test_ssp_with_prefetch_keeps_the_staleness_bound(tmp_path, prefetch):
     assert 0 <= summary["max_staleness"] <= s
     assert summary["samples"] == 6 * 200 + 6 * 24 and summary["duplicates_rejected"] == 0
     assert all(np.isfinite(v).all() for v in run.params.values())
+
+
+@pytest.mark.timeout(30)
+def test_a_failed_push_abandons_the_pull_sent_behind_it():
+    # push(then_pull=) sends the pull before waiting for the push's answer. If the push
+    # fails, nobody will take that prefetch: it is abandoned (its reply dropped when it
+    # comes), not left outstanding with a model-sized reply kept for nobody.
+    srv = InProcessServer(1000, mode="ssp")
+    try:
+        srv.init(np.zeros(1000, np.float32))
+        server = threading.Thread(target=lambda: [srv.serve_one() for _ in range(2)])
+        server.start()
+        with pytest.raises(RemoteError):          # clock 99: beyond the staleness window
+            srv.client.push(np.ones(1000, np.float32), 99, tasks=[5], samples=1,
+                            step_tasks=1, then_pull=100)
+        server.join(10)
+        assert srv.client.ahead is None and not srv.client.peers[0].outstanding
+    finally:
+        srv.close()

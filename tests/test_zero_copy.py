@@ -1,9 +1,11 @@
 """Copies on the hot path, counted: where the bytes of a push and a pull are copied.
 
 The claim (docs/protocol.md): a float32 tensor leaves a process as views of the
-array it lives in, enters as views of the received zmq frames, and is copied once
-on each side: a server sums a push into its aggregation buffer, a worker copies a
-pull into its flat parameter buffer. Each piece is checked where it happens:
+array it lives in, enters as views of the received zmq frames, and is copied at most
+once on each side: a server sums a push into its aggregation buffer (or, for a push that
+completes its step alone, updates straight from its frames: tests/test_shard.py), a
+worker copies a pull into its flat parameter buffer. Each piece is checked where it
+happens:
 
 * ``wire.split`` returns views of the source array;
 * ``wire.check_payload`` returns arrays over the received frames' own memory;
