@@ -46,7 +46,7 @@ class Peer:
     ``recv`` that times out leaves its request outstanding, so the caller may wait
     again for the same reply.
 
-    ``rejoin``, when set, is called when the scheduler answers ``reregister`` (it was
+    ``register_again``, when set, is called when the scheduler answers ``reregister`` (it was
     restarted and does not know us yet): it registers again, and the refused request
     is sent again with the same rid, so the caller never sees the restart.
     """
@@ -62,8 +62,8 @@ class Peer:
         self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
         self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
         self.sent_at: dict[int, float] = {}              # rid -> when it was last sent
-        self.rejoin = None                               # () -> None: register again (see above)
-        self.rejoined_at = 0.0
+        self.register_again = None                       # () -> None: register again (see above)
+        self.registered_at = 0.0
 
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
@@ -81,9 +81,9 @@ class Peer:
         refusal of one sent before our last registration, or within a retry interval of
         it, is such a copy: it is only sent again."""
         now = time.monotonic()
-        if self.sent_at.get(rid, 0.0) >= self.rejoined_at and now - self.rejoined_at > RETRY_INTERVAL_S:
-            self.rejoin()
-            self.rejoined_at = time.monotonic()
+        if self.sent_at.get(rid, 0.0) >= self.registered_at and now - self.registered_at > RETRY_INTERVAL_S:
+            self.register_again()
+            self.registered_at = time.monotonic()
         if rid in self.requests:
             netfaults.send(self.sock, self.requests[rid], copy=False)
             self.sent_at[rid] = time.monotonic()
@@ -115,7 +115,7 @@ class Peer:
             except ProtocolError:
                 continue        # garbage from the wire is dropped, not trusted
             if header["rid"] in self.outstanding:
-                if (self.rejoin is not None and header["kind"] == Kind.ERROR
+                if (self.register_again is not None and header["kind"] == Kind.ERROR
                         and header.get("code") == Error.REREGISTER):
                     self._register_again(header["rid"])
                     continue

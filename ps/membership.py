@@ -10,7 +10,7 @@ a new incarnation under the same worker id.
 
 After a scheduler restart (``ps.reform``) the members are rebuilt from the journal
 but not yet **confirmed**: a request from one is refused with ``Error.REREGISTER``
-until it registers again with the incarnation it has (``rejoin``). Incarnations go on
+until it registers again with the incarnation it has (``register_again``). Incarnations go on
 from above every one in the journal, so none is ever handed out twice.
 
 Pure bookkeeping; the scheduler feeds it the time.
@@ -57,7 +57,7 @@ class Membership:
         self._next_inc = max(self._next_inc, inc + 1)
         return member
 
-    def rejoin(self, role: str, index: int, inc: int, now: float) -> Member:
+    def register_again(self, role: str, index: int, inc: int, now: float) -> Member:
         """A member registers again with its incarnation (the scheduler restarted)."""
         member = self.members.get((role, index))
         if member is None or member.inc != inc or not member.alive:

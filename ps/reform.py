@@ -249,13 +249,13 @@ def hold(s, header: dict) -> bool:
     return True
 
 
-def rejoin(s, ident, header: dict) -> None:
+def register_again(s, ident, header: dict) -> None:
     """A member registers again with its role, index and incarnation (REGISTER with ``inc``);
     a server adds its counters. Answered at once, with the incarnations to fence."""
     role, index = header["role"], header.get("index")
     if not isinstance(index, int) or isinstance(index, bool) or role not in ("server", "worker"):
         raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
-    s.members.rejoin(role, index, header["inc"], time.monotonic())
+    s.members.register_again(role, index, header["inc"], time.monotonic())
     if role == "server" and isinstance(header.get("stats"), dict):
         s.shard_stats[index] = header["stats"]
     log.info("%s %d (incarnation %d) registered again", role, index, header["inc"])

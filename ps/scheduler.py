@@ -173,7 +173,7 @@ class Scheduler:
     # -- forming --------------------------------------------------------------------
     def on_register(self, ident, header) -> None:
         if isinstance(header.get("inc"), int) and header["inc"] > 0:   # back after our restart
-            return reform.rejoin(self, ident, header)
+            return reform.register_again(self, ident, header)
         if self.phase == "training" and header["role"] == "worker":   # a replacement (ps.failover)
             index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
             return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))

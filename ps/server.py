@@ -80,7 +80,7 @@ class Server:
         self.errors: Counter = Counter()     # rejected requests by reason code
         self.copies: Counter = Counter()     # bytes copied on the hot path (copy-on-write)
         self.push_replies: OrderedDict = OrderedDict()   # (inc, rid) -> reply header
-        self.rejoined_rid = 0                # our last re-registration (scheduler restarts)
+        self.registered_rid = 0              # our last re-registration (scheduler restarts)
         self.waits: dict = {}                # (worker, step) -> when its pull was first parked
         self.logged_waits: set = set()       # (worker, step) of parked pulls already logged
         self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
@@ -139,8 +139,8 @@ class Server:
         try:
             header = decode(self.scheduler.sock.recv_multipart(copy=False)[0])
             if header["kind"] == Kind.ERROR and header.get("code") == Error.REREGISTER:
-                if header["rid"] > self.rejoined_rid:     # not one sent before we rejoined
-                    self.rejoin()
+                if header["rid"] > self.registered_rid:   # not one sent before we registered again
+                    self.register_again()
                 return False
             if header["kind"] == Kind.ERROR:
                 raise RuntimeError(f"the scheduler refused our heartbeat: {header['reason']}")
@@ -164,12 +164,12 @@ class Server:
                             inc=self.inc, stats=self.stats(), bye=True)
         self.scheduler.sock.close(linger=int(BYE_FLUSH_S * 1000))
 
-    def rejoin(self) -> None:
+    def register_again(self) -> None:
         """The scheduler restarted (it answered REREGISTER): register again as the same
         shard and incarnation, with our counters (it learns our version at once)."""
         rid = self.scheduler.send(Kind.REGISTER, role="server", index=self.index, inc=self.inc,
                                   endpoint=self.endpoint, stats=self.stats())
-        self.rejoined_rid = rid
+        self.registered_rid = rid
         reply, _ = self.scheduler.recv(rid, self.config.timeout_s, "register again")
         for worker, inc in reply.get("fenced", []):
             self.shard.fence(worker, inc)

@@ -84,9 +84,9 @@ def test_a_member_known_from_the_journal_must_register_again():
         m.seen("worker", 0, 4, 1.0)
     assert info.value.code == Error.REREGISTER
     with pytest.raises(ProtocolError) as info:                # another incarnation: fenced
-        m.rejoin("worker", 0, 5, 1.0)
+        m.register_again("worker", 0, 5, 1.0)
     assert info.value.code == Error.FENCED
-    m.rejoin("worker", 0, 4, 1.0)
+    m.register_again("worker", 0, 4, 1.0)
     assert m.seen("worker", 0, 4, 2.0).last_seen == 2.0
     assert m.overdue(2.5) == []
     m.restore("server", 0, 6, now=0.0)                        # never back: dead as usual

@@ -117,7 +117,8 @@ class Worker:
         self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc,
                                   self.config.grad_dtype, self.config.param_dtype)
         self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
-        self.scheduler.rejoin = self.heartbeat.peer.rejoin = self.rejoin   # a scheduler restart
+        # After a scheduler restart, either socket may be the first to hear REREGISTER.
+        self.scheduler.register_again = self.heartbeat.peer.register_again = self.register_again
         self.heartbeat.start()
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
@@ -131,7 +132,7 @@ class Worker:
                  self.device, reply["start_step"], reply["steps"], reply["mode"])
         return reply
 
-    def rejoin(self) -> None:
+    def register_again(self) -> None:
         """The scheduler restarted: register again as the same worker and incarnation, on
         a socket of our own (the heartbeat thread may call this too). FENCED: we were
         declared dead meanwhile."""
