@@ -63,7 +63,7 @@ class Peer:
         self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
         self.sent_at: dict[int, float] = {}              # rid -> when it was last sent
         self.register_again = None                       # () -> None: register again (see above)
-        self.registered_at = 0.0
+        self.reregistered_at = 0.0
 
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
@@ -75,15 +75,16 @@ class Peer:
             self.sent_at[rid] = time.monotonic()
         return rid
 
-    def _register_again(self, rid: int) -> None:
+    def _on_reregister(self, rid: int) -> None:
         """``rid`` was refused with REREGISTER: register again, then send it again, same
         rid. Copies of a request queued while the scheduler was down are all refused; a
         refusal of one sent before our last registration, or within a retry interval of
         it, is such a copy: it is only sent again."""
         now = time.monotonic()
-        if self.sent_at.get(rid, 0.0) >= self.registered_at and now - self.registered_at > RETRY_INTERVAL_S:
+        since = self.reregistered_at
+        if self.sent_at.get(rid, 0.0) >= since and now - since > RETRY_INTERVAL_S:
             self.register_again()
-            self.registered_at = time.monotonic()
+            self.reregistered_at = time.monotonic()
         if rid in self.requests:
             netfaults.send(self.sock, self.requests[rid], copy=False)
             self.sent_at[rid] = time.monotonic()
@@ -117,7 +118,7 @@ class Peer:
             if header["rid"] in self.outstanding:
                 if (self.register_again is not None and header["kind"] == Kind.ERROR
                         and header.get("code") == Error.REREGISTER):
-                    self._register_again(header["rid"])
+                    self._on_reregister(header["rid"])
                     continue
                 self.arrived[header["rid"]] = (header, frames[1:])
             # else: a late reply to an abandoned request, or one nobody asked for

@@ -156,7 +156,8 @@ class Dealer:
         deque while stealing is on. A task leased ahead cannot be stolen; left in the
         deque, a straggler's last task goes to whichever worker is idle first (the
         owner once it asks again, or a thief). Costs one scheduler round trip per
-        worker per round, against tasks of tens of milliseconds."""
+        task leased while the worker's deque still holds more, against tasks of tens
+        of milliseconds (none is asked ahead once a lease says ``left`` 0)."""
         for rnd in own_rounds:
             mine = self.deques.get(rnd, [()] * self.num_workers)[worker]
             if len(mine) > (1 if self.steal else 0):
@@ -275,6 +276,6 @@ class Dealer:
 
     def own_left(self, worker: int, rounds) -> int:
         """Tasks still waiting in ``worker``'s own deques of ``rounds`` (what a LEASE reply
-        calls ``left``: 0 after an empty reply tells the worker that the task it computes
-        is its last own one, so it may push as backward goes)."""
+        calls ``left``: 0 tells the worker that the tasks it computes are its last own
+        ones, so it may push as backward goes, and need ask nothing ahead)."""
         return sum(len(self.deques[rnd][worker]) for rnd in rounds if rnd in self.deques)

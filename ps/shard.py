@@ -9,7 +9,8 @@ here. Invariants:
   rejected and counted in ``duplicates_rejected``; nothing changes.
 * **BSP**: gradients of step ``t`` are summed into one aggregation buffer; when every
   task of the step has arrived the optimizer runs once on ``sum / samples`` (the
-  sample-weighted mean over the global batch) and ``version`` becomes ``t + 1``.
+  sample-weighted mean over the global batch) and ``version`` becomes ``t + 1``. A
+  push that holds every task of its step is not copied in: the optimizer reads it.
   A pull for step ``t`` is answered once ``version >= t``.
 * **SSP(s)**: each push is applied on arrival as the mean over its own samples and
   moves its worker's clock to ``step + 1``. A pull at clock ``c`` is answered once
@@ -116,7 +117,7 @@ class Shard:
             self.duplicates_rejected += 1
             return False
         if samples:                         # the mean over the push's own samples
-            self.optimizer.step(self.params, self._float32(chunks), divide_by=samples)
+            self.optimizer.step(self.params, self._as_float32(chunks), divide_by=samples)
             self.version += 1
         self.applied.update(tasks)
         if ends_clock:                      # a task dealt again is pushed mid-clock, alone
@@ -133,13 +134,13 @@ class Shard:
         if len(self.step_tasks_seen) + len(tasks) > step_tasks:
             raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
         first = not self.step_tasks_seen
-        self.step_tasks_seen.update(tasks)
-        self.step_samples += samples
-        self.pushes_applied += 1
-        complete = len(self.step_tasks_seen) == step_tasks    # the step's global batch is in
+        complete = len(self.step_tasks_seen.union(tasks)) == step_tasks   # the global batch
         if first and complete and all(c.dtype == np.float32 for c in chunks):
             # The whole step in one push: the update reads the received frames where they
-            # are, and the aggregation buffer is only written with the kept version.
+            # are, and the aggregation buffer is only written with the kept version. Saves
+            # a pass over the shard: 1.4 ms of a 5M-float push (copy 1.4 ms, update with
+            # the previous version kept 3.3 ms, one core, warm caches).
+            self._count(tasks, samples)
             self._step_done(list(chunks))
             return True
         # Otherwise the step's first push is copied in, later ones added in place: no
@@ -153,9 +154,16 @@ class Shard:
             part, dtype = self.grad[offset:offset + chunk.size], wire_dtype(chunk)
             decode_into(part, chunk, dtype) if first else add_into(part, chunk, dtype)
             offset += chunk.size
+        self._count(tasks, samples)
         if complete:
             self._step_done(self.grad)
         return True
+
+    def _count(self, tasks, samples) -> None:
+        """BSP: the push's tasks and samples are in the step."""
+        self.step_tasks_seen.update(tasks)
+        self.step_samples += samples
+        self.pushes_applied += 1
 
     def _step_done(self, grad) -> None:
         """BSP: the step's sum is in ``grad`` (the buffer, or one push's frames). One pass:
@@ -168,7 +176,7 @@ class Shard:
         self.version += 1
         self.clocks = [self.version] * len(self.clocks)
 
-    def _float32(self, chunks) -> list[np.ndarray]:
+    def _as_float32(self, chunks) -> list[np.ndarray]:
         """SSP/ASP: the push's chunks as float32 pieces: as received, or (float16/bfloat16)
         decoded into the scratch buffer."""
         if all(c.dtype == np.float32 for c in chunks):
@@ -250,8 +258,9 @@ class Shard:
 
     def state_bytes(self) -> dict[str, int]:
         """Bytes of every array this shard holds, by name: ``params``, ``aggregation``
-        (BSP: the step's sum, then the previous version; SSP/ASP: the mean of a push),
-        ``optimizer.<state>`` and ``scratch`` (the optimizer's, a constant per shard)."""
+        (BSP: the step's sum, then the previous version; SSP/ASP: a float16/bfloat16
+        push, decoded), ``optimizer.<state>`` and ``scratch`` (the optimizer's, a
+        constant per shard)."""
         held = {"params": self.params.nbytes if self.params is not None else 0,
                 "aggregation": self.grad.nbytes}
         for name, nbytes in self.optimizer.state_bytes().items():

@@ -66,3 +66,15 @@ def test_fused_tasks_come_back_together():
     leases = Leases(sched, worker=1, inc=1, timeout_s=1.0, fuse=3)
     assert leases.next(3)[0] == [task(0, 3), task(2, 3), task(4, 3)]
     assert sched.sent == [{"worker": 1, "inc": 1, "step": 3, "ahead": False, "fuse": 3}]
+
+
+def test_a_stolen_or_redone_task_with_left_0_is_the_last_own_one_too():
+    # An idle worker's lease may steal (or take a task dealt again): with its own deque
+    # empty (left 0) nothing is asked ahead, and the next call asks again, idle.
+    stolen = dict(lease(task(7, 2), left=0), redo=True)
+    sched = Scheduler([stolen, lease(None, left=0)])
+    leases = Leases(sched, worker=0, inc=1, timeout_s=1.0)
+    tasks, _, redo = leases.next(2)
+    assert tasks == [task(7, 2)] and redo and leases.last_own(2)
+    assert leases.next(2)[0] is None
+    assert [m["ahead"] for m in sched.sent] == [False, False]

@@ -13,10 +13,10 @@ received bytes, cut into several frames), and checks what DESIGN.md promises:
 import numpy as np
 import pytest
 
+from ps import shard as shard_module
 from ps import wire
 from ps.optim import CHUNK, make_optimizer
 from ps.protocol import Error, ProtocolError
-from ps import shard as shard_module
 from ps.shard import Shard
 
 LR = 0.1
@@ -145,6 +145,9 @@ def test_bsp_step_completed_by_one_push_reads_its_frames_and_keeps_the_old_versi
     with monkeypatch.context() as m:
         m.setattr(shard_module, "decode_into", lambda *a: pytest.fail("copied into the buffer"))
         shard.push(0, 0, [0, 1], 6, 2, frames)
+    expected = p0.copy()
+    make_optimizer(SGD, SIZE).step(expected, g.copy(), divide_by=6)   # as the buffer path did
+    np.testing.assert_array_equal(shard.params, expected)
     close(shard.params, sgd(p0, g / np.float32(6)))
     assert shard.version == 1 and shard.grad_is_prev
     assert np.array_equal(shard.params_for(0)[0], p0)

@@ -45,7 +45,8 @@ class Leases:
         task, self.early = reply["task"], None
         # Ask for the next task while we compute, unless our deque is empty now (``left``
         # 0): a lease asked ahead never steals, so it could only come back empty, and
-        # once idle we ask again anyway. One scheduler round trip fewer per step.
+        # once idle we ask again anyway. One scheduler message fewer per step: on the
+        # char transformer, 22.09 against 22.88 ms a step (6 alternating runs, 2 cores).
         self.emptied = step if task and reply.get("left", -1) == 0 else None
         asking = task and self.emptied is None
         self.ahead = (self._ask(step, ahead=True), step) if asking else None

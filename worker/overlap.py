@@ -2,8 +2,8 @@
 
 Backward produces gradients from the last layer to the first, so the shard holding
 the last layers is complete long before backward ends. On a worker's **last own task
-of a BSP step** (the lease asked ahead came back empty with ``left`` 0: nothing more
-will be added to the flat gradient sum from its own deque), ``Overlap.arm`` turns on
+of a BSP step** (its lease, or the lease asked ahead after it, said ``left`` 0:
+nothing more will be added to the flat gradient sum from its own deque), ``Overlap.arm`` turns on
 hooks registered once on every parameter (``register_post_accumulate_grad_hook``,
 which runs after autograd has added into ``p.grad``, a view of the flat buffer). Per
 shard it counts the parameters whose flat range overlaps the shard's ``[lo, hi)``;

@@ -5,7 +5,7 @@
 
 What a user of plain PyTorch would run instead of a parameter server. Every rank
 builds the job's model from the same seed, wraps it in DDP (gloo backend, rendezvous
-through a file, traffic over TCP on 127.0.0.1) and trains on its share of every global batch:
+through a file, traffic over TCP on this machine) and trains on its share of every global batch:
 step k uses samples [kB, (k+1)B) of the data set (wrapping around), rank r the r-th
 of N equal parts. During backward DDP all-reduces the gradients in buckets and
 averages them, so every rank applies the same update, the global batch's mean
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import sys
 import time
 
