@@ -244,13 +244,18 @@ def test_chunked_shard_sized_run_matches_torch(case):
     np.testing.assert_allclose(params, expected, rtol=RTOL, atol=atol)
 
 
+def _sums_and_start(samples: int, seed: int, steps: int):
+    """Gradient sums over ``samples`` samples for ``steps`` steps, and starting parameters."""
+    sums = [g * np.float32(samples) for g in _gradients(seed=seed, steps=steps, size=ODD_SIZE)]
+    return sums, np.random.default_rng(seed + 1).standard_normal(ODD_SIZE).astype(np.float32)
+
+
 @pytest.mark.parametrize("case", CHUNK_CASES)
 def test_divide_by_and_keep_equal_dividing_first_and_copying(case):
     # The BSP shard's call: the gradient buffer holds a sum over 7 samples and receives
     # the old parameters. Same bits as dividing the buffer, copying params, then stepping.
     config, samples = ORACLE_CASES[case], 7
-    sums = [g * np.float32(samples) for g in _gradients(seed=15, steps=4, size=ODD_SIZE)]
-    params0 = np.random.default_rng(16).standard_normal(ODD_SIZE).astype(np.float32)
+    sums, params0 = _sums_and_start(samples, seed=15, steps=4)
     plain, fused = params0.copy(), params0.copy()
     a = make_optimizer(config, ODD_SIZE)
     b = make_optimizer(config, ODD_SIZE, chunk=128)
@@ -289,8 +294,7 @@ def test_grad_as_pieces_equals_the_whole_array(case):
     # A shard steps straight from a push's frames: pieces that cut across the chunk grid
     # (7, 128, ...) give the same bits as the whole gradient, and are never written.
     config, samples = ORACLE_CASES[case], 3
-    sums = [g * np.float32(samples) for g in _gradients(seed=17, steps=3, size=ODD_SIZE)]
-    params0 = np.random.default_rng(18).standard_normal(ODD_SIZE).astype(np.float32)
+    sums, params0 = _sums_and_start(samples, seed=17, steps=3)
     whole, pieced = params0.copy(), params0.copy()
     a = make_optimizer(config, ODD_SIZE, chunk=100)
     b = make_optimizer(config, ODD_SIZE, chunk=100)
