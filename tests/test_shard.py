@@ -143,6 +143,7 @@ def test_bsp_step_completed_by_one_push_reads_its_frames_and_keeps_the_old_versi
     g = grad_sums(1)[0]
     frames = received(g)
     with monkeypatch.context() as m:
+        m.setattr(shard_module, "CHUNK", FRAME_BYTES // 4)    # frames as big as a chunk
         m.setattr(shard_module, "decode_into", lambda *a: pytest.fail("copied into the buffer"))
         shard.push(0, 0, [0, 1], 6, 2, frames)
     expected = p0.copy()
@@ -156,6 +157,23 @@ def test_bsp_step_completed_by_one_push_reads_its_frames_and_keeps_the_old_versi
     split.push(0, 0, [0], 2, 2, received(g / np.float32(3)))
     split.push(1, 0, [1], 4, 2, received(g * np.float32(2 / 3)))
     close(shard.params, split.params)
+
+
+@pytest.mark.parametrize("mode", ["bsp", "asp"])
+def test_frames_smaller_than_a_chunk_are_gathered_first(mode, monkeypatch):
+    # Read in place, a push of many tiny frames would run the optimizer's loop once per
+    # frame; such a push is gathered into the buffer first, with the same result.
+    monkeypatch.setattr(shard_module, "CHUNK", 2 * FRAME_BYTES // 4)   # frames: half a chunk
+    gathered = []
+    real = shard_module.decode_into
+    monkeypatch.setattr(shard_module, "decode_into", lambda *a: gathered.append(1) or real(*a))
+    shard, p0 = make(mode, 1)
+    g = grad_sums(1)[0]
+    shard.push(0, 0, [0], 4, 1, received(g))
+    assert len(gathered) == len(received(g)) > 1
+    expected = p0.copy()
+    make_optimizer(SGD, SIZE).step(expected, g.copy(), divide_by=4)
+    np.testing.assert_array_equal(shard.params, expected)
 
 
 def test_bsp_duplicate_task_in_the_same_step_is_rejected_and_changes_nothing():
