@@ -10,8 +10,8 @@ a new incarnation under the same worker id.
 
 After a scheduler restart (``ps.reform``) the members are rebuilt from the journal
 but not yet **confirmed**: a request from one is refused with ``Error.REREGISTER``
-until it registers again with the incarnation it has (``register_again``). Incarnations go on
-from above every one in the journal, so none is ever handed out twice.
+until it registers again with the incarnation it has (``register_again``). Incarnations
+go on from above every one in the journal, so none is ever handed out twice.
 
 Pure bookkeeping; the scheduler feeds it the time.
 """
