@@ -189,10 +189,7 @@ class Shard:
         bfloat16) or gathered (many small frames) into the scratch buffer."""
         if readable_in_place(chunks):
             return list(chunks)
-        offset = 0
-        for chunk in chunks:
-            decode_into(self.grad[offset:offset + chunk.size], chunk, wire_dtype(chunk))
-            offset += chunk.size
+        copy_into(self.grad, chunks)
         return [self.grad]
 
     def _check(self, worker, tasks, samples, chunks) -> None:

@@ -5,8 +5,8 @@
 
 What a user of plain PyTorch would run instead of a parameter server. Every rank
 builds the job's model from the same seed, wraps it in DDP (gloo backend, rendezvous
-through a file, traffic over TCP on this machine) and trains on its share of every global batch:
-step k uses samples [kB, (k+1)B) of the data set (wrapping around), rank r the r-th
+through a file, traffic over TCP on this machine) and trains on its share of every
+global batch: step k uses samples [kB, (k+1)B) of the data set (wrapping around), rank r the r-th
 of N equal parts. During backward DDP all-reduces the gradients in buckets and
 averages them, so every rank applies the same update, the global batch's mean
 gradient, with its own copy of the job's optimizer: the same update BSP makes.
