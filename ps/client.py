@@ -240,15 +240,7 @@ class ShardClient:
         False: the gradient is already in, which is what the sender wanted.
         """
         sent = self.push_send(grad, step, tasks, samples, step_tasks, ends_clock, only)
-        if then_pull is not None:
-            self.ahead = self.pull_send(then_pull)
-        try:
-            return self.push_wait(sent, step)
-        except BaseException:
-            if then_pull is not None:           # nobody will take the prefetch now: its
-                self.abandon(self.ahead)        # reply is dropped when it comes, not kept
-                self.ahead = None
-            raise
+        return self.push_wait(sent, step, then_pull)
 
     def push_send(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
                   step_tasks: int, ends_clock: bool = True,
@@ -269,8 +261,19 @@ class ShardClient:
                                    size=(s.hi - s.lo) if samples else 0)))
         return sent
 
-    def push_wait(self, sent: list[tuple[Peer, int]], step: int) -> list[dict]:
-        return [p.recv(rid, self.timeout_s, f"push of step {step}")[0] for p, rid in sent]
+    def push_wait(self, sent: list[tuple[Peer, int]], step: int,
+                  then_pull: int | None = None) -> list[dict]:
+        """Each shard's reply to a ``push_send``, after sending ``then_pull``'s pull (as
+        ``push``'s) behind it."""
+        if then_pull is not None:
+            self.ahead = self.pull_send(then_pull)
+        try:
+            return [p.recv(rid, self.timeout_s, f"push of step {step}")[0] for p, rid in sent]
+        except BaseException:
+            if then_pull is not None:           # nobody will take the prefetch now: its
+                self.abandon(self.ahead)        # reply is dropped when it comes, not kept
+                self.ahead = None
+            raise
 
     def stats(self, timeout_s: float | None = None) -> dict[int, dict]:
         """Every shard's counters by index, asked of all shards before waiting on any;

@@ -287,10 +287,10 @@ def parse_args(argv=None):
                    help="parameters on the wire (pulls); servers keep float32 master copies "
                         "and optimizer state (default: %(default)s)")
     p.add_argument("--prefetch", choices=("push", "compute", "off"), default="push",
-                   help="SSP/ASP: send each worker's next pull right behind its push (push: it "
-                        "reads its own writes), as soon as a step's parameters are in, to hide "
-                        "behind compute (compute), or not ahead (off); BSP never prefetches "
-                        "(default: %(default)s)")
+                   help="send each worker's next pull right behind its push (push: it reads "
+                        "its own writes; in BSP the server answers it when the step completes), "
+                        "as soon as a step's parameters are in, to hide behind compute "
+                        "(compute: SSP/ASP only), or not ahead (off) (default: %(default)s)")
     p.add_argument("--no-overlap", action="store_true",
                    help="BSP on the CPU: workers push after backward instead of each shard as "
                         "soon as backward completes it (worker/overlap.py), for A/B runs")

@@ -30,7 +30,7 @@ class FakeShards:
     """Records each push_send: which shard, and its slice of the gradient at that moment."""
 
     def __init__(self, shards):
-        self.shards, self.sent = shards, []
+        self.shards, self.sent, self.then_pulls = shards, [], []
 
     def push_send(self, grad, step, tasks, samples, step_tasks, ends_clock=True, only=None):
         (k,) = only
@@ -38,7 +38,8 @@ class FakeShards:
         self.sent.append((k, grad[s.lo:s.hi].copy(), tasks, samples))
         return [(k, len(self.sent))]
 
-    def push_wait(self, sent, step):
+    def push_wait(self, sent, step, then_pull=None):
+        self.then_pulls.append(then_pull)
         return [{"shard": k, "rid": rid} for k, rid in sent]
 
 
@@ -72,8 +73,9 @@ def test_each_shard_is_sent_from_backward_once_its_slice_is_final():
         s = shards.shards[k]
         np.testing.assert_array_equal(part, final[s.lo:s.hi])
         assert (tasks, samples) == ([7, 8], 16)
-    replies = overlap.finish()
+    replies = overlap.finish(then_pull=4)            # the next step's pull, behind the pushes
     assert [r["shard"] for r in replies] == [0, 1, 2] and overlap.armed is None
+    assert shards.then_pulls == [4]
 
 
 @pytest.mark.timeout(30)

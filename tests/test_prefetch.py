@@ -1,10 +1,14 @@
-"""Pull prefetch: never in BSP; in SSP the gate still bounds every read, prefetch or not.
+"""Pull prefetch: in BSP only behind the push, and read exactly; in SSP the gate still
+bounds every read, prefetch or not.
 
-``--prefetch push`` sends a worker's next pull right behind its push; ``compute``
-as soon as a step's parameters are in. Either way the server's gate holds the
-prefetched pull like any other, so the summary's max_staleness never exceeds s
-(tests/test_consistency_cluster.py checks the bound exactly under a frozen worker,
-with the default). The reply is copied into the model only at the next pull.
+``--prefetch push`` sends a worker's next pull right behind its push; ``compute`` (SSP,
+ASP) as soon as a step's parameters are in. Either way the server's gate holds the
+prefetched pull like any other: in BSP until the step completes, and in SSP the
+summary's max_staleness never exceeds s (tests/test_consistency_cluster.py checks the
+bound exactly under a frozen worker, with the default). The reply is copied into the
+model only at the next pull. BSP's oracle tests (test_oracle.py, and
+test_stealing_cluster.py, whose stolen tasks are computed after the thief's prefetch)
+run with the default, ``push``.
 """
 import os
 import threading
@@ -39,15 +43,64 @@ def fake_worker(mode: str, prefetch: str):
     w = types.SimpleNamespace(config=types.SimpleNamespace(prefetch=prefetch), mode=mode,
                               prefetched=None, steps=10, shards=Shards())
     w.ahead = types.MethodType(Worker.ahead, w)
+    w.pull_behind = types.MethodType(Worker.pull_behind, w)
     return w
 
 
-@pytest.mark.parametrize("prefetch", ["push", "compute"])
-def test_bsp_never_prefetches(prefetch):
-    w = fake_worker("bsp", prefetch)
-    for step in range(10):
-        Worker.prefetch(w, step, prefetch)
-    assert w.shards.sent == [] and not w.ahead(3, prefetch)
+def test_bsp_prefetches_only_behind_its_push():
+    w = fake_worker("bsp", "compute")
+    for step in range(10):                      # version t+1 does not exist while t computes
+        Worker.prefetch(w, step, "compute")
+    assert w.shards.sent == [] and w.pull_behind(3) is None
+    w = fake_worker("bsp", "push")
+    assert w.pull_behind(3) == 4                # the next step's version, behind the push
+    assert w.pull_behind(3, ends_clock=False) is None   # a task dealt again, pushed alone
+    assert w.pull_behind(9) is None             # step 10 of 10 does not exist
+    w.prefetched = (4, [4])
+    assert w.pull_behind(4) is None             # one in flight at a time
+    assert fake_worker("bsp", "off").pull_behind(3) is None
+    assert fake_worker("ssp", "push").pull_behind(3) == 4
+    assert fake_worker("asp", "push").pull_behind(3) == 3   # ASP: only for staleness
+
+
+@pytest.mark.timeout(30)
+def test_a_bsp_pull_sent_behind_a_push_waits_for_the_step_and_reads_it_exactly():
+    # A step of two tasks. The pull for version 1 sent right behind task 0's push is
+    # parked (version 1 does not exist yet); task 1's push completes the step, and the
+    # parked pull is answered with exactly the new version: 0 - lr * (1 + 3) / 2.
+    n = 1000
+    srv = InProcessServer(n, mode="bsp")        # SGD, lr 0.1
+    try:
+        srv.init(np.zeros(n, np.float32))
+        server = threading.Thread(target=lambda: [srv.serve_one() for _ in range(2)])
+        server.start()
+        srv.client.push(np.ones(n, np.float32), 0, tasks=[0], samples=1, step_tasks=2,
+                        then_pull=1)
+        server.join(10)
+        pending = srv.client.ahead
+        assert pending is not None and len(srv.server.parked) == 1
+        server = threading.Thread(target=srv.serve_one)
+        server.start()
+        srv.client.push(np.full(n, 3, np.float32), 0, tasks=[1], samples=1, step_tasks=2)
+        server.join(10)
+        flat = np.full(n, np.nan, np.float32)
+        assert srv.client.pull_into(flat, 1, pending=pending) == [1]
+        want = np.float32(0) - np.float32(0.1) * np.float32(2)
+        assert np.array_equal(flat, np.full(n, want, np.float32)) and not srv.server.parked
+    finally:
+        srv.close()
+
+
+@pytest.mark.timeout(120)
+def test_bsp_gives_the_same_parameters_with_and_without_prefetch(tmp_path):
+    # --no-steal: the same tasks on the same workers in both runs, so bit for bit.
+    runs = [launch(str(tmp_path / p), "--job", JOB, "--workers", "2", "--servers", "2",
+                   "--steps", "30", "--no-steal", "--prefetch", p) for p in ("push", "off")]
+    for run in runs:
+        assert run.rc == 0, run.stderr[-3000:]
+    pushed, plain = (run.params for run in runs)
+    assert pushed.keys() == plain.keys()
+    assert all(np.array_equal(pushed[k], plain[k]) for k in plain)
 
 
 def test_prefetch_only_when_asked_and_never_past_the_last_step():

@@ -48,8 +48,8 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--param-dtype", choices=compress.WIRE_DTYPES, default="float32",
                    help="parameters on the wire (servers keep float32) (default: %(default)s)")
     p.add_argument("--prefetch", choices=("push", "compute", "off"), default="push",
-                   help="SSP/ASP: send the next pull right behind the push (push), as soon as "
-                        "this step's parameters are in (compute), or not ahead (off) "
+                   help="send the next pull right behind the push (push), as soon as this "
+                        "step's parameters are in (compute: SSP/ASP only), or not ahead (off) "
                         "(default: %(default)s)")
     p.add_argument("--no-overlap", dest="overlap", action="store_false",
                    help="BSP on the CPU: push the last task's gradient after backward, not "

@@ -23,7 +23,7 @@ class WorkerConfig:
     secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
     grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
     param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
-    prefetch: str = "push"          # SSP/ASP: when the next pull is sent: push | compute | off
+    prefetch: str = "push"          # when the next pull is sent: push | compute (not BSP) | off
     overlap: bool = True            # BSP on the CPU: push shards from backward (worker.overlap)
     fuse: int = 0                   # BSP/SSP: most tasks per pass (0: no limit; Dealer.take_more)
 

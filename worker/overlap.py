@@ -79,9 +79,10 @@ class Overlap:
                                              only=[self.shards.shards[k].index])[0]
         self.tracer.complete("push shard", t0, time.time(), "push", step=a["step"], shard=k)
 
-    def finish(self) -> list[dict]:
+    def finish(self, then_pull: int | None = None) -> list[dict]:
         """After backward: send what the hooks did not, wait for every shard's reply
-        (in shard order), disarm."""
+        (in shard order), disarm. ``then_pull``: as ``ShardClient.push``'s, a pull for
+        that step sent behind the pushes before waiting (``shards.ahead`` holds it)."""
         a = self.armed
         for k in range(len(self.need)):
             if k not in a["sent"]:
@@ -89,6 +90,6 @@ class Overlap:
         try:
             with self.tracer.span("push", "wait", step=a["step"], tasks=len(a["tasks"])):
                 return self.shards.push_wait([a["sent"][k] for k in range(len(self.need))],
-                                             a["step"])
+                                             a["step"], then_pull)
         finally:
             self.armed = None

@@ -171,7 +171,10 @@ class Worker:
         group.samples += n
         group.step_tasks = step_tasks
         if armed:
-            group.replies = self.overlap.finish()
+            then = self.pull_behind(step)
+            group.replies = self.overlap.finish(then_pull=then)
+            if then is not None:
+                self.prefetched = self.shards.ahead
 
     def pull(self, step: int, redo_step: int | None = None) -> None:
         """Read the parameters for ``step``, however long the gate takes (up to the
@@ -201,29 +204,38 @@ class Worker:
         self.held = step
 
     def prefetch(self, step: int, when: str) -> None:
-        """SSP/ASP: send the pull for ``step`` ahead of time, if ``--prefetch`` is ``when``.
+        """Send the pull for ``step`` ahead of time, if ``--prefetch`` is ``when``.
 
-        ``push``: right behind this worker's push, on the same connections; a server
-        takes a connection's messages in order, so the pull sees the push (a worker
-        reads its own writes) and its reply travels while the worker collects the
-        push's acknowledgements, reports and leases. ``compute``: as soon as the
-        current step's parameters are in, so the transfer hides behind compute; but
-        its answer may then lack this worker's own last push (a read the server counts
-        at least 1 clock stale, still within s, and measured to hurt convergence).
+        ``push`` (``pull_behind``): right behind this worker's push, on the same
+        connections; a server takes a connection's messages in order, so the pull sees
+        the push (a worker reads its own writes) and its reply travels while the worker
+        collects the push's acknowledgements, reports and leases. In BSP the server parks
+        it until the step's last push is in (version t+1 exists only then) and answers it
+        that moment: the worker's lease round trips hide the transfer (char transformer,
+        2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as soon as the current step's
+        parameters are in, so the transfer hides behind compute; but its answer may then
+        lack this worker's own last push (a read the server counts at least 1 clock
+        stale, still within s, and measured to hurt convergence).
 
         Double-buffered either way: the reply lands in zmq's receive buffers (its
         frames are the second buffer) and is copied into the model's flat buffer only
-        by the next ``pull``, so the model is never written while it computes and the
-        frame -> model copy stays the only one. Never in BSP: version t+1 exists only
-        once every push of step t is in. In SSP the server's gate holds a prefetch like
-        any pull, so no read is ever staler than s clocks.
+        by the next ``pull``, so the model is never written while it computes (a task
+        stolen after the push still computes on version t) and the frame -> model copy
+        stays the only one. The server's gate holds a prefetch like any pull: no SSP
+        read is ever staler than s clocks, and a BSP one is exactly version t+1.
         """
         if self.ahead(step, when):
             self.prefetched = self.shards.pull_send(step)
 
     def ahead(self, step: int, when: str) -> bool:
-        return (self.config.prefetch == when and self.mode != "bsp" and self.prefetched is None
-                and step < self.steps)
+        return (self.config.prefetch == when and (self.mode != "bsp" or when == "push")
+                and self.prefetched is None and step < self.steps)
+
+    def pull_behind(self, step: int, ends_clock: bool = True) -> int | None:
+        """The step to pull right behind a push of ``step`` (``--prefetch push``), or None.
+        BSP and SSP: the next step or clock; ASP: the same (only for staleness)."""
+        then = step + (self.mode != "asp")
+        return then if ends_clock and self.ahead(then, "push") else None
 
     def _take_prefetch(self, step: int):
         """The prefetched pull if it is for ``step`` (in ASP, whose pulls are answered at
@@ -255,8 +267,7 @@ class Worker:
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
                              ends_clock, only=[0])
             self.crash.now()
-        then = step + (self.mode == "ssp")     # the step the next pull will ask for
-        then = then if ends_clock and self.ahead(then, "push") else None
+        then = self.pull_behind(step, ends_clock)
         with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
             replies = self.shards.push(self.flat.grads_np, step, ids, group.samples,
                                        group.step_tasks, ends_clock, then_pull=then)
