@@ -17,14 +17,20 @@ ours  ``python -m ps.launch`` in BSP with 2 workers and 2 servers (--servers), -
 ddp   torch DistributedDataParallel, gloo backend, 2 processes (bench/ddp_baseline.py)
 rpc   a torch.distributed.rpc parameter server with 2 trainers, batch-synchronous
       (bench/rpc_baseline.py)
+rpc_tutorial  the design of PyTorch's RPC parameter server tutorial with 2 trainers:
+      forward and backward on the server through an RRef, each trainer stepping with
+      its own DistributedOptimizer, one trainer's step at a time under a lock
+      (bench/rpc_tutorial_baseline.py); each trainer step is an update on half the
+      global batch, so its numerics differ, and samples/s counts both trainers' samples
 
 Same job file, so the same model, initial values, data, global batch (the job's
 BATCH_SIZE) and optimizer (the job's OPTIMIZER: Adam for the MLP, AdamW for the
 language model); the same number of steps; every torch process the same thread count
 (--threads, default cores / 2). Each system is timed the same way: ``--warmup`` steps
 first, then ``--steps`` steps, from the end of step warmup - 1 to the end of the last
-step (ours: from the run's trace, the end of each step's last push). Our cluster also
-runs a scheduler and numpy servers beside its 2 workers; the RPC server is a third
+step (ours: from the run's trace, the end of each step's last push; rpc_tutorial: a
+"step" is 2 updates, one per trainer, a global batch's worth of samples). Our cluster
+also runs a scheduler and numpy servers beside its 2 workers; each RPC server is a third
 torch process. Systems alternate within each repeat; each cell is the median.
 """
 from __future__ import annotations
@@ -53,7 +59,8 @@ VARIANTS = {"ours_fuse1": (["--fuse", "1"], "ours, one pass per task"),
             "ours_1srv": (["--servers", "1"], "ours, 1 server"),
             "ours_bf16": (["--grad-dtype", "bfloat16", "--param-dtype", "bfloat16"],
                           "ours, bfloat16 wire")}
-SYSTEMS = ("ours", *VARIANTS, "ddp", "rpc")
+BASES = ("ddp", "rpc", "rpc_tutorial")   # the torch baselines, each a bench/*_baseline.py
+SYSTEMS = ("ours", *VARIANTS, *BASES)
 
 
 def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
@@ -78,7 +85,7 @@ def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
 
 
 def baseline(system: str, job: str, steps: int, warmup: int, threads: int, out: str) -> dict:
-    """One run of bench/ddp_baseline.py or bench/rpc_baseline.py; its JSON result."""
+    """One run of bench/{system}_baseline.py (a system of BASES); its JSON result."""
     script = os.path.join(BASELINES, f"{system}_baseline.py")
     result = os.path.join(out, f"{system}.json")
     os.makedirs(out, exist_ok=True)
@@ -127,7 +134,7 @@ def run(args) -> tuple[list[dict], str]:
                     row[f"{system}_tasks_per_step"] = first["tasks_per_step"]
                     row[f"{system}_grad_dtype"] = first["grad_dtype"]
                     row[f"{system}_param_dtype"] = first["param_dtype"]
-                for base in ("ddp", "rpc"):
+                for base in BASES:
                     row[f"{system}_over_{base}"] = (row[f"{system}_samples_per_s"]
                                                     / row[f"{base}_samples_per_s"])
             rows.append(row)
@@ -139,20 +146,22 @@ def table(rows: list[dict]) -> str:
     variant's line is compared with the same DDP and RPC runs as the model's line."""
     def cell(r, s):
         return f"{r[f'{s}_samples_per_s']:,.0f} ({r[f'{s}_step_s'] * 1e3:.1f})"
+
+    def ratios(r, s):
+        return [f"{r[f'{s}_over_{b}']:.2f}" for b in BASES]
     lines = []
     for r in rows:
         same = [f"{r['params']:,}", r["batch"], r["optimizer"]]
         lines.append([r["model"], *same, r["tasks_per_step"],
-                      *(cell(r, s) for s in ("ours", "ddp", "rpc")),
-                      f"{r['ours_over_ddp']:.2f}", f"{r['ours_over_rpc']:.2f}"])
+                      *(cell(r, s) for s in ("ours", *BASES)), *ratios(r, "ours")])
         for v, (_, label) in VARIANTS.items():
             lines.append([f"{r['model']}: {label}", *same, r[f"{v}_tasks_per_step"],
-                          cell(r, v), "(as above)", "(as above)",
-                          f"{r[f'{v}_over_ddp']:.2f}", f"{r[f'{v}_over_rpc']:.2f}"])
+                          cell(r, v), *["(as above)"] * len(BASES), *ratios(r, v)])
     return markdown(
         ["model", "params", "batch", "optimizer", "ours: tasks / step",
          "ours samples/s (step ms)", "DDP samples/s (step ms)", "RPC PS samples/s (step ms)",
-         "ours / DDP", "ours / RPC"], lines)
+         "RPC tutorial samples/s (step ms)", "ours / DDP", "ours / RPC",
+         "ours / RPC tutorial"], lines)
 
 
 def note(args, rows: list[dict]) -> str:
@@ -167,7 +176,13 @@ def note(args, rows: list[dict]) -> str:
             "bfloat16: gradients and parameters travel as bfloat16, servers keep float32 "
             "parameters and optimizer state. That changes the numerics (within bfloat16's "
             "rounding of each pushed gradient and pulled parameter), so that line is not "
-            "like-for-like with float32 DDP and RPC.")
+            "like-for-like with float32 DDP and RPC. \"RPC tutorial\" is the design of "
+            "PyTorch's RPC parameter-server tutorial (forward and backward in the server "
+            "process, a DistributedOptimizer per trainer), one trainer's step at a time "
+            "under a lock: every trainer step is an update on 1/"
+            f"{WORKERS} of the global batch, so its step is {WORKERS} updates and it "
+            "trains different numerics from a global-batch update; its samples/s counts "
+            "every trainer's samples.")
 
 
 def add_arguments(p) -> None:
