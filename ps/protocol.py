@@ -222,6 +222,14 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def optional_bool(header: dict, field: str, default: bool) -> bool:
+    """An optional flag: ``default`` when absent, refused when present and not a bool."""
+    value = header.get(field, default)
+    if not isinstance(value, bool):
+        raise ProtocolError(Error.BAD_FIELD, f"{field} must be a bool")
+    return value
+
+
 def check_int_list(header: dict, field: str, limit: int) -> list[int]:
     """A list of non-negative ints (task ids, sample ids) of at most ``limit`` items."""
     values = header[field]

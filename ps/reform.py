@@ -219,9 +219,7 @@ def start(s) -> "Reform | None":
         s.journal.config(journaling.fingerprint(s.config))
         return None
     if records[0].get("config") != journaling.fingerprint(s.config):
-        s.failure = f"journal {s.config.journal} is of another run (other flags); not replayed"
-        log.error("%s", s.failure)
-        s.phase = "exit"
+        s.fail(f"journal {s.config.journal} is of another run (other flags); not replayed")
         return None
     reform = replay(s, records)
     if reform is not None:

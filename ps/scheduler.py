@@ -17,13 +17,13 @@ Every phase has a deadline; when one passes, the scheduler names what it is stil
 waiting for and exits non-zero rather than hang. With ``--journal`` it records its
 decisions; restarted, it replays them and *re-forms* the cluster (``ps.reform``).
 
-This module is the event loop: it receives a request, validates it, calls the code
-that decides and sends the reply. The decisions live elsewhere: the flags in
-``ps.scheduler_config``, what a REGISTER must say in ``ps.registration``, dealing
-and stealing in ``ps.dealer``, run accounting in ``ps.runstate``, dead workers and
-their replacements in ``ps.failover``, checkpoint commits and --resume in
-``ps.recovery``, journal replay in ``ps.reform``, naming what a stalled step waits for
-in ``ps.diagnose``, and summary.json in ``ps.summary``.
+This module is the event loop: it receives a request, validates it, calls the code that
+decides and sends the reply. The decisions live elsewhere: the flags in
+``ps.scheduler_config``, what a REGISTER must say in ``ps.registration``, dealing and
+stealing in ``ps.dealer``, run accounting in ``ps.runstate``, dead workers and their
+replacements in ``ps.failover``, checkpoint commits and --resume in ``ps.recovery``,
+journal replay in ``ps.reform``, naming what a stalled step waits for in
+``ps.diagnose``, and summary.json in ``ps.summary``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from .failover import Failover
 from .journal import Journal
 from .membership import Membership
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
-                       request_header)
+                       optional_bool, request_header)
 from .recovery import Recovery
 from .runstate import RunState
 from .scheduler_config import SchedulerConfig, crash_at, default_tasks_per_step, parse_args
@@ -118,8 +118,12 @@ class Scheduler:
 
     def _on_deadline(self) -> None:
         waiting = diagnose.waiting_for(self)
-        self.failure = f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}"
-        log.error("%s", self.failure)
+        self.fail(f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}")
+
+    def fail(self, why: str) -> None:
+        """The run cannot go on: say why, write it into the summary, and exit non-zero."""
+        self.failure = why
+        log.error("%s", why)
         self.phase = "exit"
 
     def handle(self, frames: list) -> None:
@@ -204,9 +208,7 @@ class Scheduler:
             manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
                                else (None, 0))
         except ValueError as exc:             # e.g. a checkpoint of another model
-            self.failure = f"cannot resume: {exc}"
-            log.error("%s", self.failure)
-            self.phase = "exit"
+            self.fail(f"cannot resume: {exc}")
             return
         reform.formed(self, job, steps, tasks_per_step, start)     # on disk before any reply
         now = time.monotonic()
@@ -243,33 +245,28 @@ class Scheduler:
                 if phase == "training" or (phase == "finishing" and member.index == self.finisher):
                     self._worker_died(member)
             elif phase in ("training", "finishing"):
-                self.failure = (f"server {member.index} silent for {self.config.dead_after_s:.1f} s; "
-                                "the run cannot continue without it")
-                log.error("%s", self.failure)
-                self.phase = "exit"
+                self.fail(f"server {member.index} silent for {self.config.dead_after_s:.1f} s; "
+                          "the run cannot continue without it")
                 return
 
     def _worker_died(self, member) -> None:
         """Deal its tasks again (``Failover.worker_died``) and let the run go on without it."""
         live = self.failover.worker_died(member, self.dealer, self.run, self.shard_stats)
         if not live and self.phase in ("training", "reforming"):
-            self.failure = "every worker is dead"
-            self.phase = "exit"
+            self.fail("every worker is dead")
         elif self.phase == "finishing" and member.index == self.finisher:
-            self.failure = f"worker {member.index} died while writing the final parameters"
-            self.phase = "exit"
+            self.fail(f"worker {member.index} died while writing the final parameters")
         else:
             self._release_done()
 
     # -- training -------------------------------------------------------------------
     def on_lease(self, ident, header) -> None:
         """Lease the worker's next task: BSP from its step, SSP from its clock or older
-        rounds, ASP from any dealt epoch. None means: nothing left for this step/clock
-        (or, in ASP, for the run)."""
-        ahead = header.get("ahead", False)    # asked by a busy worker: see Dealer.take_ahead
+        rounds, ASP from any dealt epoch. None: nothing left for this step/clock (ASP: the
+        run). ``or_next``: else from the next step (an idle worker's; the task names it)."""
+        ahead = optional_bool(header, "ahead", False)    # a busy worker's: Dealer.take_ahead
+        or_next = optional_bool(header, "or_next", False)
         fuse = header.get("fuse", 1)          # tasks it computes in one pass: Dealer.take_more
-        if not isinstance(ahead, bool):
-            raise ProtocolError(Error.BAD_FIELD, "ahead must be a bool")
         if not isinstance(fuse, int) or isinstance(fuse, bool) or not 1 <= fuse <= 1 << 16:
             raise ProtocolError(Error.BAD_FIELD, "fuse must be an int in [1, 65536]")
         self._check_training(header)
@@ -283,12 +280,9 @@ class Scheduler:
             rounds = sorted(self.dealer.deques)
             task, victim = self.dealer.take(worker, rounds, rounds)
         else:
-            if not 0 <= step < self.run.steps:
-                raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
-            self._deal(step)
-            rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
-            task, victim = self.dealer.take(worker, rounds, rounds, ahead)
-            self.failover.leased(worker, step)
+            task, victim, rounds = self._lease_step(worker, step, ahead)
+            if task is None and or_next and step + 1 < self.run.steps:
+                task, victim, rounds = self._lease_step(worker, step + 1, ahead)
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
@@ -299,6 +293,16 @@ class Scheduler:
                    step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
                    redo=bool(task and task.id in self.dealer.redo),
                    left=self.dealer.own_left(worker, rounds))
+
+    def _lease_step(self, worker: int, step: int, ahead: bool):
+        """BSP: a task of ``step``, SSP: of clock ``step`` or older; (task, victim, rounds)."""
+        if not 0 <= step < self.run.steps:
+            raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
+        self._deal(step)
+        rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
+        task, victim = self.dealer.take(worker, rounds, rounds, ahead)
+        self.failover.leased(worker, step)
+        return task, victim, rounds
 
     def _lease_asp(self, worker: int, ahead: bool):
         """ASP deals a whole epoch at a time; the next only when the current is drained."""
@@ -392,13 +396,12 @@ class Scheduler:
         if role == "worker":
             self.reply(ident, Kind.OK, header["rid"])
             return
-        if not isinstance(header.get("bye", False), bool):
-            raise ProtocolError(Error.BAD_FIELD, "bye must be a bool")
+        bye = optional_bool(header, "bye", False)
         if isinstance(header.get("stats"), dict):
             self.shard_stats[index] = header["stats"]
             if self.config.checkpoint_every and self.run is not None:
                 self.recovery.commit(self.shard_stats, self.run)
-        if header.get("bye") and self.phase == "stopping":   # it heard our stop and is gone
+        if bye and self.phase == "stopping":   # it heard our stop and is gone
             self.byes.add(index)
             if len(self.byes) == self.config.servers:
                 self.exit_at = time.monotonic()         # nobody left to repeat the stop to

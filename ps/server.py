@@ -31,7 +31,7 @@ import zmq
 from . import checkpoint, netfaults, security, validation, wire
 from .client import Peer, RemoteError
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
-                       encode, request_header)
+                       encode, optional_bool, request_header)
 from .diagnose import WAIT_LOG_S
 from .shard import Shard
 
@@ -237,9 +237,7 @@ class Server:
             chunks = validation.screen_gradient(chunks, self.shard.size, self.config.nonfinite,
                                                 self.errors)
         self._release_params()
-        ends_clock = header.get("ends_clock", True)
-        if not isinstance(ends_clock, bool):
-            raise ProtocolError(Error.BAD_FIELD, "ends_clock must be a bool")
+        ends_clock = optional_bool(header, "ends_clock", True)
         version = self.shard.version
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
                                   header["step_tasks"], chunks, header["inc"], ends_clock)

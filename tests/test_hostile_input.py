@@ -147,8 +147,8 @@ def test_hostile_messages_are_refused_counted_and_harmless(tmp_path):
 
         # The scheduler checks a LEASE's options before it looks at (or touches) anything.
         sched = run.socket("scheduler")
-        for rid, bad in enumerate([{"ahead": 1}, {"fuse": 0}, {"fuse": True}, {"fuse": "all"},
-                                   {"fuse": 1 << 17}], start=900):
+        for rid, bad in enumerate([{"ahead": 1}, {"or_next": "yes"}, {"fuse": 0}, {"fuse": True},
+                                   {"fuse": "all"}, {"fuse": 1 << 17}], start=900):
             reply = ask(sched, [encode("lease", rid, worker=0, inc=INC, step=0, **bad)])
             assert reply["kind"] == "error" and reply["code"] == Error.BAD_FIELD, (bad, reply)
         sched.close(linger=0)

@@ -1,11 +1,27 @@
-"""worker.leases.Leases against a scripted scheduler: which LEASE requests it sends.
+"""worker.leases.Leases against a scripted scheduler: which LEASE requests it sends; and
+what the real scheduler answers to ``or_next``.
 
 A request is asked ahead while the worker computes, except when the lease it got left
 its own deque empty (``left`` 0): an ahead lease never steals, so it could only come
-back empty. Then the task in hand is the worker's last own one (``last_own``).
+back empty. Then the task in hand is the worker's last own one (``last_own``). An idle
+worker's lease (``or_next``) brings its next step's first task when nothing is left to
+steal; that task is kept for the next call.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import zmq
+
+from cluster import ROOT
+
+from ps.client import Peer
+from ps.protocol import Kind
 from worker.leases import Leases
 
 
@@ -65,7 +81,8 @@ def test_fused_tasks_come_back_together():
     sched = Scheduler([lease(task(0, 3), left=0, more=[task(2, 3), task(4, 3)])])
     leases = Leases(sched, worker=1, inc=1, timeout_s=1.0, fuse=3)
     assert leases.next(3)[0] == [task(0, 3), task(2, 3), task(4, 3)]
-    assert sched.sent == [{"worker": 1, "inc": 1, "step": 3, "ahead": False, "fuse": 3}]
+    assert sched.sent == [{"worker": 1, "inc": 1, "step": 3, "ahead": False, "or_next": False,
+                           "fuse": 3}]
 
 
 def test_a_stolen_or_redone_task_with_left_0_is_the_last_own_one_too():
@@ -78,3 +95,81 @@ def test_a_stolen_or_redone_task_with_left_0_is_the_last_own_one_too():
     assert tasks == [task(7, 2)] and redo and leases.last_own(2)
     assert leases.next(2)[0] is None
     assert [m["ahead"] for m in sched.sent] == [False, False]
+
+
+def test_an_idle_lease_brings_the_next_steps_task_for_the_next_call():
+    # Step 0's own task (left 0), then the idle lease with or_next: nothing to steal, so
+    # the scheduler answers with step 1's task. Step 0 is over for this worker; step 1
+    # starts with that task, and no further message.
+    sched = Scheduler([lease(task(0, 0), left=0), lease(task(2, 1), left=0)])
+    leases = Leases(sched, worker=0, inc=1, timeout_s=1.0)
+    assert leases.next(0)[0] == [task(0, 0)]
+    assert leases.next(0, or_next=True) == (None, 0, False)
+    tasks, step_tasks, redo = leases.next(1)
+    assert tasks == [task(2, 1)] and step_tasks == 4 and not redo
+    assert leases.last_own(1)               # its left 0 counts step 1's deque
+    assert [(m["ahead"], m["or_next"], m["step"]) for m in sched.sent] == [
+        (False, False, 0), (False, True, 0)]
+
+
+def test_an_older_rounds_task_in_answer_to_an_idle_lease_is_for_now():
+    # SSP: a lease at clock 3 may hand out a task of an older round (here one dealt
+    # again, of step 1): it is this call's task, not kept for the next clock.
+    redone = dict(lease(task(5, 1), left=0), redo=True)
+    sched = Scheduler([redone])
+    leases = Leases(sched, worker=0, inc=1, timeout_s=1.0)
+    tasks, _, redo = leases.next(3, or_next=True)
+    assert tasks == [task(5, 1)] and redo
+    # ASP leases with step -1 (any) and never or_next: every task is for now.
+    sched = Scheduler([lease(task(0, 0), left=0)])
+    assert Leases(sched, worker=0, inc=1, timeout_s=1.0).next(-1)[0] == [task(0, 0)]
+
+
+def start(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--bind", "tcp://127.0.0.1:*",
+                             "--timeout-s", "30", "--endpoint-file", endpoint_file],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(endpoint_file):
+        assert proc.poll() is None and time.monotonic() < deadline, f"{argv[0]} did not start"
+        time.sleep(0.02)
+    with open(endpoint_file) as f:
+        return proc, f.read().strip()
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
+    # A real scheduler and server; this test is the only worker, 2 steps of 2 tasks.
+    procs, ctx = [], zmq.Context()
+    try:
+        sched, ep = start(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "2",
+                           "--tasks-per-step", "2", "--dead-after-s", "30"],
+                          str(tmp_path / "scheduler"))
+        procs.append(sched)
+        procs.append(start(["ps.server", "--scheduler", ep, "--shard", "0"],
+                           str(tmp_path / "server"))[0])
+        peer = Peer(ctx, ep, "scheduler")
+        reply, _ = peer.request(Kind.REGISTER, 20, role="worker", worker=0, layout=[["w", [4]]],
+                                dataset_size=8, batch_size=4, shuffle=False,
+                                optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
+
+        def lease(step, or_next=False):
+            answer, _ = peer.request(Kind.LEASE, 10, worker=0, inc=reply["inc"], step=step,
+                                     or_next=or_next)
+            task = answer["task"]
+            return (task[0], task[1], answer["left"]) if task else None
+
+        first, second = lease(0), lease(0)
+        assert [t[1:] for t in (first, second)] == [(0, 1), (0, 0)]
+        third = lease(0, or_next=True)          # step 0 is empty: step 1's first task
+        assert third[1:] == (1, 1) and third[0] not in (first[0], second[0])
+        assert lease(0) is None                 # without or_next, step 0 stays empty
+        assert lease(1)[1:] == (1, 0)
+        assert lease(1, or_next=True) is None   # there is no step 2
+        peer.close()
+    finally:
+        ctx.destroy(linger=0)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

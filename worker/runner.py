@@ -338,7 +338,7 @@ class Worker:
                     group = Group()
                     self.flat.zero_grad()
                 self.compute(tasks, step_tasks, group, overlap=True)
-            tasks, step_tasks, redo = self.leases.next(step)
+            tasks, step_tasks, redo = self.leases.next(step, or_next=True)   # idle now
         if group.tasks or self.mode == "ssp":
             self.push(step, group)
 
