@@ -10,8 +10,9 @@ modes       the MLP example, 2 workers x 2 servers, in BSP, SSP(2) and ASP
 stragglers  work stealing vs static dealing: a 3x slow worker, no slow worker, and
             jitter in BSP/SSP/ASP (scripts/bench/stragglers.py)
 train       samples/s of one model, side by side: our cluster in BSP with 2 workers,
-            torch DistributedDataParallel (gloo) with 2 processes, and a PyTorch RPC
-            parameter server with 2 trainers (scripts/bench/train.py)
+            torch DistributedDataParallel (gloo) with 2 processes, and two PyTorch RPC
+            parameter servers with 2 trainers, a batch-synchronous one and the RPC
+            tutorial's design (scripts/bench/train.py)
 scale       step time against model size (1M-100M), servers (1-4) and workers (1-4),
             and each server's memory per parameter byte (scripts/bench/scale.py)
 
@@ -33,8 +34,8 @@ from bench import common, modes, scale, stragglers, train, transport
 SUITES = {"transport": (transport, "pull+push round trips vs raw pyzmq on the same bytes"),
           "modes": (modes, "samples/s of the MLP example in BSP, SSP(2) and ASP"),
           "stragglers": (stragglers, "work stealing vs static dealing: a slow worker, jitter"),
-          "train": (train, "samples/s: our BSP cluster vs torch DDP (gloo) vs a torch RPC "
-                           "parameter server"),
+          "train": (train, "samples/s: our BSP cluster vs torch DDP (gloo) vs two torch "
+                           "RPC parameter servers"),
           "scale": (scale, "step time vs model size, servers and workers; server memory")}
 
 

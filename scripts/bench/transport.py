@@ -1,8 +1,9 @@
 """Suite ``transport``: pull+push round trips of the parameter server beside raw pyzmq.
 
 A scheduler and S servers run as subprocesses; this process is the only worker (numpy,
-no torch) of a model of N float32 and times round trips: pull all shards, push all
-shards (BSP, one task per step, SGD with lr 0). Alternating with it block by block, so
+no torch) of a model of N float32 and times round trips as a BSP worker makes them (one
+task per step, SGD with lr 0): push all shards with the next step's pull right behind
+(``then_pull``), then take that pull's replies into the flat buffer. Alternating with it block by block, so
 machine noise hits both alike, raw pyzmq moves the same bytes between two processes: a
 DEALER sends 4N bytes as 8 MiB frames (copy=False), a ROUTER peer (``benchmark.py
 raw-peer``) answers with 4N bytes. The best block of each counts (noise only slows a
@@ -96,14 +97,17 @@ def ps_cluster(ctx, children: Children, n: int, servers: int, steps: int):
 
 def ps_block(client: ShardClient, flat: np.ndarray, grad: np.ndarray, step: int,
              rounds: int) -> float:
-    """Seconds for ``rounds`` BSP steps from ``step`` on: pull all shards, push all shards."""
+    """Seconds for ``rounds`` BSP steps from ``step`` on, each a push of all shards and
+    the pull of the version it makes, sent behind it (as a worker does: the pull's
+    reply leaves each server the moment its step completes). The block starts and ends
+    holding version ``step``, then ``step + rounds``."""
     t0 = time.perf_counter()
     for t in range(step, step + rounds):
-        versions = client.pull_into(flat, t)
-        client.push(grad, t, tasks=[t], samples=1, step_tasks=1)
+        client.push(grad, t, tasks=[t], samples=1, step_tasks=1, then_pull=t + 1)
+        versions = client.pull_into(flat, t + 1, pending=client.ahead)
     elapsed = time.perf_counter() - t0
-    if versions != [step + rounds - 1] * len(client.shards):
-        raise RuntimeError(f"shards at versions {versions}, expected {step + rounds - 1}")
+    if versions != [step + rounds] * len(client.shards):
+        raise RuntimeError(f"shards at versions {versions}, expected {step + rounds}")
     return elapsed
 
 
@@ -121,6 +125,7 @@ def transport_row(n: int, servers: int, rounds: int, repeats: int) -> dict:
         flat = np.zeros(n, dtype=np.float32)               # (n,) the worker's parameters
         grad = np.ones(n, dtype=np.float32)                # (n,) the gradient it pushes
         client.init(flat)
+        client.pull_into(flat, 0)                          # version 0, as a worker starts
         frames = wire.split(flat)                          # 8 MiB views, like a push
         raw_block(raw, frames, nbytes, WARMUP_ROUNDS)
         ps_block(client, flat, grad, 0, WARMUP_ROUNDS)
