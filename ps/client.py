@@ -214,8 +214,8 @@ class ShardClient:
         step, rids = pending if pending is not None else self.pull_send(step)
         try:
             replies = [p.recv(rid, timeout_s, f"pull of step {step}") for p, rid in zip(self.peers, rids)]
-        except TimeoutError:
-            self.abandon((step, rids))
+        except BaseException:                 # a timeout or an error reply: the other shards'
+            self.abandon((step, rids))        # replies are not kept for nobody
             raise
         chunks = [wire.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
                   for (header, frames), s in zip(replies, self.shards)]

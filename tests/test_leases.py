@@ -123,6 +123,19 @@ def test_an_older_rounds_task_in_answer_to_an_idle_lease_is_for_now():
     # ASP leases with step -1 (any) and never or_next: every task is for now.
     sched = Scheduler([lease(task(0, 0), left=0)])
     assert Leases(sched, worker=0, inc=1, timeout_s=1.0).next(-1)[0] == [task(0, 0)]
+    assert sched.sent[0]["or_next"] is False
+
+
+def test_a_kept_task_is_never_dropped_by_a_call_for_another_step():
+    # Leased to us, a kept task must be computed: a call for any other step than its
+    # own is a bug in the caller, and says so instead of losing the task.
+    sched = Scheduler([lease(task(0, 0), left=0), lease(task(2, 1), left=0)])
+    leases = Leases(sched, worker=0, inc=1, timeout_s=1.0)
+    leases.next(0)
+    leases.next(0, or_next=True)
+    with pytest.raises(RuntimeError, match="kept"):
+        leases.next(0)
+    assert leases.next(1)[0] == [task(2, 1)] and len(sched.sent) == 2
 
 
 def start(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:
@@ -168,6 +181,43 @@ def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
         assert lease(1)[1:] == (1, 0)
         assert lease(1, or_next=True) is None   # there is no step 2
         peer.close()
+    finally:
+        ctx.destroy(linger=0)
+        for proc in procs:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_or_next_steals_in_its_own_step_before_it_looks_at_the_next(tmp_path):
+    # Two workers (both this test), one step of two tasks, one each. Worker 0, idle after
+    # its own task, asks with or_next: worker 1's untouched task of step 0 comes first.
+    procs, ctx = [], zmq.Context()
+    try:
+        sched, ep = start(["ps.scheduler", "--servers", "1", "--workers", "2", "--steps", "2",
+                           "--tasks-per-step", "2", "--dead-after-s", "30"],
+                          str(tmp_path / "scheduler"))
+        procs.append(sched)
+        procs.append(start(["ps.server", "--scheduler", ep, "--shard", "0"],
+                           str(tmp_path / "server"))[0])
+        peers = [Peer(ctx, ep, f"scheduler{w}") for w in range(2)]
+        rids = [p.send(Kind.REGISTER, role="worker", worker=w, layout=[["w", [4]]],
+                       dataset_size=8, batch_size=4, shuffle=False,
+                       optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
+                for w, p in enumerate(peers)]
+        inc = [p.recv(rid, 20)[0]["inc"] for p, rid in zip(peers, rids)]
+
+        def lease(worker, step, or_next=False):
+            answer, _ = peers[worker].request(Kind.LEASE, 10, worker=worker, inc=inc[worker],
+                                              step=step, or_next=or_next)
+            return answer["task"]
+
+        own = lease(0, 0)
+        stolen = lease(0, 0, or_next=True)
+        assert own[1] == stolen[1] == 0 and own[0] != stolen[0]
+        assert lease(1, 0, or_next=True)[1] == 1   # step 0 is empty now: worker 1's next
+        for p in peers:
+            p.close()
     finally:
         ctx.destroy(linger=0)
         for proc in procs:

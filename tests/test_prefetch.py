@@ -10,6 +10,7 @@ model only at the next pull. BSP's oracle tests (test_oracle.py, and
 test_stealing_cluster.py, whose stolen tasks are computed after the thief's prefetch)
 run with the default, ``push``.
 """
+import json
 import os
 import threading
 import types
@@ -42,7 +43,7 @@ class Shards:
 def fake_worker(mode: str, prefetch: str):
     w = types.SimpleNamespace(config=types.SimpleNamespace(prefetch=prefetch), mode=mode,
                               prefetched=None, steps=10, shards=Shards())
-    w.ahead = types.MethodType(Worker.ahead, w)
+    w.will_prefetch = types.MethodType(Worker.will_prefetch, w)
     w.pull_behind = types.MethodType(Worker.pull_behind, w)
     return w
 
@@ -91,16 +92,30 @@ def test_a_bsp_pull_sent_behind_a_push_waits_for_the_step_and_reads_it_exactly()
         srv.close()
 
 
+def prefetched_pulls(out: str) -> list[bool]:
+    """Per pull span of the workers' trace: whether it took a pull sent ahead."""
+    with open(os.path.join(out, "trace.json")) as f:
+        events = json.load(f)["traceEvents"]
+    return [e["args"]["prefetched"] for e in events if e.get("name") == "pull"]
+
+
 @pytest.mark.timeout(120)
 def test_bsp_gives_the_same_parameters_with_and_without_prefetch(tmp_path):
-    # --no-steal: the same tasks on the same workers in both runs, so bit for bit.
+    # --no-steal: the same tasks on the same workers in both runs, so bit for bit. The
+    # traces show the pulls sent behind the pushes were the ones taken: every pull but
+    # each worker's first (and the finisher's final one) with push, none with off.
+    steps = 30
     runs = [launch(str(tmp_path / p), "--job", JOB, "--workers", "2", "--servers", "2",
-                   "--steps", "30", "--no-steal", "--prefetch", p) for p in ("push", "off")]
+                   "--steps", str(steps), "--no-steal", "--trace", "--prefetch", p)
+            for p in ("push", "off")]
     for run in runs:
         assert run.rc == 0, run.stderr[-3000:]
     pushed, plain = (run.params for run in runs)
     assert pushed.keys() == plain.keys()
     assert all(np.array_equal(pushed[k], plain[k]) for k in plain)
+    used = prefetched_pulls(runs[0].out)
+    assert len(used) == 2 * steps + 1 and used.count(True) == 2 * (steps - 1)
+    assert not any(prefetched_pulls(runs[1].out))
 
 
 def test_prefetch_only_when_asked_and_never_past_the_last_step():

@@ -13,11 +13,11 @@ request is sent ahead: it could only come back empty.
 A lease may carry several tasks of the worker's own deque (``fuse``, in BSP and SSP),
 which the worker computes together in one pass (``Dealer.take_more``).
 
-An idle worker's lease at the end of a step (BSP) or clock (SSP) also asks for its first
-task of the next one, should nothing be left to steal (``or_next``): one scheduler round
-trip a step instead of two, on the path between a worker's push and its next pull (char
-transformer, 2 cores: 5% a step). The reply's task names its step; it is kept for the
-next call, like an answer to a lease asked ahead.
+An idle worker's lease at the end of a step (BSP) or clock (SSP) also asks for a task of
+the next one, should nothing be left to steal (``or_next``): its own first task there, or
+one it steals there if its own deque is empty. One scheduler round trip a step instead of
+two (char transformer, 2 cores: 5% a step). The reply's task names its step; it is kept
+(``kept``) for the call that asks for that step, which sends nothing.
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Leases:
         self.fuse = fuse                             # most tasks a lease may carry (Dealer.take_more)
         self.ahead: tuple[int, int] | None = None    # (rid, step) of the request in flight
         self.early: dict | None = None               # its reply, if ``last_own`` took it in
-                                                     # (or_next's: rid None, reply here)
+        self.kept: dict | None = None                # or_next's answer: a later step's task
         self.emptied: int | None = None              # the step whose last own task we hold
 
     def next(self, step: int, or_next: bool = False) -> tuple[list | None, int, bool]:
@@ -43,16 +43,21 @@ class Leases:
         a list of ``[id, step, sample ids]`` (one, or up to ``fuse`` from our own deque),
         or None when there is none left; the number of tasks in their step; and whether
         it is a task dealt again (``redo``: always alone). ``or_next``: we are idle in
-        ``step``; if it has nothing left, lease our first task of ``step + 1`` now, for
-        the next call."""
-        if self.ahead is not None and self.ahead[1] == step:
+        ``step``; if it has nothing left, lease a task of ``step + 1`` now (our first own
+        one there, or a stolen one), kept for the call for ``step + 1``."""
+        if self.kept is not None:
+            if self.kept["task"][1] != step:   # dropped, it would hold its step up forever
+                raise RuntimeError(f"lease for step {step} asked while a task of step "
+                                   f"{self.kept['task'][1]} is kept for it")
+            reply, self.kept = self.kept, None
+        elif self.ahead is not None and self.ahead[1] == step:
             reply = self.early or self._answer(self.ahead[0], step)
             if reply["task"] is None:          # our own deque is empty; now that we are
                 reply = self._answer(self._ask(step, False, or_next), step)   # idle, we may steal
         else:
             reply = self._answer(self._ask(step, False, or_next), step)
         if or_next and reply["task"] is not None and reply["task"][1] > step:   # step + 1's
-            self.ahead, self.early = (None, reply["task"][1]), reply
+            self.kept, self.ahead, self.early = reply, None, None
             return None, 0, False
         task, self.early = reply["task"], None
         # Ask for the next task while we compute, unless our deque is empty now (``left``

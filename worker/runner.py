@@ -7,8 +7,9 @@ state. Its loop, for each step (BSP) or clock (SSP)::
     params = shards.pull(step)                # data path; the shard's gate may hold it
     while task:                               # own tasks first, then stolen ones
         grads += n * grad(mean loss of the task's batch)
-        task = scheduler.lease(step)
-    shards.push(grads, task ids, sample count)   # BSP, CPU: per shard, in backward (overlap.py)
+        task = scheduler.lease(step)          # idle: or_next brings step + 1's first task
+    shards.push(grads, task ids, sample count)   # BSP, CPU: per shard, in backward (overlap.py);
+                                              # the pull of step + 1 is sent right behind it
     scheduler.report(step, task ids, loss, timings)
 
 and in ASP, for each task: lease, pull, compute, push, report.
@@ -91,7 +92,7 @@ class Worker:
         self.overlap: Overlap | None = None
         self.last_report = time.perf_counter()
         self.reports: Reports | None = None
-        self.prefetched = None               # (step, rids) of a pull sent ahead (SSP/ASP)
+        self.prefetched = None               # (step, rids) of a pull sent ahead (prefetch)
         self.steps = 0                       # the run's step count (no prefetch past it)
 
     def register(self) -> dict:
@@ -181,15 +182,19 @@ class Worker:
         deadline); while it is closed, look for re-dealt tasks of ``redo_step``."""
         deadline = time.monotonic() + self.config.timeout_s
         log_at, waiting = time.monotonic() + WAIT_LOG_S, ""
-        with self.tracer.span("pull", "wait", step=step):
-            pending = self._take_prefetch(step)
+        pending = self._take_prefetch(step)
+        with self.tracer.span("pull", "wait", step=step, prefetched=pending is not None):
             while True:
                 self.check_fenced()
                 try:
                     self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S,
                                           pending=pending)
                     break
-                except TimeoutError:
+                except (TimeoutError, RemoteError) as exc:
+                    # A pull the server parked past its --timeout-s is answered TIMEOUT
+                    # (possible for one sent ahead, behind a push): ask again, like ours.
+                    if isinstance(exc, RemoteError) and exc.code != Error.TIMEOUT:
+                        raise
                     pending = None                     # abandoned; ask again, fresh
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"worker {self.id}: step {step} still unreadable after "
@@ -209,10 +214,10 @@ class Worker:
         ``push`` (``pull_behind``): right behind this worker's push, on the same
         connections; a server takes a connection's messages in order, so the pull sees
         the push (a worker reads its own writes) and its reply travels while the worker
-        collects the push's acknowledgements, reports and leases. In BSP the server parks
-        it until the step's last push is in (version t+1 exists only then) and answers it
-        that moment: the worker's lease round trips hide the transfer (char transformer,
-        2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as soon as the current step's
+        collects the push's acknowledgements, reports (and, when it pushed from backward
+        hooks, leases). In BSP the server parks it until the step's last push is in
+        (version t+1 exists only then) and answers it that moment, with no request after
+        the step's end to wait for (char transformer, 2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as soon as the current step's
         parameters are in, so the transfer hides behind compute; but its answer may then
         lack this worker's own last push (a read the server counts at least 1 clock
         stale, still within s, and measured to hurt convergence).
@@ -224,10 +229,10 @@ class Worker:
         stays the only one. The server's gate holds a prefetch like any pull: no SSP
         read is ever staler than s clocks, and a BSP one is exactly version t+1.
         """
-        if self.ahead(step, when):
+        if self.will_prefetch(step, when):
             self.prefetched = self.shards.pull_send(step)
 
-    def ahead(self, step: int, when: str) -> bool:
+    def will_prefetch(self, step: int, when: str) -> bool:
         return (self.config.prefetch == when and (self.mode != "bsp" or when == "push")
                 and self.prefetched is None and step < self.steps)
 
@@ -235,7 +240,7 @@ class Worker:
         """The step to pull right behind a push of ``step`` (``--prefetch push``), or None.
         BSP and SSP: the next step or clock; ASP: the same (only for staleness)."""
         then = step + (self.mode != "asp")
-        return then if ends_clock and self.ahead(then, "push") else None
+        return then if ends_clock and self.will_prefetch(then, "push") else None
 
     def _take_prefetch(self, step: int):
         """The prefetched pull if it is for ``step`` (in ASP, whose pulls are answered at

@@ -16,11 +16,13 @@ parameters (``@rpc.functions.async_execution`` holds the replies until then). Th
 the update BSP and DDP make, so its steps compare with theirs one for one.
 
 The first tutorial's own design, forward on the server through an RRef,
-``dist_autograd`` and a ``DistributedOptimizer`` per trainer, is not used: with two
-trainers sharing the server's model, one trainer's optimizer step changes parameters
+``dist_autograd`` and a ``DistributedOptimizer`` per trainer, is not this file's: with
+two trainers sharing the server's model, one trainer's optimizer step changes parameters
 in place that the other's backward pass has saved, and autograd stops that trainer
-("modified by an inplace operation"; torch 2.13). It would also put all compute in
-the server process and apply one update per trainer and step, not a global batch.
+("modified by an inplace operation"; torch 2.13). It also puts all compute in the server
+process and applies one update per trainer and step, not a global batch. It is measured
+beside this one, with a lock that runs one trainer's step at a time, by
+rpc_tutorial_baseline.py.
 
 Trainer 0 times the steps after ``--warmup`` (from the end of step warmup - 1 to the
 end of the last step) and writes {samples_per_s, step_s, ...} as JSON to ``--out``.

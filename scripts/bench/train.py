@@ -160,7 +160,7 @@ def table(rows: list[dict]) -> str:
     return markdown(
         ["model", "params", "batch", "optimizer", "ours: tasks / step",
          "ours samples/s (step ms)", "DDP samples/s (step ms)", "RPC PS samples/s (step ms)",
-         "RPC tutorial samples/s (step ms)", "ours / DDP", "ours / RPC",
+         "RPC tutorial samples/s (step ms)", "ours / DDP", "ours / RPC PS",
          "ours / RPC tutorial"], lines)
 
 
