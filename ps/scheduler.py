@@ -52,8 +52,8 @@ from .trace import Tracer
 log = logging.getLogger("ps.scheduler")
 
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
-STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to repeat it
-                           # (cut short once every server said bye)
+STOP_GRACE_S = 1.5         # how long answers are kept coming after DONE and after the stop:
+                           # a lost one is asked for again (3 heartbeats; cut short by byes)
 
 
 class Scheduler:
@@ -78,7 +78,7 @@ class Scheduler:
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
-        self.exit_at: float | None = None        # set once every server has been told to stop
+        self.exit_at, self.done_at = None, 0.0   # when to exit (servers stopped); DONE answered
         self.next_round = 0                      # ASP: the next epoch to deal
         self.members = Membership(config.dead_after_s)
         self.finisher: int | None = None         # the worker that writes the final parameters
@@ -366,6 +366,7 @@ class Scheduler:
         for ident, rid, worker in self.done_waiting:
             self.reply(ident, Kind.OK, rid, finisher=worker == self.finisher)
         self.done_waiting.clear()
+        self.done_at = time.monotonic()
         self.phase = "finishing"
         self.deadline = time.monotonic() + self.config.timeout_s
 
@@ -404,7 +405,7 @@ class Scheduler:
         if bye and self.phase == "stopping":   # it heard our stop and is gone
             self.byes.add(index)
             if len(self.byes) == self.config.servers:
-                self.exit_at = time.monotonic()         # nobody left to repeat the stop to
+                self.exit_at = max(time.monotonic(), self.done_at + STOP_GRACE_S)   # see STOP_GRACE_S
             return
         stop = self.phase == "stopping"
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)

@@ -3,7 +3,8 @@
 ``Background`` starts ``ps.launch`` in its own process group, waits until the run
 is training (server 0 has applied a step), gives the test sockets to the roles,
 and at the end waits for the honest run to finish. Whatever happens, the group is
-killed and every socket closed before the test returns.
+killed and every socket closed before the test returns. ``start_role`` starts one
+role alone (a scheduler, a server), for a test that plays the others itself.
 """
 from __future__ import annotations
 
@@ -111,3 +112,18 @@ def silent(sock: zmq.Socket, frames: list, wait_s: float = 0.75) -> bool:
     except zmq.Again:
         return True
     return not sock.poll(int(wait_s * 1000))
+
+
+def start_role(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:
+    """``python -m ARGV`` on a free local port, in a process group of its own (the test
+    kills it with ``os.killpg``); returns it and the endpoint it bound."""
+    proc = subprocess.Popen([sys.executable, "-m", *argv, "--bind", "tcp://127.0.0.1:*",
+                             "--timeout-s", "30", "--endpoint-file", endpoint_file],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(endpoint_file):
+        assert proc.poll() is None and time.monotonic() < deadline, f"{argv[0]} did not start"
+        time.sleep(0.02)
+    with open(endpoint_file) as f:
+        return proc, f.read().strip()

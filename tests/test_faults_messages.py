@@ -7,10 +7,18 @@ first answer, so: the BSP run ends with the oracle's parameters, every epoch's
 samples are applied exactly once, and no duplicate push is applied.
 """
 import os
+import signal
+import time
 
 import pytest
+import zmq
 
 from cluster import JOBS, assert_params_close, launch, oracle
+from live import start_role
+
+from ps.client import Peer
+from ps.protocol import Kind
+from ps.scheduler import STOP_GRACE_S
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
@@ -40,3 +48,37 @@ def test_ssp_and_asp_with_message_faults_apply_every_sample_once(tmp_path, mode)
     assert summary["duplicates_rejected"] == 0
     expected = 30 * 4 if mode == "asp" else 30 * 2
     assert [s["pushes_applied"] for s in summary["shards"]] == [expected, expected]
+
+
+@pytest.mark.timeout(60)
+def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_path):
+    # A worker whose DONE answer is lost asks again (same rid) and is answered from the
+    # scheduler's cache, if the scheduler is still there: it stays STOP_GRACE_S after its
+    # DONE answers, even when every server said bye sooner. This test is the only worker.
+    procs, ctx = [], zmq.Context()
+    try:
+        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "1",
+                                "--tasks-per-step", "1", "--dead-after-s", "30"],
+                               str(tmp_path / "scheduler"))
+        procs.append(sched)
+        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
+                                str(tmp_path / "server"))[0])
+        peer = Peer(ctx, ep, "scheduler")
+        inc = peer.request(Kind.REGISTER, 20, role="worker", worker=0, layout=[["w", [4]]],
+                           dataset_size=4, batch_size=4, shuffle=False,
+                           optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)[0]["inc"]
+        task = peer.request(Kind.LEASE, 10, worker=0, inc=inc, step=0)[0]["task"]
+        peer.request(Kind.REPORT, 10, worker=0, inc=inc, step=0, tasks=[task[0]], rejected=[],
+                     loss_sum=1.0, samples=4, compute_s=0.01, wait_s=0.0)
+        assert peer.request(Kind.DONE, 10, worker=0, inc=inc)[0]["finisher"] is True
+        answered = time.monotonic()
+        peer.request(Kind.FINISHED, 10, worker=0, inc=inc)
+        assert sched.wait(20) == 0
+        assert time.monotonic() - answered >= STOP_GRACE_S - 0.1
+        peer.close()
+    finally:
+        ctx.destroy(linger=0)
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import zmq
 
-from cluster import ROOT
+from live import start_role
 
 from ps.client import Peer
 from ps.protocol import Kind
@@ -138,29 +135,16 @@ def test_a_kept_task_is_never_dropped_by_a_call_for_another_step():
     assert leases.next(1)[0] == [task(2, 1)] and len(sched.sent) == 2
 
 
-def start(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", *argv, "--bind", "tcp://127.0.0.1:*",
-                             "--timeout-s", "30", "--endpoint-file", endpoint_file],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(endpoint_file):
-        assert proc.poll() is None and time.monotonic() < deadline, f"{argv[0]} did not start"
-        time.sleep(0.02)
-    with open(endpoint_file) as f:
-        return proc, f.read().strip()
-
-
 @pytest.mark.timeout(60)
 def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
     # A real scheduler and server; this test is the only worker, 2 steps of 2 tasks.
     procs, ctx = [], zmq.Context()
     try:
-        sched, ep = start(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "2",
+        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "2",
                            "--tasks-per-step", "2", "--dead-after-s", "30"],
                           str(tmp_path / "scheduler"))
         procs.append(sched)
-        procs.append(start(["ps.server", "--scheduler", ep, "--shard", "0"],
+        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
                            str(tmp_path / "server"))[0])
         peer = Peer(ctx, ep, "scheduler")
         reply, _ = peer.request(Kind.REGISTER, 20, role="worker", worker=0, layout=[["w", [4]]],
@@ -194,11 +178,11 @@ def test_or_next_steals_in_its_own_step_before_it_looks_at_the_next(tmp_path):
     # its own task, asks with or_next: worker 1's untouched task of step 0 comes first.
     procs, ctx = [], zmq.Context()
     try:
-        sched, ep = start(["ps.scheduler", "--servers", "1", "--workers", "2", "--steps", "2",
+        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "2", "--steps", "2",
                            "--tasks-per-step", "2", "--dead-after-s", "30"],
                           str(tmp_path / "scheduler"))
         procs.append(sched)
-        procs.append(start(["ps.server", "--scheduler", ep, "--shard", "0"],
+        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
                            str(tmp_path / "server"))[0])
         peers = [Peer(ctx, ep, f"scheduler{w}") for w in range(2)]
         rids = [p.send(Kind.REGISTER, role="worker", worker=w, layout=[["w", [4]]],

@@ -338,11 +338,11 @@ class Worker:
                     self.pull(step)
                 self.flat.zero_grad()
             else:
-                if group.replies is not None:   # pushed from backward hooks; a stolen task
-                    self.push(step, group)      # goes in a second push of its own
-                    group = Group()
-                    self.flat.zero_grad()
                 self.compute(tasks, step_tasks, group, overlap=True)
+                if group.replies is not None:   # pushed from backward hooks: reported before
+                    self.push(step, group)      # the next lease, whose or_next may deal step
+                    group = Group()             # + 1 (by speeds, ours included); a task
+                    self.flat.zero_grad()       # stolen now goes in a second push
             tasks, step_tasks, redo = self.leases.next(step, or_next=True)   # idle now
         if group.tasks or self.mode == "ssp":
             self.push(step, group)
