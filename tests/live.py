@@ -116,14 +116,22 @@ def silent(sock: zmq.Socket, frames: list, wait_s: float = 0.75) -> bool:
 
 def start_role(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:
     """``python -m ARGV`` on a free local port, in a process group of its own (the test
-    kills it with ``os.killpg``); returns it and the endpoint it bound."""
+    ends it with ``kill_group``); returns it and the endpoint it bound. A role that does
+    not publish its endpoint within 20 s is killed here, and the test fails."""
     proc = subprocess.Popen([sys.executable, "-m", *argv, "--bind", "tcp://127.0.0.1:*",
                              "--timeout-s", "30", "--endpoint-file", endpoint_file],
                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.monotonic() + 20
-    while not os.path.exists(endpoint_file):
-        assert proc.poll() is None and time.monotonic() < deadline, f"{argv[0]} did not start"
-        time.sleep(0.02)
-    with open(endpoint_file) as f:
-        return proc, f.read().strip()
+    try:
+        while not os.path.exists(endpoint_file):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{argv[0]} published no endpoint (exit status "
+                                     f"{proc.poll()})")
+            time.sleep(0.02)
+        with open(endpoint_file) as f:
+            return proc, f.read().strip()
+    except BaseException:
+        kill_group(proc)
+        proc.wait(10)
+        raise

@@ -7,13 +7,12 @@ first answer, so: the BSP run ends with the oracle's parameters, every epoch's
 samples are applied exactly once, and no duplicate push is applied.
 """
 import os
-import signal
 import time
 
 import pytest
 import zmq
 
-from cluster import JOBS, assert_params_close, launch, oracle
+from cluster import JOBS, assert_params_close, kill_group, launch, oracle
 from live import start_role
 
 from ps.client import Peer
@@ -79,6 +78,5 @@ def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_pat
     finally:
         ctx.destroy(linger=0)
         for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             proc.wait(10)

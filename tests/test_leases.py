@@ -4,17 +4,15 @@ what the real scheduler answers to ``or_next``.
 A request is asked ahead while the worker computes, except when the lease it got left
 its own deque empty (``left`` 0): an ahead lease never steals, so it could only come
 back empty. Then the task in hand is the worker's last own one (``last_own``). An idle
-worker's lease (``or_next``) brings its next step's first task when nothing is left to
-steal; that task is kept for the next call.
+worker's lease (``or_next``) brings a task of its next step when nothing is left to
+steal in this one; that task is kept for the call for its step.
 """
 from __future__ import annotations
-
-import os
-import signal
 
 import pytest
 import zmq
 
+from cluster import kill_group
 from live import start_role
 
 from ps.client import Peer
@@ -168,7 +166,7 @@ def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
     finally:
         ctx.destroy(linger=0)
         for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             proc.wait(10)
 
 
@@ -205,5 +203,5 @@ def test_or_next_steals_in_its_own_step_before_it_looks_at_the_next(tmp_path):
     finally:
         ctx.destroy(linger=0)
         for proc in procs:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_group(proc)
             proc.wait(10)
