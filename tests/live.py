@@ -4,7 +4,8 @@
 is training (server 0 has applied a step), gives the test sockets to the roles,
 and at the end waits for the honest run to finish. Whatever happens, the group is
 killed and every socket closed before the test returns. ``start_role`` starts one
-role alone (a scheduler, a server), for a test that plays the others itself.
+role alone (a scheduler, a server), for a test that plays the others itself;
+``BareScheduler`` is a scheduler and one server whose workers the test plays.
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import zmq
 from cluster import ROOT, kill_group
 
 sys.path.insert(0, ROOT)
-from ps.protocol import decode, encode  # noqa: E402
+from ps.client import Peer  # noqa: E402
+from ps.protocol import Kind, decode, encode  # noqa: E402
 from worker.job import load_job  # noqa: E402
 
 
@@ -135,3 +137,44 @@ def start_role(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, s
         kill_group(proc)
         proc.wait(10)
         raise
+
+
+class BareScheduler:
+    """A real scheduler and one real server; the test plays every worker (``register``)
+    and sees the scheduler's answers as they are. A context manager: both roles end, and
+    the sockets close, when it exits."""
+
+    def __init__(self, tmp_path, workers: int, steps: int, tasks_per_step: int):
+        self.tmp, self.workers = tmp_path, workers
+        self.flags = ["--servers", "1", "--workers", str(workers), "--steps", str(steps),
+                      "--tasks-per-step", str(tasks_per_step), "--dead-after-s", "30"]
+        self.ctx, self.procs = zmq.Context(), []
+
+    def __enter__(self) -> "BareScheduler":
+        try:
+            self.proc, self.endpoint = start_role(["ps.scheduler", *self.flags],
+                                                  str(self.tmp / "scheduler"))
+            self.procs.append(self.proc)
+            self.procs.append(start_role(["ps.server", "--scheduler", self.endpoint,
+                                          "--shard", "0"], str(self.tmp / "server"))[0])
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def register(self, samples: int) -> list[tuple[Peer, int]]:
+        """Register every worker at once (the cluster forms once all have), for a model of
+        4 floats and ``samples`` samples in batches of 4: a Peer and incarnation each."""
+        peers = [Peer(self.ctx, self.endpoint, f"scheduler{w}") for w in range(self.workers)]
+        rids = [p.send(Kind.REGISTER, role="worker", worker=w, layout=[["w", [4]]],
+                       dataset_size=samples, batch_size=4, shuffle=False,
+                       optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
+                for w, p in enumerate(peers)]
+        return [(p, p.recv(rid, 20)[0]["inc"]) for p, rid in zip(peers, rids)]
+
+    def __exit__(self, *exc) -> None:
+        self.ctx.destroy(linger=0)
+        for proc in self.procs:
+            kill_group(proc)
+            proc.wait(10)
+

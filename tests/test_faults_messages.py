@@ -10,12 +10,10 @@ import os
 import time
 
 import pytest
-import zmq
 
-from cluster import JOBS, assert_params_close, kill_group, launch, oracle
-from live import start_role
+from cluster import JOBS, assert_params_close, launch, oracle
+from live import BareScheduler
 
-from ps.client import Peer
 from ps.protocol import Kind
 from ps.scheduler import STOP_GRACE_S
 
@@ -54,29 +52,13 @@ def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_pat
     # A worker whose DONE answer is lost asks again (same rid) and is answered from the
     # scheduler's cache, if the scheduler is still there: it stays STOP_GRACE_S after its
     # DONE answers, even when every server said bye sooner. This test is the only worker.
-    procs, ctx = [], zmq.Context()
-    try:
-        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "1",
-                                "--tasks-per-step", "1", "--dead-after-s", "30"],
-                               str(tmp_path / "scheduler"))
-        procs.append(sched)
-        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
-                                str(tmp_path / "server"))[0])
-        peer = Peer(ctx, ep, "scheduler")
-        inc = peer.request(Kind.REGISTER, 20, role="worker", worker=0, layout=[["w", [4]]],
-                           dataset_size=4, batch_size=4, shuffle=False,
-                           optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)[0]["inc"]
+    with BareScheduler(tmp_path, workers=1, steps=1, tasks_per_step=1) as cluster:
+        [(peer, inc)] = cluster.register(samples=4)
         task = peer.request(Kind.LEASE, 10, worker=0, inc=inc, step=0)[0]["task"]
         peer.request(Kind.REPORT, 10, worker=0, inc=inc, step=0, tasks=[task[0]], rejected=[],
                      loss_sum=1.0, samples=4, compute_s=0.01, wait_s=0.0)
         assert peer.request(Kind.DONE, 10, worker=0, inc=inc)[0]["finisher"] is True
         answered = time.monotonic()
         peer.request(Kind.FINISHED, 10, worker=0, inc=inc)
-        assert sched.wait(20) == 0
+        assert cluster.proc.wait(20) == 0
         assert time.monotonic() - answered >= STOP_GRACE_S - 0.1
-        peer.close()
-    finally:
-        ctx.destroy(linger=0)
-        for proc in procs:
-            kill_group(proc)
-            proc.wait(10)

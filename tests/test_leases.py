@@ -10,12 +10,9 @@ steal in this one; that task is kept for the call for its step.
 from __future__ import annotations
 
 import pytest
-import zmq
 
-from cluster import kill_group
-from live import start_role
+from live import BareScheduler
 
-from ps.client import Peer
 from ps.protocol import Kind
 from worker.leases import Leases
 
@@ -136,21 +133,11 @@ def test_a_kept_task_is_never_dropped_by_a_call_for_another_step():
 @pytest.mark.timeout(60)
 def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
     # A real scheduler and server; this test is the only worker, 2 steps of 2 tasks.
-    procs, ctx = [], zmq.Context()
-    try:
-        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "1", "--steps", "2",
-                           "--tasks-per-step", "2", "--dead-after-s", "30"],
-                          str(tmp_path / "scheduler"))
-        procs.append(sched)
-        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
-                           str(tmp_path / "server"))[0])
-        peer = Peer(ctx, ep, "scheduler")
-        reply, _ = peer.request(Kind.REGISTER, 20, role="worker", worker=0, layout=[["w", [4]]],
-                                dataset_size=8, batch_size=4, shuffle=False,
-                                optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
+    with BareScheduler(tmp_path, workers=1, steps=2, tasks_per_step=2) as cluster:
+        [(peer, inc)] = cluster.register(samples=8)
 
         def lease(step, or_next=False):
-            answer, _ = peer.request(Kind.LEASE, 10, worker=0, inc=reply["inc"], step=step,
+            answer, _ = peer.request(Kind.LEASE, 10, worker=0, inc=inc, step=step,
                                      or_next=or_next)
             task = answer["task"]
             return (task[0], task[1], answer["left"]) if task else None
@@ -162,46 +149,22 @@ def test_the_scheduler_answers_or_next_with_the_next_steps_task(tmp_path):
         assert lease(0) is None                 # without or_next, step 0 stays empty
         assert lease(1)[1:] == (1, 0)
         assert lease(1, or_next=True) is None   # there is no step 2
-        peer.close()
-    finally:
-        ctx.destroy(linger=0)
-        for proc in procs:
-            kill_group(proc)
-            proc.wait(10)
 
 
 @pytest.mark.timeout(60)
 def test_or_next_steals_in_its_own_step_before_it_looks_at_the_next(tmp_path):
     # Two workers (both this test), one step of two tasks, one each. Worker 0, idle after
     # its own task, asks with or_next: worker 1's untouched task of step 0 comes first.
-    procs, ctx = [], zmq.Context()
-    try:
-        sched, ep = start_role(["ps.scheduler", "--servers", "1", "--workers", "2", "--steps", "2",
-                           "--tasks-per-step", "2", "--dead-after-s", "30"],
-                          str(tmp_path / "scheduler"))
-        procs.append(sched)
-        procs.append(start_role(["ps.server", "--scheduler", ep, "--shard", "0"],
-                           str(tmp_path / "server"))[0])
-        peers = [Peer(ctx, ep, f"scheduler{w}") for w in range(2)]
-        rids = [p.send(Kind.REGISTER, role="worker", worker=w, layout=[["w", [4]]],
-                       dataset_size=8, batch_size=4, shuffle=False,
-                       optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
-                for w, p in enumerate(peers)]
-        inc = [p.recv(rid, 20)[0]["inc"] for p, rid in zip(peers, rids)]
+    with BareScheduler(tmp_path, workers=2, steps=2, tasks_per_step=2) as cluster:
+        workers = cluster.register(samples=8)
 
         def lease(worker, step, or_next=False):
-            answer, _ = peers[worker].request(Kind.LEASE, 10, worker=worker, inc=inc[worker],
-                                              step=step, or_next=or_next)
+            peer, inc = workers[worker]
+            answer, _ = peer.request(Kind.LEASE, 10, worker=worker, inc=inc, step=step,
+                                     or_next=or_next)
             return answer["task"]
 
         own = lease(0, 0)
         stolen = lease(0, 0, or_next=True)
         assert own[1] == stolen[1] == 0 and own[0] != stolen[0]
         assert lease(1, 0, or_next=True)[1] == 1   # step 0 is empty now: worker 1's next
-        for p in peers:
-            p.close()
-    finally:
-        ctx.destroy(linger=0)
-        for proc in procs:
-            kill_group(proc)
-            proc.wait(10)
