@@ -52,8 +52,8 @@ from .trace import Tracer
 log = logging.getLogger("ps.scheduler")
 
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
-STOP_GRACE_S = 1.5         # how long answers are kept coming after DONE and after the stop:
-                           # a lost one is asked for again (3 heartbeats; cut short by byes)
+STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to repeat it
+DONE_GRACE_S = 0.75        # after answering DONE, the least time to stay: 3 Lazy Pirate resends
 
 
 class Scheduler:
@@ -405,7 +405,7 @@ class Scheduler:
         if bye and self.phase == "stopping":   # it heard our stop and is gone
             self.byes.add(index)
             if len(self.byes) == self.config.servers:
-                self.exit_at = max(time.monotonic(), self.done_at + STOP_GRACE_S)   # see STOP_GRACE_S
+                self.exit_at = max(time.monotonic(), self.done_at + DONE_GRACE_S)   # a lost DONE answer
             return
         stop = self.phase == "stopping"
         self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)

@@ -15,7 +15,7 @@ from cluster import JOBS, assert_params_close, launch, oracle
 from live import BareScheduler
 
 from ps.protocol import Kind
-from ps.scheduler import STOP_GRACE_S
+from ps.scheduler import DONE_GRACE_S
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
@@ -50,7 +50,7 @@ def test_ssp_and_asp_with_message_faults_apply_every_sample_once(tmp_path, mode)
 @pytest.mark.timeout(60)
 def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_path):
     # A worker whose DONE answer is lost asks again (same rid) and is answered from the
-    # scheduler's cache, if the scheduler is still there: it stays STOP_GRACE_S after its
+    # scheduler's cache, if the scheduler is still there: it stays DONE_GRACE_S after its
     # DONE answers, even when every server said bye sooner. This test is the only worker.
     with BareScheduler(tmp_path, workers=1, steps=1, tasks_per_step=1) as cluster:
         [(peer, inc)] = cluster.register(samples=4)
@@ -61,4 +61,4 @@ def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_pat
         answered = time.monotonic()
         peer.request(Kind.FINISHED, 10, worker=0, inc=inc)
         assert cluster.proc.wait(20) == 0
-        assert time.monotonic() - answered >= STOP_GRACE_S - 0.1
+        assert time.monotonic() - answered >= DONE_GRACE_S - 0.1
