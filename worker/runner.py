@@ -212,15 +212,15 @@ class Worker:
         """Send the pull for ``step`` ahead of time, if ``--prefetch`` is ``when``.
 
         ``push`` (``pull_behind``): right behind this worker's push, on the same
-        connections; a server takes a connection's messages in order, so the pull sees
-        the push (a worker reads its own writes) and its reply travels while the worker
-        collects the push's acknowledgements, reports (and, when it pushed from backward
-        hooks, leases). In BSP the server parks it until the step's last push is in
-        (version t+1 exists only then) and answers it that moment, with no request after
-        the step's end to wait for (char transformer, 2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as soon as the current step's
-        parameters are in, so the transfer hides behind compute; but its answer may then
-        lack this worker's own last push (a read the server counts at least 1 clock
-        stale, still within s, and measured to hurt convergence).
+        connections; a server takes a connection's messages in order, so the pull sees the
+        push (a worker reads its own writes) and its reply travels while the worker collects
+        the push's acknowledgements, reports (and, when it pushed from backward hooks,
+        leases). In BSP the server parks it until the step's last push is in (version t+1
+        exists only then) and answers it that moment, with no request after the step's end
+        to wait for (char transformer, 2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as
+        soon as the current step's parameters are in, so the transfer hides behind compute;
+        but its answer may then lack this worker's own last push (a read the server counts
+        at least 1 clock stale, still within s, and measured to hurt convergence).
 
         Double-buffered either way: the reply lands in zmq's receive buffers (its
         frames are the second buffer) and is copied into the model's flat buffer only

@@ -1,6 +1,6 @@
-"""What the two torch baselines (ddp_baseline.py, rpc_baseline.py) share: their flags,
-reading a job file, each process's part of a global batch, a rendezvous file, and
-starting N processes that all end by a deadline.
+"""What the torch baselines (ddp_baseline.py, rpc_baseline.py, rpc_tutorial_baseline.py)
+share: their flags, reading a job file and its optimizer, each process's part of a global
+batch, a rendezvous file, and starting N processes that all end by a deadline.
 
 Only torch and the standard library, like the baselines themselves: they share no code
 with the parameter server.
@@ -15,7 +15,10 @@ import sys
 import tempfile
 import time
 
+import torch
 import torch.multiprocessing as mp
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
 def parse_args(argv, description: str, count_flag: str, count_help: str) -> argparse.Namespace:
@@ -43,6 +46,12 @@ def load_job(path: str):
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)
     return job
+
+
+def optimizer_args(config: dict) -> tuple[type, dict]:
+    """A job's OPTIMIZER, {"name": "adam", "lr": 1e-3} -> (torch.optim.Adam, {"lr": 1e-3})."""
+    kwargs = dict(config)
+    return OPTIMIZERS[kwargs.pop("name")], kwargs
 
 
 def batch_indices(step: int, batch: int, rank: int, procs: int, n: int) -> list[int]:

@@ -30,15 +30,14 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import default_collate
 
-from baseline import batch_indices, load_job, parse_args, run_ranks   # scripts/bench/baseline.py
-
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+from baseline import (batch_indices, load_job, optimizer_args, parse_args,   # bench/baseline.py
+                      run_ranks)
 
 
 def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
     """{"name": "adam", "lr": 1e-3, ...} -> torch.optim.Adam(params, lr=1e-3, ...)."""
-    kwargs = dict(config)
-    return OPTIMIZERS[kwargs.pop("name")](params, **kwargs)
+    cls, kwargs = optimizer_args(config)
+    return cls(params, **kwargs)
 
 
 def rank_main(rank: int, args, init_method: str) -> None:

@@ -41,16 +41,10 @@ import torch
 import torch.distributed.rpc as rpc
 from torch.utils.data import default_collate
 
-from baseline import batch_indices, load_job, parse_args, run_ranks   # scripts/bench/baseline.py
+from baseline import (batch_indices, load_job, optimizer_args, parse_args,   # bench/baseline.py
+                      run_ranks)
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 SERVER = None            # the ParameterServer, in process 0 only
-
-
-def optimizer_args(config: dict) -> tuple[type, dict]:
-    """{"name": "adam", "lr": 1e-3} -> (torch.optim.Adam, {"lr": 1e-3})."""
-    kwargs = dict(config)
-    return OPTIMIZERS[kwargs.pop("name")], kwargs
 
 
 # -- the server (process 0) --------------------------------------------------------------

@@ -62,19 +62,13 @@ from torch import nn
 from torch.distributed.optim import DistributedOptimizer
 from torch.utils.data import default_collate
 
-from baseline import batch_indices, load_job, parse_args, run_ranks   # scripts/bench/baseline.py
+from baseline import (batch_indices, load_job, optimizer_args, parse_args,   # bench/baseline.py
+                      run_ranks)
 
-OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 RPC_THREADS = 16         # torch's default pool, plus one per trainer: a trainer waiting
                          # for the step lock holds a server thread until it gets it
 PARAM_SERVER = None      # the ParameterServer, in process 0 only, made on first call
 SERVER_LOCK = threading.Lock()   # trainers' first calls arrive on several RPC threads
-
-
-def optimizer_args(config: dict) -> tuple[type, dict]:
-    """{"name": "adam", "lr": 1e-3} -> (torch.optim.Adam, {"lr": 1e-3})."""
-    kwargs = dict(config)
-    return OPTIMIZERS[kwargs.pop("name")], kwargs
 
 
 # -- the server (process 0) --------------------------------------------------------------
