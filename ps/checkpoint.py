@@ -50,12 +50,16 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def shard_file(version: int, shard: int) -> str:
+    """Where a shard's state at ``version`` lives, relative to the checkpoint directory."""
+    return os.path.join(f"v{version:06d}", f"shard-{shard}.npz")
+
+
 def write_shard(root: str, version: int, shard: int, lo: int, hi: int,
                 params: np.ndarray, optimizer_state: dict) -> dict:
     """Write one shard's state at ``version``; return what the manifest needs."""
-    folder = os.path.join(root, f"v{version:06d}")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"shard-{shard}.npz")
+    path = os.path.join(root, shard_file(version, shard))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     arrays = {f"opt_{k}": np.asarray(v) for k, v in optimizer_state.items()}
     with open(tmp, "wb") as f:
@@ -63,7 +67,7 @@ def write_shard(root: str, version: int, shard: int, lo: int, hi: int,
     if CRASH_BEFORE_RENAME:
         os.kill(os.getpid(), signal.SIGKILL)
     _fsync_replace(tmp, path)
-    return {"shard": shard, "file": os.path.relpath(path, root), "lo": lo, "hi": hi,
+    return {"shard": shard, "file": shard_file(version, shard), "lo": lo, "hi": hi,
             "sha256": sha256(path)}
 
 

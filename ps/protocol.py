@@ -230,6 +230,14 @@ def optional_bool(header: dict, field: str, default: bool) -> bool:
     return value
 
 
+def optional_int(header: dict, field: str, default: int, low: int, high: int) -> int:
+    """An optional int in [low, high]: ``default`` when absent, refused otherwise."""
+    value = header.get(field, default)
+    if not _is_int(value) or not low <= value <= high:
+        raise ProtocolError(Error.BAD_FIELD, f"{field} must be an int in [{low}, {high}]")
+    return value
+
+
 def check_int_list(header: dict, field: str, limit: int) -> list[int]:
     """A list of non-negative ints (task ids, sample ids) of at most ``limit`` items."""
     values = header[field]

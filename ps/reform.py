@@ -27,6 +27,7 @@ import time
 from collections import deque
 
 from . import journal as journaling
+from . import registration
 from .dealer import Dealer
 from .membership import Membership
 from .protocol import Error, Kind, ProtocolError
@@ -253,8 +254,9 @@ def register_again(s, ident, header: dict) -> None:
     role, index = header["role"], header.get("index")
     if not isinstance(index, int) or isinstance(index, bool) or role not in ("server", "worker"):
         raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
+    stats = registration.server_stats(header["stats"], index) if "stats" in header else None
     s.members.register_again(role, index, header["inc"], time.monotonic())
-    if role == "server" and isinstance(header.get("stats"), dict):
-        s.shard_stats[index] = header["stats"]
+    if role == "server" and stats is not None:
+        s.shard_stats[index] = stats
     log.info("%s %d (incarnation %d) registered again", role, index, header["inc"])
     s.reply(ident, Kind.OK, header["rid"], fenced=s.members.fenced)

@@ -9,10 +9,16 @@ and no index is held by two live roles.
 """
 from __future__ import annotations
 
+import re
+from math import prod
+
+from .checkpoint import shard_file
 from .optim import make_optimizer
 from .protocol import Error, ProtocolError
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs")
+STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def pick_index(wanted, taken: dict, count: int, what: str) -> int:
@@ -34,7 +40,7 @@ def admit(header: dict, servers: dict, workers: dict, cfg) -> int:
         servers[index] = {"endpoint": header["endpoint"]}
     elif header["role"] == "worker":
         index = pick_index(header.get("worker"), workers, cfg.workers, "worker")
-        workers[index] = worker_job(header, cfg.seed, workers.values())
+        workers[index] = worker_job(header, cfg, workers.values())
     else:
         raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
     return index
@@ -45,14 +51,23 @@ def job_of(header: dict) -> dict:
     return {k: header.get(k) for k in JOB_FIELDS}
 
 
-def worker_job(header: dict, seed: int, others) -> dict:
-    """Check a forming worker's job (fields, optimizer, seed, agreement with the workers
-    already registered) and return it."""
-    info = job_of(header)
+def worker_job(header: dict, cfg, others) -> dict:
+    """Check a forming worker's job (fields, layout, optimizer, seed, agreement with the
+    workers already registered) and return it. Checked here, so that the cluster cannot
+    fail to form later, with every other member's registration held."""
+    info, seed = job_of(header), cfg.seed
     if not (isinstance(info["layout"], list) and isinstance(info["dataset_size"], int)
             and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
         raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
                                                  "batch_size and optimizer")
+    if not (info["dataset_size"] > 0 and info["batch_size"] > 0 and isinstance(info["shuffle"], bool)
+            and (info["epochs"] is None or _count(info["epochs"]) and info["epochs"] > 0)):
+        raise ProtocolError(Error.BAD_FIELD, "dataset_size and batch_size must be positive ints, "
+                                             "shuffle a bool, epochs a positive int or nil")
+    size = layout_size(info["layout"])
+    if size < cfg.servers:
+        raise ProtocolError(Error.BAD_FIELD, f"a model of {size} parameters cannot be cut into "
+                                             f"{cfg.servers} shards")
     try:
         make_optimizer(info["optimizer"], 1)
     except (ValueError, TypeError) as exc:
@@ -67,6 +82,19 @@ def worker_job(header: dict, seed: int, others) -> dict:
     return info
 
 
+def layout_size(layout: list) -> int:
+    """The parameters of a layout: ``[[name, shape], ...]`` in the model's order, each
+    name a string and each shape a list of non-negative ints."""
+    size = 0
+    for entry in layout:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list) and all(_count(d) for d in entry[1])):
+            raise ProtocolError(Error.BAD_FIELD, "layout must be a list of [name, shape] pairs, "
+                                                 "a shape a list of non-negative ints")
+        size += prod(entry[1])
+    return size
+
+
 def pick_replacement(wanted, dead: list[int]) -> int:
     """The dead worker id a replacement takes: the one it asked for, else the lowest."""
     index = wanted if wanted in dead else (dead[0] if dead and wanted in (None, -1) else None)
@@ -74,3 +102,28 @@ def pick_replacement(wanted, dead: list[int]) -> int:
         # The worker it replaces may not have been declared dead yet: ask it to retry.
         raise ProtocolError(Error.NOT_READY, f"no dead worker to replace (asked for {wanted!r})")
     return index
+
+
+def server_stats(stats, index: int) -> dict:
+    """A server's counters (its heartbeat, or its REGISTER after our restart), checked
+    before they are kept: the scheduler computes with some of them (the version a dead
+    worker's tasks are complete below, checkpoint commits, the summary's sums), so
+    those must be what an honest server sends, and a checkpoint report must name this
+    shard's own file. The rest are only shown (msgpack already rules out binary data)."""
+    if not isinstance(stats, dict):
+        raise ProtocolError(Error.BAD_FIELD, "a server's stats must be a map")
+    for key in STATS_COUNTS:
+        if key in stats and not _count(stats[key]):
+            raise ProtocolError(Error.BAD_FIELD, f"stats.{key} must be a non-negative int")
+    report = stats.get("checkpoint")
+    if report is not None and not (
+            isinstance(report, dict) and all(_count(report.get(k)) for k in ("lo", "hi", "version"))
+            and report.get("shard") == index and report["lo"] < report["hi"]
+            and report.get("file") == shard_file(report["version"], index)
+            and isinstance(report.get("sha256"), str) and SHA256.fullmatch(report["sha256"])):
+        raise ProtocolError(Error.BAD_FIELD, f"stats.checkpoint is not shard {index}'s report")
+    return stats
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

@@ -42,7 +42,7 @@ from .failover import Failover
 from .journal import Journal
 from .membership import Membership
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
-                       optional_bool, request_header)
+                       optional_bool, optional_int, request_header)
 from .recovery import Recovery
 from .runstate import RunState
 from .scheduler_config import SchedulerConfig, crash_at, default_tasks_per_step, parse_args
@@ -99,26 +99,31 @@ class Scheduler:
         self.reform = reform.start(self)
         while self.phase != "exit":
             if self.router.poll(100):
-                frames = self.router.recv_multipart(copy=False)
-                self.handle(frames)
-            if self.exit_at is not None and time.monotonic() >= self.exit_at:
-                self.phase = "exit"
-                break
-            if self.phase not in ("forming", "exit"):
-                self._check_liveness()
-            if self.phase == "reforming":
-                self.reform.check()
-            if self.phase == "training" and time.monotonic() > self.next_stall_log:
-                self.next_stall_log = diagnose.log_stall(self)
-            if time.monotonic() > self.deadline:
-                self._on_deadline()
-        self.write_summary()
+                self.handle(self.router.recv_multipart(copy=False))
+            try:
+                self._tick()
+            except Exception as exc:   # a bug, not bad input: end the run, with its summary
+                log.exception("internal error")
+                self.fail(f"internal error: {exc!r}")
+        if self.config.out and self.run is not None:
+            summary.write(self.config.out, summary.of(self))
         self.tracer.write()
         return 0 if self.failure is None else 1
 
-    def _on_deadline(self) -> None:
-        waiting = diagnose.waiting_for(self)
-        self.fail(f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}")
+    def _tick(self) -> None:
+        """Between messages: exit when due, liveness, re-forming, stall logs, the deadline."""
+        if self.exit_at is not None and time.monotonic() >= self.exit_at:
+            self.phase = "exit"
+            return
+        if self.phase not in ("forming", "exit"):
+            self._check_liveness()
+        if self.phase == "reforming":
+            self.reform.check()
+        if self.phase == "training" and time.monotonic() > self.next_stall_log:
+            self.next_stall_log = diagnose.log_stall(self)
+        if time.monotonic() > self.deadline:
+            waiting = diagnose.waiting_for(self)
+            self.fail(f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}")
 
     def fail(self, why: str) -> None:
         """The run cannot go on: say why, write it into the summary, and exit non-zero."""
@@ -161,11 +166,12 @@ class Scheduler:
             return True
         return any((i, r) == key for i, r, *_ in self.held + self.done_waiting)
 
-    def reply(self, ident, kind: str, rid: int, **fields) -> None:
+    def reply(self, ident, kind: str, rid: int, cache: bool = True, **fields) -> None:
         message = encode(kind, rid, **fields)
-        self.answered[(ident, rid)] = message
-        if len(self.answered) > REPLY_CACHE:
-            self.answered.popitem(last=False)
+        if cache:                        # for _repeat
+            self.answered[(ident, rid)] = message
+            if len(self.answered) > REPLY_CACHE:
+                self.answered.popitem(last=False)
         self._send(ident, message)
 
     def _send(self, ident: bytes, message: bytes) -> None:
@@ -201,9 +207,8 @@ class Scheduler:
         steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * steps_per_epoch(
             job["dataset_size"], job["batch_size"])
         plan, self.dealer, self.run = reform.build(cfg, job, steps, tasks_per_step)
-        shards = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
-                  for k, (lo, hi) in enumerate(ranges)]
-        self.shard_map = shards
+        self.shard_map = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
+                          for k, (lo, hi) in enumerate(ranges)]
         try:
             manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
                                else (None, 0))
@@ -266,9 +271,7 @@ class Scheduler:
         run). ``or_next``: else from the next step (an idle worker's; the task names it)."""
         ahead = optional_bool(header, "ahead", False)    # a busy worker's: Dealer.take_ahead
         or_next = optional_bool(header, "or_next", False)
-        fuse = header.get("fuse", 1)          # tasks it computes in one pass: Dealer.take_more
-        if not isinstance(fuse, int) or isinstance(fuse, bool) or not 1 <= fuse <= 1 << 16:
-            raise ProtocolError(Error.BAD_FIELD, "fuse must be an int in [1, 65536]")
+        fuse = optional_int(header, "fuse", 1, 1, 1 << 16)   # tasks in one pass: Dealer.take_more
         self._check_training(header)
         worker, step = header["worker"], header["step"]
         if self.run.started():
@@ -393,13 +396,13 @@ class Scheduler:
         role, index = header["role"], header["index"]
         if role not in ("server", "worker"):
             raise ProtocolError(Error.BAD_FIELD, f"unknown role {role!r}")
-        self.members.seen(role, index, header["inc"], time.monotonic())
-        if role == "worker":
-            self.reply(ident, Kind.OK, header["rid"])
-            return
         bye = optional_bool(header, "bye", False)
-        if isinstance(header.get("stats"), dict):
-            self.shard_stats[index] = header["stats"]
+        stats = registration.server_stats(header["stats"], index) if "stats" in header else None
+        self.members.seen(role, index, header["inc"], time.monotonic())
+        if role == "worker":             # heartbeats are not cached: nothing asks for them again
+            return self.reply(ident, Kind.OK, header["rid"], cache=False)
+        if stats is not None:
+            self.shard_stats[index] = stats
             if self.config.checkpoint_every and self.run is not None:
                 self.recovery.commit(self.shard_stats, self.run)
         if bye and self.phase == "stopping":   # it heard our stop and is gone
@@ -408,7 +411,7 @@ class Scheduler:
                 self.exit_at = max(time.monotonic(), self.done_at + DONE_GRACE_S)   # a lost DONE answer
             return
         stop = self.phase == "stopping"
-        self.reply(ident, Kind.OK, header["rid"], stop=stop, fenced=self.members.fenced)
+        self.reply(ident, Kind.OK, header["rid"], cache=False, stop=stop, fenced=self.members.fenced)
         if stop:
             self.stopped.add(index)
             if len(self.stopped) == self.config.servers and self.exit_at is None:
@@ -419,10 +422,6 @@ class Scheduler:
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""
         self.reply(ident, Kind.OK, header["rid"], **summary.status(self, header.get("step")))
-
-    def write_summary(self) -> None:
-        if self.config.out and self.run is not None:
-            summary.write(self.config.out, summary.of(self))
 
     def close(self) -> None:
         self.journal.close()

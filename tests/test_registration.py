@@ -1,0 +1,94 @@
+"""What the scheduler accepts from its members before it keeps any of it (ps.registration).
+
+A worker's job is checked when it registers, field by field, so the cluster can never
+fail to form later with every other member's registration held; a server's counters
+(heartbeats, REGISTER after a scheduler restart) are checked before the scheduler
+computes with them (failover, checkpoint commits, the summary).
+"""
+import numpy as np
+import pytest
+
+from ps import checkpoint
+from ps.protocol import Error, ProtocolError
+from ps.registration import layout_size, server_stats, worker_job
+from ps.scheduler_config import SchedulerConfig
+from ps.shard import Shard
+
+JOB = {"layout": [["w", [3, 4]], ["b", [4]]], "dataset_size": 64, "batch_size": 8,
+       "shuffle": True, "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": None, "seed": 0}
+
+
+def refused(code, fn, *args):
+    with pytest.raises(ProtocolError) as info:
+        fn(*args)
+    assert info.value.code == code, info.value.reason
+    return info.value.reason
+
+
+def test_an_honest_job_is_accepted_and_sized():
+    assert worker_job(dict(JOB), SchedulerConfig(servers=2), []) == {
+        k: v for k, v in JOB.items() if k != "seed"}
+    assert layout_size(JOB["layout"]) == 16
+    assert layout_size([["empty", [0, 5]], ["scalar", []]]) == 1     # torch allows both
+
+
+@pytest.mark.parametrize("layout", [
+    "w", [["w"]], [["w", [3], "x"]], [[3, [3]]], [["w", 3]], [["w", [-1]]], [["w", [2.5]]],
+    [["w", [True]]], [["w", ["3"]]], [{"w": [3]}]])
+def test_a_malformed_layout_is_refused(layout):
+    job = dict(JOB, layout=layout)
+    code = Error.MISSING_FIELD if not isinstance(layout, list) else Error.BAD_FIELD
+    refused(code, worker_job, job, SchedulerConfig(), [])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("dataset_size", 0), ("batch_size", 0), ("batch_size", -8), ("shuffle", 1),
+    ("shuffle", None), ("epochs", 0), ("epochs", 1.5)])
+def test_sizes_and_options_out_of_range_are_refused(field, value):
+    refused(Error.BAD_FIELD, worker_job, dict(JOB, **{field: value}), SchedulerConfig(), [])
+
+
+def test_a_model_smaller_than_the_shard_count_is_refused_at_registration():
+    # Before, this passed registration and failed when the cluster formed, answering only
+    # the last member to register while every other registration stayed held.
+    job = dict(JOB, layout=[["w", [3]]])
+    reason = refused(Error.BAD_FIELD, worker_job, job, SchedulerConfig(servers=4), [])
+    assert "3 parameters" in reason and "4 shards" in reason
+    worker_job(job, SchedulerConfig(servers=3), [])
+
+
+def honest_stats(tmp_path, index=1):
+    """What a server's heartbeat carries, with a checkpoint report written for real."""
+    shard = Shard(10, {"name": "adam"}, "bsp", 0, 2)
+    shard.init([np.arange(10, dtype=np.float32)])
+    stats = shard.stats()
+    report = checkpoint.write_shard(str(tmp_path), 40, index, 6, 16, shard.params,
+                                    shard.optimizer.state())
+    stats.update(errors={}, copies={}, checkpoint=dict(report, version=40))
+    return stats
+
+
+def test_a_server_s_honest_stats_pass_unchanged(tmp_path):
+    stats = honest_stats(tmp_path)
+    assert server_stats(stats, 1) is stats
+    assert server_stats(dict(stats, checkpoint=None), 1)["checkpoint"] is None
+
+
+@pytest.mark.parametrize("change", [
+    {"version": "7"}, {"version": -1}, {"version": True}, {"max_staleness": 1.5},
+    {"duplicates_rejected": None}, {"fenced_rejected": [1]},
+    {"checkpoint": "v000040"}, {"checkpoint": {}},
+    {"checkpoint": {"file": "../../etc/passwd"}}, {"checkpoint": {"file": "/tmp/x.npz"}},
+    {"checkpoint": {"shard": 0}}, {"checkpoint": {"version": "40"}},
+    {"checkpoint": {"lo": 16}}, {"checkpoint": {"sha256": "0" * 63}},
+    {"checkpoint": {"sha256": None}}])
+def test_stats_the_scheduler_computes_with_must_be_what_a_server_sends(tmp_path, change):
+    stats = honest_stats(tmp_path)
+    key, value = next(iter(change.items()))
+    if key == "checkpoint" and isinstance(value, dict) and value:
+        value = dict(stats["checkpoint"], **value)
+    refused(Error.BAD_FIELD, server_stats, dict(stats, **{key: value}), 1)
+
+
+def test_stats_must_be_a_map():
+    refused(Error.BAD_FIELD, server_stats, [1, 2], 0)
