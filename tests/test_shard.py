@@ -230,6 +230,25 @@ def test_bsp_more_tasks_than_the_step_has_is_a_protocol_error():
     assert_unchanged(shard, before)
 
 
+def test_bsp_push_disagreeing_on_the_step_s_task_count_is_refused():
+    # The first push says the step has 3 tasks; one claiming 2 (which it alone would
+    # complete) must not end the step on part of the global batch.
+    shard, _ = make("bsp", 3)
+    g0, g1, g2 = grad_sums(3)
+    shard.push(0, 0, [0], 1, 3, received(g0))
+    before = snapshot(shard)
+    refuse(Error.BAD_FIELD, shard.push, 1, 0, [1], 1, 2, received(g1))
+    refuse(Error.BAD_FIELD, shard.push, 1, 0, [1], 1, 4, received(g1))
+    assert_unchanged(shard, before)
+    assert shard.version == 0
+    shard.push(1, 0, [1], 1, 3, received(g1))
+    shard.push(2, 0, [2], 1, 3, received(g2))
+    assert shard.version == 1
+    # The next step is counted afresh from its own first push.
+    shard.push(0, 1, [3, 4], 2, 2, received(g0))
+    assert shard.version == 2
+
+
 def test_bsp_zero_sample_push_changes_nothing():
     shard, _ = make("bsp", 2)
     before = snapshot(shard)
