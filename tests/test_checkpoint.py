@@ -201,3 +201,32 @@ def test_load_reads_the_fallback_checkpoint_not_the_damaged_one(tmp_path):
     params, state = load_range(latest_intact(str(tmp_path))[0], 0, N)
     assert np.array_equal(params, full_state(10)[0])
     assert state["step"] == 10
+
+
+def test_a_manifest_the_scheduler_cannot_write_is_not_counted_as_committed(tmp_path, monkeypatch):
+    # The scheduler's own disk full: the version it could not commit must not appear as
+    # checkpoint_committed (a recovery could not use it), is not tried again on every
+    # heartbeat, and the next version commits as usual.
+    from ps.recovery import Recovery
+    from ps.runstate import RunState
+    from ps.trace import Tracer
+    recovery, run = Recovery(str(tmp_path), 2, Tracer(None, "scheduler", 0)), RunState(40, 2, 40)
+
+    def stats_at(version):
+        return {k: {"checkpoint": dict(e, version=version)}
+                for k, e in enumerate(write_checkpoint(tmp_path, version, commit=False))}
+
+    calls = []
+
+    def full_disk(*args):
+        calls.append(args[1])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint, "write_manifest", full_disk)
+    stats = stats_at(10)
+    recovery.commit(stats, run)
+    recovery.commit(stats, run)                  # the next heartbeat: not tried again
+    assert calls == [10] and recovery.committed == 0
+    assert latest_intact(str(tmp_path))[0] is None
+    monkeypatch.undo()
+    recovery.commit(stats_at(20), run)
+    assert recovery.committed == 20 and latest_intact(str(tmp_path))[0]["version"] == 20
