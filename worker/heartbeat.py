@@ -42,9 +42,9 @@ class Heartbeat(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stopping.wait(self.interval_s):
-                rid = self.peer.send(Kind.HEARTBEAT, role="worker", index=self.worker, inc=self.inc)
-                try:
-                    self.peer.recv(rid, 10 * self.interval_s, "heartbeat")
+                try:                # a heartbeat not answered in time is abandoned, not kept
+                    self.peer.request(Kind.HEARTBEAT, 10 * self.interval_s, role="worker",
+                                      index=self.worker, inc=self.inc)
                 except RemoteError as exc:
                     if exc.code == Error.FENCED:
                         log.error("the scheduler declared this worker dead: %s", exc.reason)
