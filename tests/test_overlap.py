@@ -99,6 +99,18 @@ def reference():
 
 
 @pytest.mark.timeout(120)
+def test_a_grad_that_left_the_flat_buffer_is_caught_before_backward():
+    # A loss_fn calling model.zero_grad() sets every .grad to None: backward would then
+    # accumulate into fresh tensors and the hooks would push the flat buffer without them.
+    model, flat, _, _ = model_and_overlap([20])
+    flat.check_grads_in_place()                       # as built: every .grad is a view
+    model(torch.ones(2, 4)).sum().backward()
+    flat.check_grads_in_place()                       # accumulated in place
+    model.zero_grad()
+    with pytest.raises(RuntimeError, match="0.weight is no longer in the flat buffer"):
+        flat.check_grads_in_place()
+
+
 def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
                  "--steps", str(STEPS), "--tasks-per-step", "4", "--trace")

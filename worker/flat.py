@@ -66,12 +66,16 @@ class FlatModel:
             torch.cuda.current_stream().synchronize()
 
     def check_grads_in_place(self) -> None:
-        """Autograd must have accumulated into our views, not replaced them."""
-        for offset_name, p in self.named:
-            if p.grad is None or p.grad.data_ptr() < self.grads.data_ptr() or \
-                    p.grad.data_ptr() >= self.grads.data_ptr() + self.grads.numel() * 4:
-                raise RuntimeError(f"gradient of {offset_name} left the flat buffer "
-                                   "(did loss_fn or the model replace .grad?)")
+        """Every ``.grad`` must still be our view, or backward would accumulate into a
+        tensor of its own and the push would send the flat buffer without it (a job's
+        ``loss_fn`` calling ``model.zero_grad()``, which sets ``.grad`` to None, does
+        that). Raises RuntimeError naming the first parameter that left."""
+        start, end = self.grads.data_ptr(), self.grads.data_ptr() + self.grads.numel() * 4
+        for name, p in self.named:
+            if p.grad is None or not start <= p.grad.data_ptr() < end:
+                raise RuntimeError(f"the gradient of {name} is no longer in the flat buffer: "
+                                   "a job's loss_fn must not set or reset .grad "
+                                   "(model.zero_grad() sets it to None)")
 
     def named_arrays(self) -> dict[str, np.ndarray]:
         """Host parameters by name, shaped as in the model's state_dict (views)."""

@@ -4,12 +4,13 @@ A job file defines::
 
     build_model() -> torch.nn.Module        # float32 parameters
     build_dataset() -> Dataset              # map-style: len() and [i]
-    loss_fn(model, batch) -> Tensor         # MEAN loss of a default-collated batch
+    loss_fn(model, batch) -> Tensor         # MEAN loss of a default-collated batch; never
+                                            # touches .grad (no model.zero_grad())
     OPTIMIZER = {"name": "adam", "lr": 1e-3}   # torch's argument names
     BATCH_SIZE = 64                         # the global batch of one step
     SHUFFLE = True                          # optional; False: step k uses samples [kB, (k+1)B)
     EPOCHS = 1                              # optional; how long a plain run trains
-    def finish(model): ...                  # optional; worker 0 calls it with the final parameters
+    def finish(model): ...                  # optional; the finishing worker calls it with the final parameters
 
 ``build`` seeds torch with the run's seed before ``build_model`` (so every worker,
 and the single-process oracle, starts from the same parameters) and again before
@@ -71,6 +72,8 @@ def load_job(path: str) -> Job:
     if batch_size < 1:
         raise ValueError(f"job {path}: BATCH_SIZE must be >= 1")
     epochs = getattr(module, "EPOCHS", None)
+    if epochs is not None and int(epochs) < 1:
+        raise ValueError(f"job {path}: EPOCHS must be >= 1 (or absent)")
     return Job(path, module, optimizer, batch_size, bool(getattr(module, "SHUFFLE", True)),
                int(epochs) if epochs is not None else None, getattr(module, "finish", None))
 

@@ -156,6 +156,7 @@ class Worker:
             t0 = time.perf_counter()
             batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
+            self.flat.check_grads_in_place()  # before backward: no hook may push a stray .grad
             n = len(sample_ids)
             armed = overlap and self.overlap is not None and self.leases.last_own(step)
             if armed:
