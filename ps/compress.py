@@ -1,6 +1,6 @@
 """Wire compression: float32 tensors sent as float16 or bfloat16, half the bytes.
 
-Opt-in (``--wire-dtype``). Only the bytes on the wire shrink: servers keep float32
+Opt-in (``--grad-dtype``, ``--param-dtype``). Only the bytes on the wire shrink: servers keep float32
 master parameters and float32 optimizer state, and sum gradients in float32, so the
 rounding is that of one conversion per message, never accumulated in the state.
 

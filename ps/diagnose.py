@@ -7,10 +7,10 @@ leased to worker W, or queued in worker W's deque. The scheduler knows who holds
 tasks of its current step it already has. ``missing`` is the scheduler's half: its
 STATUS reply carries it when asked about a step, its log names it after ``WAIT_LOG_S``
 without a REPORT, and its training deadline ends the run with it. A worker blocked on a
-pull joins both halves in one log line (``worker.runner``)::
+pull joins both halves in one log line (``worker.waits``)::
 
-    step 12 pull waiting on server1 (shard 1 at version 11, has tasks [44, 45] of 4;
-    missing 46 leased to worker 2, 47 queued for worker 2)
+    step 12 pull waiting on server1 (shard 1 at version 11: missing tasks 46 leased to
+    worker 2, 47 queued for worker 2)
 """
 from __future__ import annotations
 

@@ -201,8 +201,7 @@ def _record_links(out: str, links: netns.LinkInjector, scheduler_started: float,
             firsts[fault.target] = min(later)
     records = {r["spec"]: r for r in links.records(firsts)}
     s["faults_injected"] = [records.get(r["spec"], r) for r in s.get("faults_injected", [])]
-    with open(path, "w") as f:
-        json.dump(s, f, indent=2)
+    summary.write(out, s)
 
 
 def _latest_version(root: str) -> int:
@@ -255,7 +254,8 @@ def parse_args(argv=None):
                    help="start a replacement for every worker that dies; it joins mid-run")
     p.add_argument("--crash-at", action="append", default=[], metavar="W:POINT@STEP",
                    help="worker W kills itself at a precise point: before_push, mid_push "
-                        "(after shard 0 took its push, before the others) or after_push, at STEP")
+                        "(after shard 0 took its push, before the others) or after_push, at STEP; "
+                        "stall@STEP: its main thread stops for 4 s before that push instead")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="BSP: a coordinated checkpoint of every shard every K steps (0: none)")
     p.add_argument("--checkpoint-dir", default=None, help="where checkpoints go (default: OUT/checkpoints)")

@@ -87,8 +87,7 @@ def amend(out: str, faults, recoveries: list[dict]) -> None:
             record["detected_at_s"] = fault.detected_at_s
             record["recovery_s"] = round(restart["reformed_wall"] - detected, 3)
     summary["recoveries"] = recoveries
-    with open(path, "w") as f:
-        json.dump(summary, f, indent=2)
+    write(out, summary)
 
 
 def lost_server(out: str) -> str | None:

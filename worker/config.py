@@ -18,7 +18,7 @@ class WorkerConfig:
     timeout_s: float = 120.0        # deadline of every request
     slow: float = 1.0               # straggler emulation: every task this many times slower
     jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
-    trace: bool = False             # write trace/worker<id>.json into out
+    trace: bool = False             # write trace/worker<id>-<incarnation>.json into out
     crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
     secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
     grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
