@@ -3,7 +3,8 @@
 A worker's job is checked when it registers, field by field, so the cluster can never
 fail to form later with every other member's registration held; a server's counters
 (heartbeats, REGISTER after a scheduler restart) are checked before the scheduler
-computes with them (failover, checkpoint commits, the summary).
+computes with them (failover, checkpoint commits, the summary). And should the scheduler
+meet a bug of its own between messages, the run ends with a reason, not a traceback.
 """
 import numpy as np
 import pytest
@@ -92,3 +93,22 @@ def test_stats_the_scheduler_computes_with_must_be_what_a_server_sends(tmp_path,
 
 def test_stats_must_be_a_map():
     refused(Error.BAD_FIELD, server_stats, [1, 2], 0)
+
+
+def test_a_bug_between_messages_ends_the_run_with_a_reason_not_a_traceback(tmp_path, monkeypatch):
+    # Whatever the scheduler does between messages (liveness, stall logs, deadlines) runs
+    # outside a request's error handling: an exception there must still end the run
+    # through fail() (the summary, exit status 1), not kill the process.
+    from ps import diagnose
+    from ps.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(out=str(tmp_path), timeout_s=0.0))
+
+    def broken(s):
+        raise KeyError("a bug")
+    monkeypatch.setattr(diagnose, "waiting_for", broken)   # called once the deadline passes
+    try:
+        assert sched.serve() == 1
+    finally:
+        sched.close()
+    assert sched.failure == "internal error: KeyError('a bug')"
