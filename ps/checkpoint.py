@@ -28,7 +28,6 @@ import signal
 import numpy as np
 
 KEEP = 2                         # manifests kept: the newest and one to fall back to
-CRASH_BEFORE_RENAME = False      # fault hook (tests): die after the temp file, before the rename
 
 
 def _fsync_replace(tmp: str, path: str) -> None:
@@ -56,15 +55,16 @@ def shard_file(version: int, shard: int) -> str:
 
 
 def write_shard(root: str, version: int, shard: int, lo: int, hi: int,
-                params: np.ndarray, optimizer_state: dict) -> dict:
-    """Write one shard's state at ``version``; return what the manifest needs."""
+                params: np.ndarray, optimizer_state: dict, crash_before_rename: bool = False) -> dict:
+    """Write one shard's state at ``version``; return what the manifest needs.
+    ``crash_before_rename``: a fault hook, SIGKILL once the temporary file is written."""
     path = os.path.join(root, shard_file(version, shard))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     arrays = {f"opt_{k}": np.asarray(v) for k, v in optimizer_state.items()}
     with open(tmp, "wb") as f:
         np.savez(f, params=params, lo=lo, hi=hi, version=version, **arrays)
-    if CRASH_BEFORE_RENAME:
+    if crash_before_rename:
         os.kill(os.getpid(), signal.SIGKILL)
     _fsync_replace(tmp, path)
     return {"shard": shard, "file": shard_file(version, shard), "lo": lo, "hi": hi,

@@ -26,7 +26,7 @@ from . import netfaults
 from .statusline import StatusLine
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the repository
-STOP_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
+TERM_GRACE_S = 5.0               # SIGTERM, then this long, then SIGKILL
 ENDPOINT_WAIT_S = 60.0           # how long a role may take to bind and publish its endpoint
 MAX_SCHEDULER_RESTARTS = 5       # a scheduler killed by a signal is started again this many times
 
@@ -280,7 +280,7 @@ class Cluster:
         for r in self.roles:
             if r.proc.poll() is None:
                 r.proc.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
+        deadline = time.monotonic() + TERM_GRACE_S
         for r in self.roles:
             try:
                 r.proc.wait(max(0.0, deadline - time.monotonic()))

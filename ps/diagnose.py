@@ -29,8 +29,7 @@ WAIT_LOG_S = 4 * HEARTBEAT_INTERVAL_S   # a wait longer than a few heartbeats is
 def holders(dealer: Dealer, run: RunState, step: int) -> list[list]:
     """``[task id, who has it]`` for every task of ``step`` not yet reported: "worker W"
     (leased), "queued for worker W", or "not dealt"."""
-    plan = dealer.plan
-    ids = [step * plan.tasks_per_step + j for j in range(plan.num_tasks(step))]
+    ids = dealer.plan.ids(step)
     where = {tid: f"worker {w}" for tid, (w, _) in dealer.leases.items()}
     for deques in dealer.deques.values():
         for w, dq in enumerate(deques):

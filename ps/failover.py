@@ -52,10 +52,8 @@ class Failover:
         live = self.members.live("worker")
         if self.config.mode == "bsp":
             # Tasks of steps every shard has completed were applied: nothing to redo.
-            versions = [st.get("version", 0) for st in shard_stats.values()]
-            complete_below = min(versions) if len(versions) == self.config.servers else 0
-            done = [t.id for w, t in dealer.leases.values()
-                    if w == member.index and t.step < complete_below]
+            below = registration.complete_below(shard_stats, self.config.servers)
+            done = [t.id for w, t in dealer.leases.values() if w == member.index and t.step < below]
             spe = dealer.plan.steps_per_epoch
             for task in dealer.complete(done):
                 run.count_task(task.id, task.step // spe, len(task.samples), rejected=False)

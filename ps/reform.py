@@ -47,11 +47,6 @@ def build(cfg, job: dict, steps: int, tasks_per_step: int) -> tuple[TaskPlan, De
     return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
 
 
-def ids_of(plan: TaskPlan, step: int) -> list[int]:
-    """The task ids of a step (without cutting its samples)."""
-    return [step * plan.tasks_per_step + j for j in range(plan.num_tasks(step))]
-
-
 def count(run: RunState, plan: TaskPlan, ids, rejected=()) -> None:
     """Count tasks by id (the plan says their step and samples; ids are checked first,
     ``valid_ids``)."""
@@ -85,7 +80,7 @@ def replay(s, records: list[dict]) -> "Reform | None":
     s.failover.members = s.members
     for role, index, inc in formed["members"]:
         s.members.restore(role, index, inc, now)
-    count(s.run, plan, [tid for step in range(formed["start"]) for tid in ids_of(plan, step)])
+    count(s.run, plan, [tid for step in range(formed["start"]) for tid in plan.ids(step)])
     for step, loss in enumerate(formed.get("losses_before", [])):
         s.run.loss_sum[step], s.run.loss_samples[step] = loss, 1
     s.recovery.committed = formed["start"] if formed.get("resumed_from") else 0
@@ -188,8 +183,8 @@ class Reform:
         dealer, run, plan = s.dealer, s.run, s.dealer.plan
         complete_below = 0
         if s.config.mode == "bsp" and len(s.shard_stats) == s.config.servers:
-            complete_below = min(st.get("version", 0) for st in s.shard_stats.values())
-            done = [tid for step in range(complete_below) for tid in ids_of(plan, step)
+            complete_below = registration.complete_below(s.shard_stats, s.config.servers)
+            done = [tid for step in range(complete_below) for tid in plan.ids(step)
                     if tid not in run.counted]
             count(run, plan, done)
             s.journal.applied(done)
@@ -198,7 +193,7 @@ class Reform:
         for rnd in sorted(self.dealt):
             dealer.dealt.add(rnd)
             steps = [step for step in dealer.steps_of(rnd) if step >= complete_below
-                     and any(tid not in run.counted for tid in ids_of(plan, step))]
+                     and any(tid not in run.counted for tid in plan.ids(step))]
             todo = [t for step in steps for t in plan.tasks(step) if t.id not in run.counted]
             if not todo or not live:
                 continue

@@ -125,5 +125,14 @@ def server_stats(stats, index: int) -> dict:
     return stats
 
 
+def complete_below(shard_stats: dict[int, dict], servers: int) -> int:
+    """BSP: the steps below this one are complete on every shard (the lowest version
+    the shards' counters report), so each of their tasks was applied; 0 until every
+    shard has reported."""
+    if len(shard_stats) < servers:
+        return 0
+    return min(st.get("version", 0) for st in shard_stats.values())
+
+
 def _count(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0

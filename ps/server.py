@@ -33,6 +33,7 @@ from .client import Peer, RemoteError
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
                        encode, optional_bool, request_header)
 from .diagnose import WAIT_LOG_S
+from .membership import HEARTBEAT_INTERVAL_S
 from .shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -52,7 +53,7 @@ class ServerConfig:
     shard: int = -1                      # which shard to serve (-1: the scheduler picks)
     crash_at: str | None = None          # fault hook "checkpoint@V": die while writing version V
     fail_checkpoints: bool = False       # fault hook: every checkpoint write fails (disk full)
-    heartbeat_interval_s: float = 0.5    # how often the scheduler hears from us
+    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S   # how often the scheduler hears from us
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
     secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security)
     nonfinite: str = "reject"            # NaN/Inf gradients: reject | skip (ps.validation)
@@ -329,13 +330,12 @@ class Server:
         logged and counted; training goes on with the previous checkpoint."""
         version = self.shard.version
         try:
-            if self.config.crash_at == f"checkpoint@{version}":      # fault hook
-                checkpoint.CRASH_BEFORE_RENAME = True
             if self.config.fail_checkpoints:
                 raise OSError(errno.ENOSPC, "no space left on device (injected)")
             self.last_checkpoint = checkpoint.write_shard(
                 self.checkpoint_dir, version, self.index, self.lo, self.hi, self.shard.params,
-                self.shard.optimizer.state())
+                self.shard.optimizer.state(),
+                crash_before_rename=self.config.crash_at == f"checkpoint@{version}")   # fault hook
             self.last_checkpoint["version"] = version
             self.next_beat = 0.0             # tell the scheduler now: it commits the manifest
         except OSError as exc:

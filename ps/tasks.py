@@ -77,10 +77,13 @@ class TaskPlan:
         k = min(self.tasks_per_step, n)
         return n // k + (j < n % k) if j < k else None
 
+    def ids(self, step: int) -> list[int]:
+        """The task ids of step ``step``, without cutting its batch."""
+        return [step * self.tasks_per_step + j for j in range(self.num_tasks(step))]
+
     def tasks(self, step: int) -> list[Task]:
         """The step's batch cut into at most ``tasks_per_step`` non-empty tasks."""
-        ids = self.batch(step)
-        parts = np.array_split(ids, self.num_tasks(step))
-        return [Task(step * self.tasks_per_step + j, step, tuple(int(i) for i in part))
-                for j, part in enumerate(parts)]
+        parts = np.array_split(self.batch(step), self.num_tasks(step))
+        return [Task(tid, step, tuple(int(i) for i in part))
+                for tid, part in zip(self.ids(step), parts)]
 
