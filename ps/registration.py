@@ -1,11 +1,12 @@
 """Registration: the checks a REGISTER must pass and the index the role gets.
 
-The scheduler's ``on_register`` calls these while the cluster forms, and again when
-a replacement worker joins mid-run. Pure functions over request headers: a request
-that fails a check raises ``ProtocolError`` (the scheduler answers it with ERROR and
-goes on). The invariant they keep: every worker of a run describes the same job
-(model layout, data set, batch size, optimizer, epochs) with the scheduler's seed,
-and no index is held by two live roles.
+``ps.forming`` calls these while the cluster forms, and again when a replacement
+worker joins mid-run; the scheduler checks each server heartbeat's counters with
+``server_stats``. Pure functions over request headers: a request that fails a check
+raises ``ProtocolError`` (the scheduler answers it with ERROR and goes on). The
+invariants they keep: every worker of a run describes the same job (model layout, data
+set, batch size, optimizer, epochs) with the scheduler's seed, and no index is held by
+two live roles; what the scheduler computes with is what an honest member sends.
 """
 from __future__ import annotations
 

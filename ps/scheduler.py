@@ -19,11 +19,12 @@ decisions; restarted, it replays them and *re-forms* the cluster (``ps.reform``)
 
 This module is the event loop: it receives a request, validates it, calls the code that
 decides and sends the reply. The decisions live elsewhere: the flags in
-``ps.scheduler_config``, what a REGISTER must say in ``ps.registration``, dealing and
-stealing in ``ps.dealer``, run accounting in ``ps.runstate``, dead workers and their
-replacements in ``ps.failover``, checkpoint commits and --resume in ``ps.recovery``,
-journal replay in ``ps.reform``, naming what a stalled step waits for in
-``ps.diagnose``, and summary.json in ``ps.summary``.
+``ps.scheduler_config``, forming the cluster in ``ps.forming``, what a REGISTER (or a
+server's heartbeat) must say in ``ps.registration``, dealing and stealing in
+``ps.dealer``, run accounting in ``ps.runstate``, dead workers and their replacements
+in ``ps.failover``, checkpoint commits and --resume in ``ps.recovery``, journal replay
+in ``ps.reform``, naming what a stalled step waits for in ``ps.diagnose``, and
+summary.json in ``ps.summary``.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from collections import OrderedDict
 
 import zmq
 
-from . import diagnose, netfaults, reform, registration, security, sharding, summary, validation, wire
+from . import diagnose, forming, netfaults, reform, registration, security, summary, validation, wire
 from .dealer import Dealer
 from .failover import Failover
 from .journal import Journal
@@ -45,8 +46,7 @@ from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list,
                        optional_bool, optional_int, request_header)
 from .recovery import Recovery
 from .runstate import RunState
-from .scheduler_config import SchedulerConfig, crash_at, default_tasks_per_step, parse_args
-from .tasks import steps_per_epoch
+from .scheduler_config import SchedulerConfig, crash_at, parse_args
 from .trace import Tracer
 
 log = logging.getLogger("ps.scheduler")
@@ -180,65 +180,9 @@ class Scheduler:
         except zmq.ZMQError as exc:
             log.warning("reply to a vanished peer dropped: %s", exc)
 
-    # -- forming --------------------------------------------------------------------
+    # -- forming (ps.forming) --------------------------------------------------------
     def on_register(self, ident, header) -> None:
-        if isinstance(header.get("inc"), int) and header["inc"] > 0:   # back after our restart
-            return reform.register_again(self, ident, header)
-        if self.phase == "training" and header["role"] == "worker":   # a replacement (ps.failover)
-            index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
-            return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))
-        if self.phase in ("finishing", "stopping") and header["role"] == "worker":
-            raise ProtocolError(Error.RUN_OVER, f"training is over ({self.phase}): no worker is needed")
-        if self.phase != "forming":
-            raise ProtocolError(Error.BAD_FIELD, "the cluster has already formed")
-        index = registration.admit(header, self.servers, self.workers, self.config)
-        self.members.join(header["role"], index, time.monotonic())
-        self.held.append((ident, header["rid"], header["role"], index))
-        log.info("%s %d registered", header["role"], index)
-        crash_at(self.config, "register", len(self.held))
-        if len(self.servers) == self.config.servers and len(self.workers) == self.config.workers:
-            self._form()
-
-    def _form(self) -> None:
-        cfg, job = self.config, self.workers[0]
-        specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
-        ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
-        tasks_per_step = cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
-        steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * steps_per_epoch(
-            job["dataset_size"], job["batch_size"])
-        plan, self.dealer, self.run = reform.build(cfg, job, steps, tasks_per_step)
-        self.shard_map = [{"index": k, "endpoint": self.servers[k]["endpoint"], "lo": lo, "hi": hi}
-                          for k, (lo, hi) in enumerate(ranges)]
-        try:
-            manifest, start = (self.recovery.resume(ranges[-1][1], plan, self.run) if cfg.resume
-                               else (None, 0))
-        except ValueError as exc:             # e.g. a checkpoint of another model
-            self.fail(f"cannot resume: {exc}")
-            return
-        reform.formed(self, job, steps, tasks_per_step, start)     # on disk before any reply
-        now = time.monotonic()
-        for ident, rid, role, index in self.held:
-            member = self.members.members[(role, index)]
-            member.last_seen = now              # liveness is judged from formation on
-            if role == "server":
-                lo, hi = ranges[index]
-                self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
-                           optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
-                           workers=cfg.workers, checkpoint_every=cfg.checkpoint_every,
-                           checkpoint_dir=cfg.checkpoint_dir, restore=manifest)
-            else:
-                self._welcome(ident, rid, index, member.inc, start_step=start)
-        self.held.clear()
-        self.phase = "training"
-        self.deadline = time.monotonic() + cfg.timeout_s
-        log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
-                 cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
-
-    def _welcome(self, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
-        cfg = self.config
-        self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map, mode=cfg.mode,
-                   staleness=cfg.staleness, steps=self.run.steps, workers=cfg.workers, seed=cfg.seed,
-                   start_step=start_step)
+        forming.register(self, ident, header)
 
     # -- liveness -------------------------------------------------------------------
     def _check_liveness(self) -> None:
