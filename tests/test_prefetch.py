@@ -13,7 +13,6 @@ run with the default, ``push``.
 import json
 import os
 import threading
-import types
 
 import numpy as np
 import pytest
@@ -23,14 +22,16 @@ from inproc import InProcessServer
 
 from ps.client import RemoteError
 
-from worker.runner import Worker
+from worker.prefetch import Prefetch
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 
 
 class Shards:
+    """A stand-in ShardClient: records the pulls sent and abandoned."""
+
     def __init__(self):
-        self.sent, self.abandoned = [], []
+        self.sent, self.abandoned, self.ahead = [], [], None
 
     def pull_send(self, step):
         self.sent.append(step)
@@ -40,28 +41,27 @@ class Shards:
         self.abandoned.append(pending)
 
 
-def fake_worker(mode: str, prefetch: str):
-    w = types.SimpleNamespace(config=types.SimpleNamespace(prefetch=prefetch), mode=mode,
-                              prefetched=None, steps=10, shards=Shards())
-    w.will_prefetch = types.MethodType(Worker.will_prefetch, w)
-    w.pull_behind = types.MethodType(Worker.pull_behind, w)
-    return w
+def prefetch(mode: str, when: str) -> Prefetch:
+    return Prefetch(Shards(), when, mode, steps=10)
 
 
 def test_bsp_prefetches_only_behind_its_push():
-    w = fake_worker("bsp", "compute")
+    p = prefetch("bsp", "compute")
     for step in range(10):                      # version t+1 does not exist while t computes
-        Worker.prefetch(w, step, "compute")
-    assert w.shards.sent == [] and w.pull_behind(3) is None
-    w = fake_worker("bsp", "push")
-    assert w.pull_behind(3) == 4                # the next step's version, behind the push
-    assert w.pull_behind(3, ends_clock=False) is None   # a task dealt again, pushed alone
-    assert w.pull_behind(9) is None             # step 10 of 10 does not exist
-    w.prefetched = (4, [4])
-    assert w.pull_behind(4) is None             # one in flight at a time
-    assert fake_worker("bsp", "off").pull_behind(3) is None
-    assert fake_worker("ssp", "push").pull_behind(3) == 4
-    assert fake_worker("asp", "push").pull_behind(3) == 3   # ASP: only for staleness
+        p.send(step, "compute")
+    assert p.shards.sent == [] and p.behind(3) is None
+    p = prefetch("bsp", "push")
+    assert p.behind(3) == 4                     # the next step's version, behind the push
+    assert p.behind(3, ends_clock=False) is None   # a task dealt again, pushed alone
+    assert p.behind(9) is None                  # step 10 of 10 does not exist
+    p.shards.ahead = (4, [4])                   # the push sent it (ShardClient.ahead)
+    p.sent_behind(4)
+    assert p.pending == (4, [4]) and p.behind(4) is None   # one in flight at a time
+    p.sent_behind(None)                         # a push with nothing behind it
+    assert p.pending == (4, [4])
+    assert prefetch("bsp", "off").behind(3) is None
+    assert prefetch("ssp", "push").behind(3) == 4
+    assert prefetch("asp", "push").behind(3) == 3   # ASP: only for staleness
 
 
 @pytest.mark.timeout(30)
@@ -119,27 +119,37 @@ def test_bsp_gives_the_same_parameters_with_and_without_prefetch(tmp_path):
 
 
 def test_prefetch_only_when_asked_and_never_past_the_last_step():
-    w = fake_worker("ssp", "compute")
-    Worker.prefetch(w, 3, "push")               # not the mode chosen
-    assert w.shards.sent == []
-    Worker.prefetch(w, 10, "compute")           # step 10 of 10 does not exist
-    assert w.shards.sent == []
-    Worker.prefetch(w, 4, "compute")
-    Worker.prefetch(w, 5, "compute")            # one in flight at a time
-    assert w.shards.sent == [4] and w.prefetched == (4, [4])
-    off = fake_worker("ssp", "off")
+    p = prefetch("ssp", "compute")
+    p.send(3, "push")                           # not the mode chosen
+    assert p.shards.sent == []
+    p.send(10, "compute")                       # step 10 of 10 does not exist
+    assert p.shards.sent == []
+    p.send(4, "compute")
+    p.send(5, "compute")                        # one in flight at a time
+    assert p.shards.sent == [4] and p.pending == (4, [4])
+    off = prefetch("ssp", "off")
     for when in ("push", "compute"):
-        Worker.prefetch(off, 4, when)
+        off.send(4, when)
     assert off.shards.sent == []
 
 
 def test_a_prefetch_for_another_step_is_dropped_in_ssp_and_used_in_asp():
-    w = fake_worker("ssp", "compute")
-    w.prefetched = (4, [4])
-    assert Worker._take_prefetch(w, 5) is None and w.shards.abandoned == [(4, [4])]
-    w = fake_worker("asp", "compute")
-    w.prefetched = (4, [4])
-    assert Worker._take_prefetch(w, 5) == (4, [4]) and w.prefetched is None
+    p = prefetch("ssp", "compute")
+    p.send(4, "compute")
+    assert p.take(5) is None and p.shards.abandoned == [(4, [4])] and p.pending is None
+    p = prefetch("asp", "compute")
+    p.send(4, "compute")
+    assert p.take(5) == (4, [4]) and p.pending is None
+    p.send(6, "compute")
+    assert p.take(6) == (6, [6]) and p.shards.abandoned == []
+
+
+def test_a_prefetch_left_when_training_ends_is_abandoned():
+    p = prefetch("ssp", "compute")
+    p.drop()                                    # nothing in flight: nothing to do
+    p.send(9, "compute")
+    p.drop()
+    assert p.shards.abandoned == [(9, [9])] and p.pending is None
 
 
 @pytest.mark.timeout(120)

@@ -47,6 +47,7 @@ from .heartbeat import Fenced, Heartbeat, as_fenced
 from .job import collate, load_job
 from .leases import Leases
 from .overlap import Overlap
+from .prefetch import Prefetch
 from .reports import Reports
 from .straggler import CrashAt, Slowdown
 from .waits import describe_pull
@@ -92,8 +93,7 @@ class Worker:
         self.overlap: Overlap | None = None
         self.last_report = time.perf_counter()
         self.reports: Reports | None = None
-        self.prefetched = None               # (step, rids) of a pull sent ahead (prefetch)
-        self.steps = 0                       # the run's step count (no prefetch past it)
+        self.prefetch: Prefetch | None = None   # the next step's pull, sent ahead
 
     def register(self) -> dict:
         job = self.job
@@ -124,6 +124,7 @@ class Worker:
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
+        self.prefetch = Prefetch(self.shards, self.config.prefetch, self.mode, reply["steps"])
         if (self.config.overlap and self.mode == "bsp" and self.device.type == "cpu"
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
@@ -173,17 +174,16 @@ class Worker:
         group.samples += n
         group.step_tasks = step_tasks
         if armed:
-            then = self.pull_behind(step)
+            then = self.prefetch.behind(step)
             group.replies = self.overlap.finish(then_pull=then)
-            if then is not None:
-                self.prefetched = self.shards.ahead
+            self.prefetch.sent_behind(then)
 
     def pull(self, step: int, redo_step: int | None = None) -> None:
         """Read the parameters for ``step``, however long the gate takes (up to the
         deadline); while it is closed, look for re-dealt tasks of ``redo_step``."""
         deadline = time.monotonic() + self.config.timeout_s
         log_at, waiting = time.monotonic() + WAIT_LOG_S, ""
-        pending = self._take_prefetch(step)
+        pending = self.prefetch.take(step)
         with self.tracer.span("pull", "wait", step=step, prefetched=pending is not None):
             while True:
                 self.check_fenced()
@@ -209,49 +209,6 @@ class Worker:
         self.flat.after_pull()
         self.held = step
 
-    def prefetch(self, step: int, when: str) -> None:
-        """Send the pull for ``step`` ahead of time, if ``--prefetch`` is ``when``.
-
-        ``push`` (``pull_behind``): right behind this worker's push, on the same
-        connections; a server takes a connection's messages in order, so the pull sees the
-        push (a worker reads its own writes) and its reply travels while the worker collects
-        the push's acknowledgements, reports (and, when it pushed from backward hooks,
-        leases). In BSP the server parks it until the step's last push is in (version t+1
-        exists only then) and answers it that moment, with no request after the step's end
-        to wait for (char transformer, 2 cores: 3-4% a step). ``compute`` (SSP/ASP only): as
-        soon as the current step's parameters are in, so the transfer hides behind compute;
-        but its answer may then lack this worker's own last push (a read the server counts
-        at least 1 clock stale, still within s, and measured to hurt convergence).
-
-        Double-buffered either way: the reply lands in zmq's receive buffers (its
-        frames are the second buffer) and is copied into the model's flat buffer only
-        by the next ``pull``, so the model is never written while it computes (a task
-        stolen after the push still computes on version t) and the frame -> model copy
-        stays the only one. The server's gate holds a prefetch like any pull: no SSP
-        read is ever staler than s clocks, and a BSP one is exactly version t+1.
-        """
-        if self.will_prefetch(step, when):
-            self.prefetched = self.shards.pull_send(step)
-
-    def will_prefetch(self, step: int, when: str) -> bool:
-        return (self.config.prefetch == when and (self.mode != "bsp" or when == "push")
-                and self.prefetched is None and step < self.steps)
-
-    def pull_behind(self, step: int, ends_clock: bool = True) -> int | None:
-        """The step to pull right behind a push of ``step`` (``--prefetch push``), or None.
-        BSP and SSP: the next step or clock; ASP: the same (only for staleness)."""
-        then = step + (self.mode != "asp")
-        return then if ends_clock and self.will_prefetch(then, "push") else None
-
-    def _take_prefetch(self, step: int):
-        """The prefetched pull if it is for ``step`` (in ASP, whose pulls are answered at
-        once, for any step); else drop it (its reply is ignored)."""
-        pending, self.prefetched = self.prefetched, None
-        if pending is not None and pending[0] != step and self.mode != "asp":
-            self.shards.abandon(pending)
-            return None
-        return pending
-
     def push(self, step: int, group: Group, ends_clock: bool = True) -> None:
         """Push a group's gradient sum (an empty group: an SSP clock tick), then report it.
         A group already pushed from backward hooks (``replies``) is only reported."""
@@ -273,12 +230,11 @@ class Worker:
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
                              ends_clock, only=[0])
             self.crash.now()
-        then = self.pull_behind(step, ends_clock)
+        then = self.prefetch.behind(step, ends_clock)
         with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
             replies = self.shards.push(self.flat.grads_np, step, ids, group.samples,
                                        group.step_tasks, ends_clock, then_pull=then)
-        if then is not None:
-            self.prefetched = self.shards.ahead
+        self.prefetch.sent_behind(then)
         self.crash.maybe("after_push", step)
         return replies
 
@@ -326,7 +282,7 @@ class Worker:
         # SSP pulls even for an empty clock: the gate is what keeps this worker within
         # s clocks of the slowest; ticking through empty clocks unread would escape it.
         self.pull(step, redo_step=step - 1 if self.mode == "bsp" else None)
-        self.prefetch(step + 1, "compute")   # SSP: the next clock's pull, while this one computes
+        self.prefetch.send(step + 1, "compute")   # SSP: the next clock's pull, while this computes
         self.flat.zero_grad()
         group = Group()
         while tasks is not None:
@@ -356,22 +312,19 @@ class Worker:
                 return
             step = tasks[0][1]
             self.pull(step)
-            self.prefetch(step, "compute")   # the next task's parameters, while this computes
+            self.prefetch.send(step, "compute")   # the next task's parameters, while this computes
             self.flat.zero_grad()
             group = Group()
             self.compute(tasks, step_tasks, group)
             self.push(step, group)
 
     def train(self, start_step: int, steps: int) -> None:
-        self.steps = steps
         if self.mode == "asp":
             self.train_asp()
         else:
             for step in range(start_step, steps):
                 self.train_step(step)
-        if self.prefetched is not None:      # sent before the others' last pushes: never final
-            self.shards.abandon(self.prefetched)
-            self.prefetched = None
+        self.prefetch.drop()
 
     def wait_for_all(self) -> bool:
         """DONE is answered once every live worker is done; until then, do any task dealt
