@@ -11,12 +11,12 @@ the consistency mode), then serves until the scheduler tells it to stop:
     STATS -> counters
 
 Every request is validated before it touches state (``ps.protocol``); a bad one gets
-an ERROR reply with a reason code and is counted. The decisions live in ``ps.shard``;
-this file only receives, validates, calls the core and sends.
+an ERROR reply with a reason code and is counted. The decisions live in ``ps.shard``,
+the flags in ``ps.server_config``; this file only receives, validates, calls the core
+and sends.
 """
 from __future__ import annotations
 
-import argparse
 import errno
 import faulthandler
 import logging
@@ -24,7 +24,6 @@ import signal
 import sys
 import time
 from collections import Counter, OrderedDict
-from dataclasses import dataclass
 
 import zmq
 
@@ -33,7 +32,7 @@ from .client import Peer, RemoteError
 from .protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
                        encode, optional_bool, request_header)
 from .diagnose import WAIT_LOG_S
-from .membership import HEARTBEAT_INTERVAL_S
+from .server_config import ServerConfig, parse_args
 from .shard import Shard
 
 log = logging.getLogger("ps.server")
@@ -42,21 +41,6 @@ MAX_TASKS_PER_PUSH = 1 << 16     # a push names at most this many task ids
 PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a retried or
                                  # duplicated push gets its first answer again, not a second apply
 BYE_FLUSH_S = 0.2                # how long the last heartbeat (bye) may take to leave at exit
-
-
-@dataclass
-class ServerConfig:
-    scheduler: str                       # the scheduler's endpoint
-    bind: str = "tcp://127.0.0.1:*"      # where workers reach this shard (* = any free port)
-    advertise: str | None = None         # endpoint to give workers, if not the bound one
-    endpoint_file: str | None = None     # where to publish the endpoint (for launchers)
-    shard: int = -1                      # which shard to serve (-1: the scheduler picks)
-    crash_at: str | None = None          # fault hook "checkpoint@V": die while writing version V
-    fail_checkpoints: bool = False       # fault hook: every checkpoint write fails (disk full)
-    heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S   # how often the scheduler hears from us
-    timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
-    secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security)
-    nonfinite: str = "reject"            # NaN/Inf gradients: reject | skip (ps.validation)
 
 
 class Server:
@@ -354,40 +338,6 @@ class Server:
         self.router.close(linger=0)
         security.stop(self.auth)
         self.ctx.term()
-
-
-def parse_args(argv=None) -> ServerConfig:
-    p = argparse.ArgumentParser(prog="python -m ps.server",
-                                description="Serve one shard of the parameters (numpy only).")
-    p.add_argument("--scheduler", required=True, help="scheduler endpoint, e.g. tcp://10.0.0.1:5555")
-    p.add_argument("--bind", default=ServerConfig.bind,
-                   help="data endpoint to bind (default: %(default)s, * = any free port)")
-    p.add_argument("--advertise", default=None,
-                   help="endpoint workers should connect to, when it differs from --bind")
-    p.add_argument("--endpoint-file", default=None, help="write the bound endpoint here")
-    p.add_argument("--shard", type=int, default=-1,
-                   help="shard index in [0, S) (default: assigned by the scheduler)")
-    p.add_argument("--heartbeat-interval-s", type=float, default=ServerConfig.heartbeat_interval_s)
-    p.add_argument("--timeout-s", type=float, default=ServerConfig.timeout_s,
-                   help="give up on a silent scheduler or an unanswerable pull after this long")
-    p.add_argument("--crash-at", default=None, metavar="checkpoint@V",
-                   help="fault hook: SIGKILL this server after writing checkpoint V, before its rename")
-    p.add_argument("--fail-checkpoints", action="store_true",
-                   help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
-    p.add_argument("--secure", default=None, metavar="KEYDIR",
-                   help="CurveZMQ with the keys in KEYDIR (python -m ps.keys); needs --shard")
-    p.add_argument("--nonfinite", choices=validation.NONFINITE_POLICIES, default="reject",
-                   help="a gradient with NaN or Inf: reject it (error reply) or skip it "
-                        "(its tasks count, its values do not) (default: %(default)s)")
-    p.add_argument("--log-level", default="WARNING")
-    args = p.parse_args(argv)
-    if args.secure and args.shard < 0:
-        p.error("--secure needs --shard: a server's key names its shard")
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s server %(levelname)s %(message)s")
-    return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file, args.shard,
-                        args.crash_at, args.fail_checkpoints, args.heartbeat_interval_s,
-                        args.timeout_s, args.secure, args.nonfinite)
 
 
 def main(argv=None) -> int:

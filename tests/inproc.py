@@ -17,7 +17,8 @@ from cluster import ROOT
 
 sys.path.insert(0, ROOT)
 from ps.client import ShardClient, ShardInfo  # noqa: E402
-from ps.server import Server, ServerConfig  # noqa: E402
+from ps.server import Server  # noqa: E402
+from ps.server_config import ServerConfig  # noqa: E402
 from ps.shard import Shard  # noqa: E402
 
 
