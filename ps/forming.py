@@ -80,6 +80,10 @@ def form(s) -> None:
     s.deadline = time.monotonic() + cfg.timeout_s
     log.info("cluster formed: %d servers, %d workers, %d steps of %d samples, %s",
              cfg.servers, cfg.workers, steps, job["batch_size"], cfg.mode)
+    for k, (lo, hi) in enumerate(ranges):       # which tensors each shard holds (or part of)
+        names = sharding.tensors_in(specs, lo, hi)
+        log.info("shard %d: elements [%d, %d), %s", k, lo, hi, ", ".join(names) if len(names) <= 4
+                 else f"{len(names)} tensors from {names[0]} to {names[-1]}")
 
 
 def welcome(s, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
