@@ -49,8 +49,10 @@ def test_transport_tiny(tmp_path):
     for row in result["rows"]:
         assert row["bytes_per_round"] == 2 * 4 * row["params"]
         for key in ("ps_round_trips_per_s", "ps_gb_per_s", "raw_round_trips_per_s",
-                    "raw_gb_per_s", "ps_over_raw"):
+                    "raw_gb_per_s", "work_round_trips_per_s", "work_gb_per_s", "ps_over_raw",
+                    "work_over_raw", "ps_over_work"):
             assert row[key] > 0, key
+        assert all(len(row[f"{name}_block_s"]) == 1 for name in ("raw", "work", "ps"))
     assert "| params | servers |" in stdout and "| 100K | 2 |" in stdout
 
 
