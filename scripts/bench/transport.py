@@ -15,9 +15,10 @@ echo+work  the same, but the peer does the per-byte work of a server before it a
            copies the answer into a flat buffer, as a worker copies a pull into its model
 
 The best block of each counts (noise only slows a block down). "ps / raw" prices all
-the parameter server adds; "echo+work / raw" the part of it no parameter server can
-skip (each is a pass over the bytes at memory speed, like the transfer's own copies);
-"ps / echo+work" the rest: headers and checks, replies, S connections instead of one.
+the parameter server adds; "echo+work / raw" its per-byte work alone (the scan, the
+update with the previous version kept for exact replay, the copy into the model: each
+a pass over the bytes at memory speed, like the transfer's own copies); "ps /
+echo+work" the rest: headers and checks, acknowledgements, S connections instead of one.
 """
 from __future__ import annotations
 
