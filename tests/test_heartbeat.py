@@ -4,6 +4,7 @@ A scheduler that never answers costs the thread nothing that grows: each heartbe
 answered in time is abandoned (no request kept for a resend, no reply kept for nobody).
 One that answers FENCED sets ``fenced`` and ends the thread.
 """
+import contextlib
 import time
 
 import pytest
@@ -25,6 +26,17 @@ def scheduler():
     ctx.destroy(linger=0)
 
 
+@contextlib.contextmanager
+def running(ctx, endpoint, worker, inc):
+    """A heartbeat thread for ``worker`` / ``inc``, stopped on the way out."""
+    beat = Heartbeat(ctx, endpoint, worker=worker, inc=inc, interval_s=INTERVAL_S)
+    beat.start()
+    try:
+        yield beat
+    finally:
+        beat.stop()
+
+
 def heartbeats(sock, timeout_s):
     """Every heartbeat the socket receives within ``timeout_s``: (identity, header)."""
     got, deadline = [], time.monotonic() + timeout_s
@@ -37,9 +49,7 @@ def heartbeats(sock, timeout_s):
 @pytest.mark.timeout(30)
 def test_unanswered_heartbeats_are_abandoned_not_kept(scheduler):
     ctx, sock, endpoint = scheduler
-    beat = Heartbeat(ctx, endpoint, worker=1, inc=7, interval_s=INTERVAL_S)
-    beat.start()
-    try:
+    with running(ctx, endpoint, worker=1, inc=7) as beat:
         got = heartbeats(sock, 1.5)       # about 6 timed-out heartbeats, resends included
         rids = {h["rid"] for _, h in got}
         assert len(rids) >= 4, got
@@ -49,17 +59,13 @@ def test_unanswered_heartbeats_are_abandoned_not_kept(scheduler):
         # At most the one in flight now is remembered.
         assert len(peer.requests) <= 1 and len(peer.outstanding) <= 1 and len(peer.sent_at) <= 1
         assert not beat.fenced.is_set()
-    finally:
-        beat.stop()
     assert not beat.is_alive()
 
 
 @pytest.mark.timeout(30)
 def test_a_fenced_answer_sets_fenced_and_ends_the_thread(scheduler):
     ctx, sock, endpoint = scheduler
-    beat = Heartbeat(ctx, endpoint, worker=0, inc=3, interval_s=INTERVAL_S)
-    beat.start()
-    try:
+    with running(ctx, endpoint, worker=0, inc=3) as beat:
         assert sock.poll(5000)
         ident, frame = sock.recv_multipart()
         sock.send_multipart([ident, encode(Kind.ERROR, decode(frame)["rid"], code=Error.FENCED,
@@ -67,5 +73,3 @@ def test_a_fenced_answer_sets_fenced_and_ends_the_thread(scheduler):
         assert beat.fenced.wait(5)
         beat.join(5)
         assert not beat.is_alive()
-    finally:
-        beat.stop()
