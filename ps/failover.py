@@ -29,6 +29,15 @@ from .trace import Tracer
 log = logging.getLogger("ps.scheduler")
 
 
+def complete_below(shard_stats: dict[int, dict], servers: int) -> int:
+    """BSP: the steps below this one are complete on every shard (the lowest version
+    the shards' counters report), so each of their tasks was applied; 0 until every
+    shard has reported."""
+    if len(shard_stats) < servers:
+        return 0
+    return min(st.get("version", 0) for st in shard_stats.values())
+
+
 class Failover:
     def __init__(self, config: SchedulerConfig, members: Membership, tracer: Tracer, t0: float,
                  journal: Journal | None = None):
@@ -52,7 +61,7 @@ class Failover:
         live = self.members.live("worker")
         if self.config.mode == "bsp":
             # Tasks of steps every shard has completed were applied: nothing to redo.
-            below = registration.complete_below(shard_stats, self.config.servers)
+            below = complete_below(shard_stats, self.config.servers)
             done = [t.id for w, t in dealer.leases.values() if w == member.index and t.step < below]
             spe = dealer.plan.steps_per_epoch
             for task in dealer.complete(done):

@@ -26,7 +26,7 @@ class Recovery:
         self.servers = servers
         self.tracer = tracer
         self.committed = 0                       # newest checkpoint version with a manifest
-        self.failed = 0                          # newest version whose manifest could not be written
+        self.failed_version = 0                  # newest version whose manifest could not be written
         self.resumed_from: dict | None = None    # for the summary: version and skipped checkpoints
 
     def resume(self, total: int, plan: TaskPlan, run: RunState) -> tuple[dict | None, int]:
@@ -61,14 +61,14 @@ class Recovery:
             return
         versions = {r["version"] for r in reports}
         version = min(versions)
-        if len(versions) != 1 or version <= max(self.committed, self.failed):
+        if len(versions) != 1 or version <= max(self.committed, self.failed_version):
             return
         losses = run.losses() if len(run.loss_samples) >= version else []
         try:
             checkpoint.write_manifest(self.directory, version, reports,
                                       {"servers": self.servers, "losses": losses[:version]})
         except OSError as exc:       # a full disk: the previous checkpoint stays the latest
-            self.failed = version         # (not tried again on every heartbeat)
+            self.failed_version = version   # (not tried again on every heartbeat)
             log.error("could not commit the checkpoint of version %d: %s; training goes on",
                       version, exc)
             return

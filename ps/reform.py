@@ -26,8 +26,8 @@ import logging
 import time
 from collections import deque
 
+from . import failover, registration
 from . import journal as journaling
-from . import registration
 from .dealer import Dealer
 from .membership import Membership
 from .protocol import Error, Kind, ProtocolError
@@ -181,9 +181,9 @@ class Reform:
         not show as applied; in BSP, first count the steps every shard has completed."""
         s = self.s
         dealer, run, plan = s.dealer, s.run, s.dealer.plan
-        complete_below = 0
-        if s.config.mode == "bsp" and len(s.shard_stats) == s.config.servers:
-            complete_below = registration.complete_below(s.shard_stats, s.config.servers)
+        complete_below = (failover.complete_below(s.shard_stats, s.config.servers)
+                          if s.config.mode == "bsp" else 0)
+        if complete_below:
             done = [tid for step in range(complete_below) for tid in plan.ids(step)
                     if tid not in run.counted]
             count(run, plan, done)
@@ -249,7 +249,7 @@ def register_again(s, ident, header: dict) -> None:
     role, index = header["role"], header.get("index")
     if not isinstance(index, int) or isinstance(index, bool) or role not in ("server", "worker"):
         raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
-    stats = registration.server_stats(header["stats"], index) if "stats" in header else None
+    stats = registration.server_stats(header["stats"], index, s.shard_map) if "stats" in header else None
     s.members.register_again(role, index, header["inc"], time.monotonic())
     if role == "server" and stats is not None:
         s.shard_stats[index] = stats

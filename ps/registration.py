@@ -54,11 +54,12 @@ def job_of(header: dict) -> dict:
 
 def worker_job(header: dict, cfg, others) -> dict:
     """Check a forming worker's job (fields, layout, optimizer, seed, agreement with the
-    workers already registered) and return it. Checked here, so that the cluster cannot
-    fail to form later, with every other member's registration held."""
+    workers already registered) and return it. Checked here, so that what forming does
+    with the job (cut the layout, count the steps) cannot fail later on a bad one, with
+    every other member's registration held."""
     info, seed = job_of(header), cfg.seed
-    if not (isinstance(info["layout"], list) and isinstance(info["dataset_size"], int)
-            and isinstance(info["batch_size"], int) and isinstance(info["optimizer"], dict)):
+    if not (isinstance(info["layout"], list) and _int(info["dataset_size"])
+            and _int(info["batch_size"]) and isinstance(info["optimizer"], dict)):
         raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
                                                  "batch_size and optimizer")
     if not (info["dataset_size"] > 0 and info["batch_size"] > 0 and isinstance(info["shuffle"], bool)
@@ -105,12 +106,14 @@ def pick_replacement(wanted, dead: list[int]) -> int:
     return index
 
 
-def server_stats(stats, index: int) -> dict:
+def server_stats(stats, index: int, shard_map: list[dict] | None) -> dict:
     """A server's counters (its heartbeat, or its REGISTER after our restart), checked
     before they are kept: the scheduler computes with some of them (the version a dead
     worker's tasks are complete below, checkpoint commits, the summary's sums), so
     those must be what an honest server sends, and a checkpoint report must name this
-    shard's own file. The rest are only shown (msgpack already rules out binary data)."""
+    shard's own file and (once the cluster has formed: ``shard_map``) its range. The
+    rest are only shown (msgpack already rules out binary data)."""
+    own = [(s["lo"], s["hi"]) for s in shard_map or () if s["index"] == index]
     if not isinstance(stats, dict):
         raise ProtocolError(Error.BAD_FIELD, "a server's stats must be a map")
     for key in STATS_COUNTS:
@@ -120,20 +123,16 @@ def server_stats(stats, index: int) -> dict:
     if report is not None and not (
             isinstance(report, dict) and all(_count(report.get(k)) for k in ("lo", "hi", "version"))
             and report.get("shard") == index and report["lo"] < report["hi"]
+            and (not own or (report["lo"], report["hi"]) == own[0])
             and report.get("file") == shard_file(report["version"], index)
             and isinstance(report.get("sha256"), str) and SHA256.fullmatch(report["sha256"])):
         raise ProtocolError(Error.BAD_FIELD, f"stats.checkpoint is not shard {index}'s report")
     return stats
 
 
-def complete_below(shard_stats: dict[int, dict], servers: int) -> int:
-    """BSP: the steps below this one are complete on every shard (the lowest version
-    the shards' counters report), so each of their tasks was applied; 0 until every
-    shard has reported."""
-    if len(shard_stats) < servers:
-        return 0
-    return min(st.get("version", 0) for st in shard_stats.values())
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _count(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    return _int(value) and value >= 0

@@ -72,6 +72,7 @@ class Scheduler:
         self.held: list[tuple] = []              # (ident, rid, role, index): replies held until formed
         self.done_waiting: list[tuple] = []      # (ident, rid): DONE replies held until all are done
         self.shard_stats: dict[int, dict] = {}
+        self.shard_map: list[dict] | None = None  # each shard's index, endpoint, lo, hi, once formed
         self.stopped: set[int] = set()           # shards told to stop
         self.byes: set[int] = set()              # shards that said they heard it (bye)
         self.run: RunState | None = None
@@ -341,10 +342,12 @@ class Scheduler:
         if role not in ("server", "worker"):
             raise ProtocolError(Error.BAD_FIELD, f"unknown role {role!r}")
         bye = optional_bool(header, "bye", False)
-        stats = registration.server_stats(header["stats"], index) if "stats" in header else None
+        stats = (registration.server_stats(header["stats"], index, self.shard_map)
+                 if "stats" in header else None)
         self.members.seen(role, index, header["inc"], time.monotonic())
-        if role == "worker":             # heartbeats are not cached: nothing asks for them again
-            return self.reply(ident, Kind.OK, header["rid"], cache=False)
+        if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
+            self.reply(ident, Kind.OK, header["rid"], cache=False)
+            return
         if stats is not None:
             self.shard_stats[index] = stats
             if self.config.checkpoint_every and self.run is not None:

@@ -9,7 +9,6 @@ unpickled them. Each must be refused with its reason code (or, for the oversized
 frame, dropped by ZeroMQ with its connection), counted by reason, and change nothing:
 the server keeps serving and the honest run ends with exactly the oracle's parameters.
 """
-import json
 import os
 import pickle
 
@@ -152,9 +151,10 @@ def test_hostile_messages_are_refused_counted_and_harmless(tmp_path):
                                    {"fuse": "all"}, {"fuse": 1 << 17}], start=900):
             reply = ask(sched, [encode("lease", rid, worker=0, inc=INC, step=0, **bad)])
             assert reply["kind"] == "error" and reply["code"] == Error.BAD_FIELD, (bad, reply)
-        # A heartbeat posing as server 0 (incarnations are small numbers: every one is
-        # tried) with counters the scheduler would compute with: refused before anything
-        # is kept, or a later worker death or the summary would trip over them.
+        # A heartbeat posing as server 0 with counters the scheduler would compute with:
+        # refused before anything is kept, whatever the incarnation (incarnations are
+        # small numbers, so the live one is among these), and the scheduler goes on.
+        # (tests/test_registration.py checks that nothing, liveness included, changed.)
         for rid, stats in enumerate([[1], {"version": "9"}, {"max_staleness": -1},
                                      {"checkpoint": {"shard": 0, "file": "../x.npz", "lo": 0,
                                                      "hi": 1, "version": 1, "sha256": "0" * 64}}],
@@ -174,8 +174,6 @@ def test_hostile_messages_are_refused_counted_and_harmless(tmp_path):
         rc, stderr = run.finish()
         assert rc == 0, stderr[-3000:]
         assert 1 <= stderr.count("refused:") <= 20       # logged, at a bounded rate
-        shards = json.loads((tmp_path / "summary.json").read_text())["shards"]
-        assert [sh["version"] for sh in shards] == [STEPS, STEPS]    # the servers' own counters
     assert not marker.exists(), "something unpickled network input"
     with np.load(tmp_path / "params.npz") as npz:
         got = {k: npz[k] for k in npz.files}

@@ -111,6 +111,39 @@ def test_a_grad_that_left_the_flat_buffer_is_caught_before_backward():
         flat.check_grads_in_place()
 
 
+def test_a_parameter_with_no_elements_passes_the_check():
+    # torch gives a tensor of no elements no address (data_ptr() 0), view or not.
+    model = nn.Sequential(nn.Linear(4, 3))
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0, 5)))   # (0, 5): no elements
+    flat = FlatModel(model, torch.device("cpu"))
+    model(torch.ones(2, 4)).sum().backward()
+    flat.check_grads_in_place()
+
+
+ZERO_GRAD_JOB = '''import os, sys
+sys.path.insert(0, {jobs!r})
+from tiny_mlp import *          # noqa: F401,F403
+from tiny_mlp import loss_fn as _loss
+
+
+def loss_fn(model, batch):
+    model.zero_grad()           # sets every .grad to None: not allowed in a job
+    return _loss(model, batch)
+'''
+
+
+@pytest.mark.timeout(120)
+def test_a_job_whose_loss_fn_resets_grad_fails_and_says_why(tmp_path):
+    # Before the check, backward accumulated into fresh tensors and the workers pushed
+    # their flat buffers without those gradients: a run that trained on nothing.
+    job = tmp_path / "zero_grad_job.py"
+    job.write_text(ZERO_GRAD_JOB.format(jobs=JOBS))
+    run = launch(str(tmp_path / "out"), "--job", str(job), "--workers", "2", "--servers", "2",
+                 "--steps", "3")
+    assert run.rc != 0
+    assert "no longer in the flat buffer" in run.stderr, run.stderr[-3000:]
+
+
 def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
                  "--steps", str(STEPS), "--tasks-per-step", "4", "--trace")

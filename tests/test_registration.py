@@ -58,6 +58,11 @@ def test_a_model_smaller_than_the_shard_count_is_refused_at_registration():
     worker_job(job, SchedulerConfig(servers=3), [])
 
 
+@pytest.mark.parametrize("field", ["dataset_size", "batch_size"])
+def test_a_bool_is_not_a_size(field):
+    refused(Error.MISSING_FIELD, worker_job, dict(JOB, **{field: True}), SchedulerConfig(), [])
+
+
 def honest_stats(tmp_path, index=1):
     """What a server's heartbeat carries, with a checkpoint report written for real."""
     shard = Shard(10, {"name": "adam"}, "bsp", 0, 2)
@@ -69,10 +74,23 @@ def honest_stats(tmp_path, index=1):
     return stats
 
 
+SHARD_MAP = [{"index": 0, "endpoint": "tcp://a:1", "lo": 0, "hi": 6},
+             {"index": 1, "endpoint": "tcp://b:1", "lo": 6, "hi": 16}]
+
+
 def test_a_server_s_honest_stats_pass_unchanged(tmp_path):
     stats = honest_stats(tmp_path)
-    assert server_stats(stats, 1) is stats
-    assert server_stats(dict(stats, checkpoint=None), 1)["checkpoint"] is None
+    assert server_stats(stats, 1, SHARD_MAP) is stats
+    assert server_stats(stats, 1, None) is stats          # before the cluster has formed
+    assert server_stats(dict(stats, checkpoint=None), 1, SHARD_MAP)["checkpoint"] is None
+
+
+def test_a_checkpoint_report_must_name_the_shard_s_own_range(tmp_path):
+    # Resuming trusts the manifest's ranges (load_range): a report of another range
+    # would put another shard's bytes, or none, where this shard's belong.
+    stats = honest_stats(tmp_path)                      # a report of [6, 16)
+    other = [dict(SHARD_MAP[0]), dict(SHARD_MAP[1], lo=5)]
+    refused(Error.BAD_FIELD, server_stats, stats, 1, other)
 
 
 @pytest.mark.parametrize("change", [
@@ -88,11 +106,34 @@ def test_stats_the_scheduler_computes_with_must_be_what_a_server_sends(tmp_path,
     key, value = next(iter(change.items()))
     if key == "checkpoint" and isinstance(value, dict) and value:
         value = dict(stats["checkpoint"], **value)
-    refused(Error.BAD_FIELD, server_stats, dict(stats, **{key: value}), 1)
+    refused(Error.BAD_FIELD, server_stats, dict(stats, **{key: value}), 1, SHARD_MAP)
 
 
 def test_stats_must_be_a_map():
-    refused(Error.BAD_FIELD, server_stats, [1, 2], 0)
+    refused(Error.BAD_FIELD, server_stats, [1, 2], 0, None)
+
+
+def test_a_refused_heartbeat_changes_nothing_not_even_liveness(tmp_path):
+    # The scheduler's handler, called as its loop would: bad counters are refused before
+    # the member is marked as heard from or its counters kept, whatever the incarnation.
+    from ps.protocol import Kind, encode, decode
+    from ps.scheduler import Scheduler
+
+    sched = Scheduler(SchedulerConfig(servers=2))
+    try:
+        member = sched.members.join("server", 1, now=100.0)
+        sched.shard_map = SHARD_MAP
+        for inc in (member.inc, member.inc + 5):            # the live one, and a stranger
+            header = decode(encode(Kind.HEARTBEAT, 7, role="server", index=1, inc=inc,
+                                   stats={"version": "9"}))
+            refused(Error.BAD_FIELD, sched.on_heartbeat, b"server1", header)
+        assert sched.shard_stats == {} and member.last_seen == 100.0
+        good = honest_stats(tmp_path)
+        sched.on_heartbeat(b"server1", decode(encode(Kind.HEARTBEAT, 8, role="server", index=1,
+                                                     inc=member.inc, stats=good)))
+        assert sched.shard_stats == {1: good} and member.last_seen > 100.0
+    finally:
+        sched.close()
 
 
 def test_a_bug_between_messages_ends_the_run_with_a_reason_not_a_traceback(tmp_path, monkeypatch):

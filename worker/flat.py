@@ -69,10 +69,12 @@ class FlatModel:
         """Every ``.grad`` must still be our view, or backward would accumulate into a
         tensor of its own and the push would send the flat buffer without it (a job's
         ``loss_fn`` calling ``model.zero_grad()``, which sets ``.grad`` to None, does
-        that). Raises RuntimeError naming the first parameter that left."""
+        that). Raises RuntimeError naming the first parameter that left. It cannot see a
+        ``zero_grad(set_to_none=False)``, which zeroes our buffer in place. A tensor with
+        no elements has no address (``data_ptr()`` is 0): only its presence is checked."""
         start, end = self.grads.data_ptr(), self.grads.data_ptr() + self.grads.numel() * 4
         for name, p in self.named:
-            if p.grad is None or not start <= p.grad.data_ptr() < end:
+            if p.grad is None or (p.numel() and not start <= p.grad.data_ptr() < end):
                 raise RuntimeError(f"the gradient of {name} is no longer in the flat buffer: "
                                    "a job's loss_fn must not set or reset .grad "
                                    "(model.zero_grad() sets it to None)")

@@ -22,16 +22,16 @@ from __future__ import annotations
 
 
 class Prefetch:
-    def __init__(self, shards, when: str, mode: str, steps: int):
+    def __init__(self, shards, setting: str, mode: str, steps: int):
         self.shards = shards          # the ShardClient (or a test's stand-in)
-        self.when = when              # --prefetch: "push", "compute" or "off"
+        self.setting = setting        # --prefetch: "push", "compute" or "off"
         self.mode = mode              # "bsp", "ssp" or "asp"
         self.steps = steps            # the run's step count: no pull past it
         self.pending: tuple[int, list[int]] | None = None   # (step, rids) in flight
 
     def wanted(self, step: int, when: str) -> bool:
         """Whether to send the pull for ``step`` now, at moment ``when``."""
-        return (self.when == when and (self.mode != "bsp" or when == "push")
+        return (self.setting == when and (self.mode != "bsp" or when == "push")
                 and self.pending is None and step < self.steps)
 
     def send(self, step: int, when: str) -> None:

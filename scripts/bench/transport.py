@@ -62,8 +62,9 @@ def raw_peer(args) -> int:
                 return 0                                   # the client's "stop"
             if reply.nbytes != nbytes:
                 reply = np.ones(nbytes // 4, dtype=np.float32)
-                keep = np.empty_like(reply) if args.work else None
-                optimizer = make_optimizer({"name": "sgd", "lr": 0.0}, reply.size)
+                if args.work:
+                    keep = np.empty_like(reply)
+                    optimizer = make_optimizer({"name": "sgd", "lr": 0.0}, reply.size)
             if args.work:
                 chunks = [np.frombuffer(f.buffer, dtype=np.float32) for f in payload]
                 if not validation.finite(chunks):
