@@ -195,13 +195,13 @@ def check_depth(header: dict) -> None:
 
 
 def check_envelope(header: dict) -> None:
-    if not _is_int(header.get("v")) or header["v"] != PROTOCOL_VERSION:
+    if not is_int(header.get("v")) or header["v"] != PROTOCOL_VERSION:
         raise ProtocolError(Error.BAD_VERSION, f"protocol version {header.get('v')!r}, "
                                                f"expected {PROTOCOL_VERSION}")
     kind = header.get("kind")
     if not isinstance(kind, str) or kind not in SCHEMA:
         raise ProtocolError(Error.UNKNOWN_KIND, f"unknown message kind {kind!r}")
-    if not _is_int(header.get("rid")):
+    if not is_int(header.get("rid")):
         raise ProtocolError(Error.MISSING_FIELD, "missing or non-integer 'rid'")
 
 
@@ -212,13 +212,13 @@ def check_schema(header: dict) -> None:
         if field not in header:
             raise ProtocolError(Error.MISSING_FIELD, f"{kind} needs field {field!r}")
         value = header[field]
-        ok = _is_int(value) if types is _INT else (
+        ok = is_int(value) if types is _INT else (
             isinstance(value, types) and not (isinstance(value, bool) and bool not in types))
         if not ok:
             raise ProtocolError(Error.BAD_FIELD, f"{kind}.{field} has type {type(value).__name__}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -233,7 +233,7 @@ def optional_bool(header: dict, field: str, default: bool) -> bool:
 def optional_int(header: dict, field: str, default: int, low: int, high: int) -> int:
     """An optional int in [low, high]: ``default`` when absent, refused otherwise."""
     value = header.get(field, default)
-    if not _is_int(value) or not low <= value <= high:
+    if not is_int(value) or not low <= value <= high:
         raise ProtocolError(Error.BAD_FIELD, f"{field} must be an int in [{low}, {high}]")
     return value
 
@@ -241,6 +241,6 @@ def optional_int(header: dict, field: str, default: int, low: int, high: int) ->
 def check_int_list(header: dict, field: str, limit: int) -> list[int]:
     """A list of non-negative ints (task ids, sample ids) of at most ``limit`` items."""
     values = header[field]
-    if len(values) > limit or not all(_is_int(v) and v >= 0 for v in values):
+    if len(values) > limit or not all(is_int(v) and v >= 0 for v in values):
         raise ProtocolError(Error.BAD_FIELD, f"{field} must be at most {limit} non-negative ints")
     return values

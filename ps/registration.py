@@ -15,7 +15,7 @@ from math import prod
 
 from .checkpoint import shard_file
 from .optim import make_optimizer
-from .protocol import Error, ProtocolError
+from .protocol import Error, ProtocolError, is_int
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs")
 STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
@@ -24,7 +24,7 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 
 def pick_index(wanted, taken: dict, count: int, what: str) -> int:
     """The index a role asked for (launchers pin them), else the lowest free one."""
-    if not (isinstance(wanted, int) and not isinstance(wanted, bool)) or wanted < 0:
+    if not _count(wanted):
         wanted = next((i for i in range(count) if i not in taken), count)
     if wanted >= count or wanted in taken:
         raise ProtocolError(Error.BAD_FIELD, f"{what} {wanted} is taken or out of range [0, {count})")
@@ -58,8 +58,8 @@ def worker_job(header: dict, cfg, others) -> dict:
     with the job (cut the layout, count the steps) cannot fail later on a bad one, with
     every other member's registration held."""
     info, seed = job_of(header), cfg.seed
-    if not (isinstance(info["layout"], list) and _int(info["dataset_size"])
-            and _int(info["batch_size"]) and isinstance(info["optimizer"], dict)):
+    if not (isinstance(info["layout"], list) and is_int(info["dataset_size"])
+            and is_int(info["batch_size"]) and isinstance(info["optimizer"], dict)):
         raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
                                                  "batch_size and optimizer")
     if not (info["dataset_size"] > 0 and info["batch_size"] > 0 and isinstance(info["shuffle"], bool)
@@ -130,9 +130,5 @@ def server_stats(stats, index: int, shard_map: list[dict] | None) -> dict:
     return stats
 
 
-def _int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _count(value) -> bool:
-    return _int(value) and value >= 0
+    return is_int(value) and value >= 0

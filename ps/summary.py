@@ -15,6 +15,7 @@ import sys
 
 from . import diagnose
 from .dealer import Dealer
+from .protocol import is_int
 from .recovery import Recovery
 from .runstate import RunState
 from .scheduler_config import SchedulerConfig
@@ -33,7 +34,7 @@ def status(s, step=None) -> dict:
     reply = {"phase": s.phase, "max_staleness": max_staleness(s.shard_stats)}
     if s.run:
         reply.update(s.run.progress())
-        if isinstance(step, int) and not isinstance(step, bool) and 0 <= step < s.run.steps:
+        if is_int(step) and 0 <= step < s.run.steps:
             reply["missing"] = diagnose.holders(s.dealer, s.run, step)
     return reply
 
