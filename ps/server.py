@@ -41,6 +41,8 @@ MAX_TASKS_PER_PUSH = 1 << 16     # a push names at most this many task ids
 PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a retried or
                                  # duplicated push gets its first answer again, not a second apply
 BYE_FLUSH_S = 0.2                # how long the last heartbeat (bye) may take to leave at exit
+CHECKPOINT_FINISH_S = 10.0       # at exit, how long a checkpoint still being written may take
+CHECKPOINT_POLL_S = 0.05         # while one is written, how often the loop looks whether it is done
 
 
 class Server:
@@ -59,6 +61,7 @@ class Server:
         self.index = -1
         self.inc = 0                         # our incarnation, from the scheduler
         self.last_checkpoint: dict | None = None   # what this shard last wrote (for the manifest)
+        self.checkpoints: checkpoint.ShardWriter | None = None   # writes them off the event loop
         self.next_beat = 0.0                 # when the next heartbeat is due
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
         self.in_flight: list = []            # zmq trackers of replies sending from the shard's arrays
@@ -82,6 +85,9 @@ class Server:
                            reply["staleness"], reply["workers"])
         self.checkpoint_every = reply.get("checkpoint_every") or 0
         self.checkpoint_dir = reply.get("checkpoint_dir")
+        if self.checkpoint_every:
+            self.checkpoints = checkpoint.ShardWriter(self.checkpoint_dir, self.index, self.lo,
+                                                      self.hi)
         if reply.get("restore"):
             manifest = reply["restore"]
             params, state = checkpoint.load_range(manifest, self.lo, self.hi)
@@ -104,10 +110,15 @@ class Server:
                 self.next_beat = now + self.config.heartbeat_interval_s
             if now - last_heard > self.config.timeout_s:
                 raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
-            events = dict(poller.poll(timeout=max(1, int((self.next_beat - now) * 1000))))
+            wait_s = self.next_beat - now
+            if self.checkpoints is not None and self.checkpoints.busy():
+                wait_s = min(wait_s, CHECKPOINT_POLL_S)
+            events = dict(poller.poll(timeout=max(1, int(wait_s * 1000))))
+            self._collect_checkpoint()
             if self.scheduler.sock in events:
                 last_heard = time.monotonic()
                 if self._heartbeat_reply():
+                    self._collect_checkpoint(CHECKPOINT_FINISH_S)   # into the last counters
                     self._say_bye()
                     return
             if self.router in events:
@@ -310,22 +321,36 @@ class Server:
 
     def write_checkpoint(self) -> None:
         """This shard's part of a coordinated checkpoint (the scheduler commits it once
-        every shard has written the same version). A failed write (a full disk) is
-        logged and counted; training goes on with the previous checkpoint."""
+        every shard has written the same version): a snapshot of the parameters and the
+        optimizer state, written off the event loop (``checkpoint.ShardWriter``), so the
+        heartbeats go on however large the shard. A failed write (a full disk) is logged
+        and counted; training goes on with the previous checkpoint."""
         version = self.shard.version
-        try:
-            if self.config.fail_checkpoints:
-                raise OSError(errno.ENOSPC, "no space left on device (injected)")
-            self.last_checkpoint = checkpoint.write_shard(
-                self.checkpoint_dir, version, self.index, self.lo, self.hi, self.shard.params,
-                self.shard.optimizer.state(),
-                crash_before_rename=self.config.crash_at == f"checkpoint@{version}")   # fault hook
-            self.last_checkpoint["version"] = version
-            self.next_beat = 0.0             # tell the scheduler now: it commits the manifest
-        except OSError as exc:
-            self.errors["checkpoint_failed"] += 1
-            log.error("shard %d could not write its checkpoint of version %d: %s; training goes on",
-                      self.index, version, exc)
+        if self.config.fail_checkpoints:                          # fault hook: a full disk
+            return self._checkpoint_failed(version, OSError(errno.ENOSPC, "no space left on "
+                                                                          "device (injected)"))
+        snapshot = self.shard.params.copy(), self.shard.optimizer.state()   # training goes on
+        crash = self.config.crash_at == f"checkpoint@{version}"              # fault hook
+        if not self.checkpoints.start(version, *snapshot, crash_before_rename=crash):
+            log.warning("shard %d: checkpoint of version %d skipped, the previous one is still "
+                        "being written", self.index, version)
+
+    def _collect_checkpoint(self, wait_s: float = 0.0) -> None:
+        """A finished write: report it at the next heartbeat, which goes out now (the
+        scheduler commits the manifest once every shard has)."""
+        outcome = self.checkpoints.done(wait_s) if self.checkpoints is not None else None
+        if outcome is None:
+            return
+        version, report, error = outcome
+        if error is not None:
+            return self._checkpoint_failed(version, error)
+        self.last_checkpoint = report
+        self.next_beat = 0.0
+
+    def _checkpoint_failed(self, version: int, error: Exception) -> None:
+        self.errors["checkpoint_failed"] += 1
+        log.error("shard %d could not write its checkpoint of version %d: %s; training goes on",
+                  self.index, version, error)
 
     def stats(self) -> dict:
         stats = self.shard.stats() if self.shard else {}

@@ -5,7 +5,9 @@ fsync, rename); a version is a checkpoint only once its manifest exists; loading
 the newest manifest whose files all match their sha256 and says why newer ones were
 skipped; only ``KEEP`` checkpoints stay on disk; and ``load_range`` gives back exactly
 the bytes written, for any flat range, however the old shards were cut. Real files in
-``tmp_path``, real numpy arrays; no processes.
+``tmp_path``, real numpy arrays; no processes. A server writes its checkpoints on a
+thread (``ShardWriter``), so its event loop answers and heartbeats while a large shard
+is written; one test drives a real server in-process to show it.
 """
 import json
 import os
@@ -230,3 +232,79 @@ def test_a_manifest_the_scheduler_cannot_write_is_not_counted_as_committed(tmp_p
     monkeypatch.undo()
     recovery.commit(stats_at(20), run)
     assert recovery.committed == 20 and latest_intact(str(tmp_path))[0]["version"] == 20
+
+
+def test_shard_writer_writes_in_the_background_one_at_a_time(tmp_path, monkeypatch):
+    # The server's event loop hands the writer a snapshot and goes on; the outcome is
+    # collected later, once. A second write while one is in progress is refused.
+    import threading
+    from ps.checkpoint import ShardWriter
+    release = threading.Event()
+    real = checkpoint.write_shard
+
+    def slow(*args, **kwargs):
+        assert release.wait(10), "the test never released the write"
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "write_shard", slow)
+    params, state = full_state(40)
+    writer = ShardWriter(str(tmp_path), 1, 10, 35)
+    assert writer.done() is None                              # nothing started
+    assert writer.start(40, params, state)
+    assert writer.busy() and writer.done(0.05) is None        # still writing
+    assert not writer.start(50, params, state)                # one at a time
+    release.set()
+    version, report, error = writer.done(10)
+    assert (version, error) == (40, None) and not writer.busy() and writer.done() is None
+    assert report == {"shard": 1, "file": os.path.join("v000040", "shard-1.npz"), "lo": 10,
+                      "hi": 35, "sha256": checkpoint.sha256(str(tmp_path / report["file"])),
+                      "version": 40}
+    _, loaded = load_range({"root": str(tmp_path), "shards": [report]}, 10, 35)
+    assert np.array_equal(loaded["exp_avg"], state["exp_avg"])
+
+
+def test_shard_writer_reports_a_failed_write(tmp_path):
+    from ps.checkpoint import ShardWriter
+    (tmp_path / "v000040").write_text("a file where the version's folder goes")
+    writer = ShardWriter(str(tmp_path), 0, 0, N)
+    assert writer.start(40, *full_state(40))
+    version, report, error = writer.done(10)
+    assert version == 40 and report is None and isinstance(error, OSError)
+
+
+def test_a_server_s_event_loop_goes_on_while_its_checkpoint_is_written(tmp_path, monkeypatch):
+    # A write that takes long (a large shard) must not hold up the push that triggered
+    # it, nor the heartbeats: the server answers at once and reports the checkpoint
+    # when the write is done.
+    import threading
+    import time
+    from inproc import InProcessServer
+    release = threading.Event()
+    real = checkpoint.write_shard
+
+    def slow(*args, **kwargs):
+        assert release.wait(10), "the test never released the write"
+        return real(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "write_shard", slow)
+    srv = InProcessServer(1000)
+    try:
+        s = srv.server
+        s.checkpoint_every, s.checkpoint_dir = 1, str(tmp_path)
+        s.checkpoints = checkpoint.ShardWriter(str(tmp_path), 0, 0, 1000)
+        srv.init(np.zeros(1000, np.float32))
+        server = threading.Thread(target=srv.serve_one)
+        server.start()
+        t0 = time.monotonic()
+        reply = srv.client.push(np.ones(1000, np.float32), 0, tasks=[0], samples=1,
+                                step_tasks=1)
+        answered_s = time.monotonic() - t0
+        server.join(10)
+        assert reply[0]["version"] == 1 and answered_s < 5    # answered while still writing
+        assert s.checkpoints.busy() and s.stats()["checkpoint"] is None
+        release.set()
+        s._collect_checkpoint(wait_s=10)
+        assert s.stats()["checkpoint"]["version"] == 1 and s.next_beat == 0.0   # reported now
+        with np.load(tmp_path / "v000001" / "shard-0.npz") as npz:
+            assert np.allclose(npz["params"], -0.1)                # version 1: 0 - 0.1 * 1
+    finally:
+        release.set()
+        srv.close()
