@@ -129,25 +129,30 @@ class ShardWriter:
 
 
 def write_manifest(root: str, version: int, shards: list[dict], extra: dict) -> str:
-    """The commit point: after this, version ``version`` is a checkpoint."""
+    """The commit point: after this, version ``version`` is a checkpoint. Then only the
+    newest ``KEEP`` checkpoints stay, and the shard files of older versions that were
+    never committed (a shard crashed, skipped or reported late) go: versions are
+    committed in increasing order, so none of them ever will be."""
     path = os.path.join(root, f"manifest-v{version:06d}.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump({"version": version, "shards": sorted(shards, key=lambda s: s["lo"]), **extra}, f)
     _fsync_replace(tmp, path)
     for old in sorted(glob.glob(os.path.join(root, "manifest-v*.json")))[:-KEEP]:
-        _remove_checkpoint(root, old)
+        os.remove(old)
+    kept = {os.path.basename(p)[len("manifest-"):-len(".json")]
+            for p in glob.glob(os.path.join(root, "manifest-v*.json"))}
+    for folder in glob.glob(os.path.join(root, "v[0-9]*")):
+        name = os.path.basename(folder)                  # "v000040"
+        if name not in kept and name[1:].isdigit() and int(name[1:]) < version:
+            _remove_folder(folder)
     return path
 
 
-def _remove_checkpoint(root: str, manifest_path: str) -> None:
-    version = os.path.basename(manifest_path)[len("manifest-v"):-len(".json")]
-    os.remove(manifest_path)
-    folder = os.path.join(root, f"v{version}")
+def _remove_folder(folder: str) -> None:
     for path in glob.glob(os.path.join(folder, "*")):
         os.remove(path)
-    if os.path.isdir(folder):
-        os.rmdir(folder)
+    os.rmdir(folder)
 
 
 def latest_intact(root: str) -> tuple[dict | None, list[str]]:

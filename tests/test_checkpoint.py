@@ -95,6 +95,19 @@ def test_a_shard_file_without_a_manifest_is_never_chosen(tmp_path):
     assert manifest["version"] == 20 and skipped == []
 
 
+def test_uncommitted_versions_older_than_a_commit_are_removed(tmp_path):
+    # Version 20's shards wrote their files but it was never committed (one reported it
+    # late, or crashed): once 30 is committed, 20 never will be; its files go. Version
+    # 40, written but not committed yet, stays.
+    write_checkpoint(tmp_path, 10)
+    write_checkpoint(tmp_path, 20, commit=False)
+    write_checkpoint(tmp_path, 40, commit=False)
+    write_checkpoint(tmp_path, 30)
+    assert sorted(p for p in os.listdir(tmp_path) if not p.startswith("manifest-")) == \
+        ["v000010", "v000030", "v000040"]
+    assert manifests(tmp_path) == ["manifest-v000010.json", "manifest-v000030.json"]
+
+
 def test_only_keep_manifests_stay_with_their_folders(tmp_path):
     versions = [10 * (i + 1) for i in range(KEEP + 2)]
     for v in versions:
