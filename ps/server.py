@@ -329,11 +329,13 @@ class Server:
         if self.config.fail_checkpoints:                          # fault hook: a full disk
             return self._checkpoint_failed(version, OSError(errno.ENOSPC, "no space left on "
                                                                           "device (injected)"))
-        snapshot = self.shard.params.copy(), self.shard.optimizer.state()   # training goes on
-        crash = self.config.crash_at == f"checkpoint@{version}"              # fault hook
-        if not self.checkpoints.start(version, *snapshot, crash_before_rename=crash):
+        if self.checkpoints.busy():       # before any copy: one write at a time
             log.warning("shard %d: checkpoint of version %d skipped, the previous one is still "
                         "being written", self.index, version)
+            return
+        crash = self.config.crash_at == f"checkpoint@{version}"              # fault hook
+        self.checkpoints.start(version, self.shard.params.copy(), self.shard.optimizer.state(),
+                               crash_before_rename=crash)   # copies: training goes on
 
     def _collect_checkpoint(self, wait_s: float = 0.0) -> None:
         """A finished write: report it at the next heartbeat, which goes out now (the
