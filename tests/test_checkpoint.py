@@ -11,6 +11,8 @@ is written; one test drives a real server in-process to show it.
 """
 import json
 import os
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -247,18 +249,25 @@ def test_a_manifest_the_scheduler_cannot_write_is_not_counted_as_committed(tmp_p
     assert recovery.committed == 20 and latest_intact(str(tmp_path))[0]["version"] == 20
 
 
-def test_shard_writer_writes_in_the_background_one_at_a_time(tmp_path, monkeypatch):
-    # The server's event loop hands the writer a snapshot and goes on; the outcome is
-    # collected later, once. A second write while one is in progress is refused.
-    import threading
-    from ps.checkpoint import ShardWriter
-    release = threading.Event()
-    real = checkpoint.write_shard
+@pytest.fixture
+def held_writes(monkeypatch):
+    """Every shard file write waits until the test sets the returned event (a large shard's
+    slow write, on demand)."""
+    release, real = threading.Event(), checkpoint.write_shard
 
-    def slow(*args, **kwargs):
+    def held(*args, **kwargs):
         assert release.wait(10), "the test never released the write"
         return real(*args, **kwargs)
-    monkeypatch.setattr(checkpoint, "write_shard", slow)
+    monkeypatch.setattr(checkpoint, "write_shard", held)
+    yield release
+    release.set()
+
+
+def test_shard_writer_writes_in_the_background_one_at_a_time(tmp_path, held_writes):
+    # The server's event loop hands the writer a snapshot and goes on; the outcome is
+    # collected later, once. A second write while one is in progress is refused.
+    from ps.checkpoint import ShardWriter
+    release = held_writes
     params, state = full_state(40)
     writer = ShardWriter(str(tmp_path), 1, 10, 35)
     assert writer.done() is None                              # nothing started
@@ -284,20 +293,12 @@ def test_shard_writer_reports_a_failed_write(tmp_path):
     assert version == 40 and report is None and isinstance(error, OSError)
 
 
-def test_a_server_s_event_loop_goes_on_while_its_checkpoint_is_written(tmp_path, monkeypatch):
+def test_a_server_s_event_loop_goes_on_while_its_checkpoint_is_written(tmp_path, held_writes):
     # A write that takes long (a large shard) must not hold up the push that triggered
     # it, nor the heartbeats: the server answers at once and reports the checkpoint
     # when the write is done.
-    import threading
-    import time
     from inproc import InProcessServer
-    release = threading.Event()
-    real = checkpoint.write_shard
-
-    def slow(*args, **kwargs):
-        assert release.wait(10), "the test never released the write"
-        return real(*args, **kwargs)
-    monkeypatch.setattr(checkpoint, "write_shard", slow)
+    release = held_writes
     srv = InProcessServer(1000)
     try:
         s = srv.server
@@ -319,5 +320,4 @@ def test_a_server_s_event_loop_goes_on_while_its_checkpoint_is_written(tmp_path,
         with np.load(tmp_path / "v000001" / "shard-0.npz") as npz:
             assert np.allclose(npz["params"], -0.1)                # version 1: 0 - 0.1 * 1
     finally:
-        release.set()
         srv.close()
