@@ -138,10 +138,10 @@ def write_manifest(root: str, version: int, shards: list[dict], extra: dict) -> 
     with open(tmp, "w") as f:
         json.dump({"version": version, "shards": sorted(shards, key=lambda s: s["lo"]), **extra}, f)
     _fsync_replace(tmp, path)
-    for old in sorted(glob.glob(os.path.join(root, "manifest-v*.json")))[:-KEEP]:
+    manifests = sorted(glob.glob(os.path.join(root, "manifest-v*.json")))
+    for old in manifests[:-KEEP]:
         os.remove(old)
-    kept = {os.path.basename(p)[len("manifest-"):-len(".json")]
-            for p in glob.glob(os.path.join(root, "manifest-v*.json"))}
+    kept = {os.path.basename(p)[len("manifest-"):-len(".json")] for p in manifests[-KEEP:]}
     for folder in glob.glob(os.path.join(root, "v[0-9]*")):
         name = os.path.basename(folder)                  # "v000040"
         if name not in kept and name[1:].isdigit() and int(name[1:]) < version:

@@ -30,7 +30,7 @@ from . import failover, registration
 from . import journal as journaling
 from .dealer import Dealer
 from .membership import Membership
-from .protocol import Error, Kind, ProtocolError
+from .protocol import Error, Kind, ProtocolError, is_int
 from .runstate import RunState
 from .tasks import TaskPlan
 
@@ -247,7 +247,7 @@ def register_again(s, ident, header: dict) -> None:
     """A member registers again with its role, index and incarnation (REGISTER with ``inc``);
     a server adds its counters. Answered at once, with the incarnations to fence."""
     role, index = header["role"], header.get("index")
-    if not isinstance(index, int) or isinstance(index, bool) or role not in ("server", "worker"):
+    if not is_int(index) or role not in ("server", "worker"):
         raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
     stats = registration.server_stats(header["stats"], index, s.shard_map) if "stats" in header else None
     s.members.register_again(role, index, header["inc"], time.monotonic())

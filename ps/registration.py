@@ -63,7 +63,7 @@ def worker_job(header: dict, cfg, others) -> dict:
         raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
                                                  "batch_size and optimizer")
     if not (info["dataset_size"] > 0 and info["batch_size"] > 0 and isinstance(info["shuffle"], bool)
-            and (info["epochs"] is None or _count(info["epochs"]) and info["epochs"] > 0)):
+            and (info["epochs"] is None or is_int(info["epochs"]) and info["epochs"] > 0)):
         raise ProtocolError(Error.BAD_FIELD, "dataset_size and batch_size must be positive ints, "
                                              "shuffle a bool, epochs a positive int or nil")
     size = layout_size(info["layout"])
