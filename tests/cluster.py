@@ -20,7 +20,7 @@ JOBS = os.path.join(ROOT, "tests", "jobs")
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, ROOT)
 
-from ps.tasks import TaskPlan          # noqa: E402
+from ps.core.tasks import TaskPlan          # noqa: E402
 from worker.job import collate, load_job  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""A real server (``ps.server.Server``) in the test's own process, driven by hand.
+"""A real server (``ps.server.server.Server``) in the test's own process, driven by hand.
 
 No scheduler: the shard is set up directly, and the test moves each request along
 itself (``serve_one``: receive one message from the server's ROUTER, exactly as its
@@ -16,10 +16,10 @@ import zmq
 from cluster import ROOT
 
 sys.path.insert(0, ROOT)
-from ps.client import ShardClient, ShardInfo  # noqa: E402
-from ps.server import Server  # noqa: E402
-from ps.server_config import ServerConfig  # noqa: E402
-from ps.shard import Shard  # noqa: E402
+from ps.wire.client import ShardClient, ShardInfo  # noqa: E402
+from ps.server.server import Server  # noqa: E402
+from ps.server.config import ServerConfig  # noqa: E402
+from ps.core.shard import Shard  # noqa: E402
 
 
 class InProcessServer:
@@ -47,7 +47,7 @@ class InProcessServer:
         return frames
 
     def init(self, values: np.ndarray) -> None:
-        from ps.protocol import Kind
+        from ps.wire.protocol import Kind
         peer = self.client.peers[0]
         rid = peer.send(Kind.INIT, [memoryview(values)], worker=0, inc=7, lo=0,
                         dtype="float32", size=values.size)

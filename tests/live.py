@@ -20,8 +20,8 @@ import zmq
 from cluster import ROOT, kill_group
 
 sys.path.insert(0, ROOT)
-from ps.client import Peer  # noqa: E402
-from ps.protocol import Kind, decode, encode  # noqa: E402
+from ps.wire.client import Peer  # noqa: E402
+from ps.wire.protocol import Kind, decode, encode  # noqa: E402
 from worker.job import load_job  # noqa: E402
 
 

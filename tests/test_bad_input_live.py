@@ -16,7 +16,7 @@ import zmq
 from cluster import JOBS, ROOT, assert_params_close, kill_group, oracle
 
 sys.path.insert(0, ROOT)
-from ps.protocol import PROTOCOL_VERSION, Error, decode, encode  # noqa: E402
+from ps.wire.protocol import PROTOCOL_VERSION, Error, decode, encode  # noqa: E402
 
 STEPS = 400
 # The run uses --no-steal: compared with the oracle at 1e-5 over hundreds of steps, it

@@ -1,4 +1,4 @@
-"""Coordinated checkpoints (ps.checkpoint): layout, commit point, fallback and re-cutting.
+"""Coordinated checkpoints (ps.reliability.checkpoint): layout, commit point, fallback and re-cutting.
 
 What recovery relies on: a shard file appears only under its final name (temp file,
 fsync, rename); a version is a checkpoint only once its manifest exists; loading takes
@@ -17,8 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from ps import checkpoint
-from ps.checkpoint import KEEP, latest_intact, load_range, write_manifest, write_shard
+from ps.reliability import checkpoint
+from ps.reliability.checkpoint import KEEP, latest_intact, load_range, write_manifest, write_shard
 
 N = 25
 CUT = [(0, 10), (10, 25)]                    # how the writing run's two servers cut [0, N)
@@ -224,8 +224,8 @@ def test_a_manifest_the_scheduler_cannot_write_is_not_counted_as_committed(tmp_p
     # The scheduler's own disk full: the version it could not commit must not appear as
     # checkpoint_committed (a recovery could not use it), is not tried again on every
     # heartbeat, and the next version commits as usual.
-    from ps.recovery import Recovery
-    from ps.runstate import RunState
+    from ps.reliability.server_recovery import Recovery
+    from ps.scheduler.runstate import RunState
     from ps.trace import Tracer
     recovery, run = Recovery(str(tmp_path), 2, Tracer(None, "scheduler", 0)), RunState(40, 2, 40)
 
@@ -266,7 +266,7 @@ def held_writes(monkeypatch):
 def test_shard_writer_writes_in_the_background_one_at_a_time(tmp_path, held_writes):
     # The server's event loop hands the writer a snapshot and goes on; the outcome is
     # collected later, once. A second write while one is in progress is refused.
-    from ps.checkpoint import ShardWriter
+    from ps.reliability.checkpoint import ShardWriter
     release = held_writes
     params, state = full_state(40)
     writer = ShardWriter(str(tmp_path), 1, 10, 35)
@@ -285,7 +285,7 @@ def test_shard_writer_writes_in_the_background_one_at_a_time(tmp_path, held_writ
 
 
 def test_shard_writer_reports_a_failed_write(tmp_path):
-    from ps.checkpoint import ShardWriter
+    from ps.reliability.checkpoint import ShardWriter
     (tmp_path / "v000040").write_text("a file where the version's folder goes")
     writer = ShardWriter(str(tmp_path), 0, 0, N)
     assert writer.start(40, *full_state(40))

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from ps import compress
+from ps.core import compress
 
 
 def values(n=10_000, seed=0):

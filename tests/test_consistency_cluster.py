@@ -18,8 +18,8 @@ import zmq
 from cluster import EXAMPLES, JOBS, ROOT, kill_group, launch
 
 sys.path.insert(0, ROOT)
-from ps.client import Peer          # noqa: E402
-from ps.protocol import Kind        # noqa: E402
+from ps.wire.client import Peer          # noqa: E402
+from ps.wire.protocol import Kind        # noqa: E402
 
 
 def wait_for(predicate, timeout_s: float, what: str):

@@ -1,4 +1,4 @@
-"""Dealing, leases and work stealing (ps.dealer), as pure logic.
+"""Dealing, leases and work stealing (ps.core.dealer), as pure logic.
 
 What the rest of the system relies on: every task of a round is leased exactly once,
 whoever takes it; a worker takes from the front of its own deque and steals from the
@@ -7,8 +7,8 @@ a slow thief; leases end at completion; static dealing never steals.
 """
 import pytest
 
-from ps.dealer import Dealer, steal_count
-from ps.tasks import TaskPlan
+from ps.core.dealer import Dealer, steal_count
+from ps.core.tasks import TaskPlan
 
 
 def plan(n=64, b=16, t=8):
@@ -200,7 +200,7 @@ def test_own_left_counts_only_the_workers_own_deque_and_tells_its_last_task():
 
 
 def test_a_worker_measured_too_slow_for_any_task_is_dealt_one_every_probe_rounds():
-    from ps.dealer import PROBE_ROUNDS
+    from ps.core.dealer import PROBE_ROUNDS
     p = plan(n=6 * 40, b=6, t=6)
     d = Dealer(p, 3, total_steps=40)
     d.speeds = [100.0, 100.0, 10.0]            # worker 2 measured 10x slower: no share of 6

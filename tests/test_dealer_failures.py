@@ -1,6 +1,6 @@
-"""Dealing when workers die and come back (ps.dealer failure paths), as pure logic.
+"""Dealing when workers die and come back (ps.core.dealer failure paths), as pure logic.
 
-What failover (``ps.failover``) relies on: ``reassign`` takes every task a dead worker
+What failover (``ps.reliability.worker_failover``) relies on: ``reassign`` takes every task a dead worker
 leased and puts it at the *front* of a live worker's deque in the task's own round
 (reopening a round that had been emptied), marks it ``redo`` and returns it; the
 dead worker's queued tasks go to live workers; from then on the dead worker is dealt
@@ -12,8 +12,8 @@ import itertools
 
 import pytest
 
-from ps.dealer import Dealer, steal_count
-from ps.tasks import TaskPlan
+from ps.core.dealer import Dealer, steal_count
+from ps.core.tasks import TaskPlan
 
 
 def plan(n=96, b=48, t=12):

@@ -14,8 +14,8 @@ import pytest
 from cluster import JOBS, assert_params_close, launch, oracle
 from live import BareScheduler
 
-from ps.protocol import Kind
-from ps.scheduler import DONE_GRACE_S
+from ps.wire.protocol import Kind
+from ps.scheduler.scheduler import DONE_GRACE_S
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60

@@ -1,4 +1,4 @@
-"""Fault specs (ps.faults): what ``--inject`` accepts, what it refuses, and when a fault is due.
+"""Fault specs (ps.faults.inject): what ``--inject`` accepts, what it refuses, and when a fault is due.
 
 A process fault is ``action:target@trigger=at[,for=Ns]``; a message fault is
 ``drop:P``, ``dup:P`` or ``delay:Nms``; a link fault (--netns) is ``partition:ROLE``,
@@ -6,12 +6,12 @@ A process fault is ``action:target@trigger=at[,for=Ns]``; a message fault is
 spec must be refused up front with a ValueError that quotes it, never half-applied
 mid-run. ``Fault.due`` fires once, at the first report at or past its step (or time);
 ``LinkFault.update`` takes a link down and up on time. The ``ip`` command lines of
-``ps.netns`` are checked here too. Pure; no processes, no root.
+``ps.launch.netns`` are checked here too. Pure; no processes, no root.
 """
 import pytest
 
-from ps import netns
-from ps.faults import Fault, LinkFault, parse, parse_link, parse_net, split, split_links
+from ps.launch import netns
+from ps.faults.inject import Fault, LinkFault, parse, parse_link, parse_net, split, split_links
 
 
 # -- process faults ----------------------------------------------------------------------
@@ -225,7 +225,7 @@ def test_wanted_down():
     assert cut.wanted_down(0.0) and cut.wanted_down(1.99) and not cut.wanted_down(2.0)
 
 
-# -- ps.netns: the ip command lines -----------------------------------------------------
+# -- ps.launch.netns: the ip command lines -----------------------------------------------------
 
 PLAN = netns.Plan("a1b2c3", 42, ("scheduler", "server0", "worker0", "worker1"))
 

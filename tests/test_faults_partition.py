@@ -193,7 +193,7 @@ def test_what_a_killed_launcher_left_is_removed_by_the_next_run(tmp_path, clean)
     ("no_netns", "network namespaces are not supported here"),
 ])
 def test_netns_where_it_cannot_work_is_a_clear_error(tmp_path, monkeypatch, capsys, broken, words):
-    from ps import launch as launcher, netns
+    from ps.launch import launcher, netns
     args = launcher.parse_args(["--job", JOB, "--out", str(tmp_path), "--netns"])
     if broken == "not_root":
         monkeypatch.setattr(os, "geteuid", lambda: 1000)

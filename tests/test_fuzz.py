@@ -23,7 +23,7 @@ import pytest
 
 from cluster import JOBS, assert_params_close, oracle
 from live import Background, ask, shard_ranges
-from ps.protocol import Kind, ProtocolError, decode, encode
+from ps.wire.protocol import Kind, ProtocolError, decode, encode
 
 STEPS = 700
 # The run uses --no-steal: compared with the oracle at 1e-5 over hundreds of steps, it

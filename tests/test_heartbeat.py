@@ -10,7 +10,7 @@ import time
 import pytest
 import zmq
 
-from ps.protocol import Error, Kind, decode, encode
+from ps.wire.protocol import Error, Kind, decode, encode
 from worker.heartbeat import Heartbeat
 
 INTERVAL_S = 0.02                     # a heartbeat every 20 ms, abandoned after 200 ms

@@ -18,7 +18,7 @@ import pytest
 
 from cluster import JOBS, assert_params_close, oracle
 from live import Background, ask, shard_ranges, silent
-from ps.protocol import MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION, Error, encode
+from ps.wire.protocol import MAX_FRAME_BYTES, MAX_FRAMES, PROTOCOL_VERSION, Error, encode
 
 STEPS = 600
 # The run uses --no-steal: compared with the oracle at 1e-5 over hundreds of steps, it

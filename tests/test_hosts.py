@@ -1,4 +1,4 @@
-"""Roles on other hosts (--hosts FILE, ps.hosts): the host file, placement, the ssh path.
+"""Roles on other hosts (--hosts FILE, ps.launch.hosts): the host file, placement, the ssh path.
 
 The host file's format and the placement of roles are pure and checked directly. The
 ssh path is run for real with a fake ``ssh`` first on PATH that logs its arguments and
@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from cluster import JOBS, assert_params_close, launch, oracle
-from ps import hosts
+from ps.launch import hosts
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 ROLES = ["scheduler", "server0", "server1", "worker0", "worker1"]

@@ -1,4 +1,4 @@
-"""The scheduler's journal (ps.journal) and the membership a restart rebuilds from it.
+"""The scheduler's journal (ps.reliability.journal) and the membership a restart rebuilds from it.
 
 What a restart relies on: records come back as written, in order; a torn last record
 (the process died inside a write) or a damaged tail is dropped and later records are
@@ -11,10 +11,10 @@ import os
 
 import pytest
 
-from ps.journal import Journal, fingerprint, next_incarnation, read
-from ps.membership import Membership
-from ps.protocol import Error, ProtocolError
-from ps.scheduler_config import SchedulerConfig
+from ps.reliability.journal import Journal, fingerprint, next_incarnation, read
+from ps.scheduler.membership import Membership
+from ps.wire.protocol import Error, ProtocolError
+from ps.scheduler.config import SchedulerConfig
 
 
 def test_records_round_trip_in_order(tmp_path):

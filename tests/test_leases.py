@@ -13,7 +13,7 @@ import pytest
 
 from live import BareScheduler
 
-from ps.protocol import Kind
+from ps.wire.protocol import Kind
 from worker.leases import Leases
 
 

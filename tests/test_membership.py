@@ -1,4 +1,4 @@
-"""Membership and fencing (ps.membership), and payload-frame refusal (ps.protocol.check_frames).
+"""Membership and fencing (ps.scheduler.membership), and payload-frame refusal (ps.wire.protocol.check_frames).
 
 What the rest of the system relies on: an incarnation is never given out twice; any
 message from a retired, replaced or unknown incarnation is refused with
@@ -10,8 +10,8 @@ on a kind that carries none. Pure functions: microseconds each.
 """
 import pytest
 
-from ps.membership import Membership
-from ps.protocol import PAYLOAD_KINDS, SCHEMA, Error, Kind, ProtocolError, check_frames
+from ps.scheduler.membership import Membership
+from ps.wire.protocol import PAYLOAD_KINDS, SCHEMA, Error, Kind, ProtocolError, check_frames
 
 
 def fenced_error(call) -> ProtocolError:
@@ -113,7 +113,7 @@ def test_retired_members_are_never_overdue_again():
 
 
 def test_default_dead_after_s_is_the_module_constant():
-    from ps.membership import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S
+    from ps.scheduler.membership import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S
     assert Membership().dead_after_s == DEAD_AFTER_S
     assert DEAD_AFTER_S > HEARTBEAT_INTERVAL_S            # several missed beats, not one
 
@@ -190,4 +190,4 @@ def test_a_kind_without_payload_accepts_no_frames(kind):
 @pytest.mark.parametrize("kind", sorted(PAYLOAD_KINDS))
 def test_init_and_push_accept_payload_frames(kind):
     assert check_frames(kind, [b"\0" * 16, b"\0" * 4]) is None
-    assert check_frames(kind, []) is None       # ps.wire.check_payload weighs it against size
+    assert check_frames(kind, []) is None       # ps.wire.transport.check_payload weighs it against size

@@ -1,7 +1,7 @@
-"""ps.optim against its oracle, torch.optim, plus state round-trips and config checks.
+"""ps.core.optim against its oracle, torch.optim, plus state round-trips and config checks.
 
 Each oracle test runs the same 100 seeded gradients through torch.optim (single-tensor
-path, forced with foreach=False) on a torch tensor and through ps.optim on a numpy copy,
+path, forced with foreach=False) on a torch tensor and through ps.core.optim on a numpy copy,
 then compares the final parameters. Everything is in-process numpy and torch: no sockets,
 no child processes, nothing that can hang; the project-wide pytest timeout is the limit.
 """
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from ps.optim import CHUNK, make_optimizer
+from ps.core.optim import CHUNK, make_optimizer
 
 # The oracle's tensors are tiny, yet torch hands some element-wise ops (sqrt) to its
 # OpenMP/MKL pool; on a loaded 2-core box that cost ~6 ms per call instead of ~3 us

@@ -17,10 +17,10 @@ from torch import nn
 
 from cluster import JOBS, assert_params_close, launch, oracle
 
-from ps.client import ShardInfo
+from ps.wire.client import ShardInfo
 from ps.trace import Tracer
 from worker.flat import FlatModel
-from worker.overlap import Overlap
+from worker.speedups.overlap import Overlap
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 30

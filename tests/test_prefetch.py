@@ -20,9 +20,9 @@ import pytest
 from cluster import JOBS, launch
 from inproc import InProcessServer
 
-from ps.client import RemoteError
+from ps.wire.client import RemoteError
 
-from worker.prefetch import Prefetch
+from worker.speedups.prefetch import Prefetch
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 

@@ -1,4 +1,4 @@
-"""The wire contract (ps.protocol, ps.wire): what a receiver accepts and what it refuses.
+"""The wire contract (ps.wire.protocol, ps.wire.transport): what a receiver accepts and what it refuses.
 
 A header is decoded and validated before anything is applied; each refusal carries a
 reason code from ``Error``. These tests feed hand-made headers and payload frames to the
@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import zmq
 
-from ps import protocol, wire
-from ps.protocol import (MAX_HEADER_BYTES, PROTOCOL_VERSION, SCHEMA, Error, Kind,
+from ps.wire import transport, protocol
+from ps.wire.protocol import (MAX_HEADER_BYTES, PROTOCOL_VERSION, SCHEMA, Error, Kind,
                          ProtocolError, check_int_list, decode, encode)
 
 # A valid value for each accepted-types tuple in SCHEMA (identity: SCHEMA shares them).
@@ -237,7 +237,7 @@ def test_check_int_list_refuses(values):
     assert info.value.code == Error.BAD_FIELD
 
 
-# -- wire.check_payload ---------------------------------------------------------------
+# -- transport.check_payload ---------------------------------------------------------------
 
 def f32_bytes(n: int, start: float = 0.0) -> bytes:
     return (np.arange(n, dtype="<f4") + np.float32(start)).tobytes()
@@ -245,7 +245,7 @@ def f32_bytes(n: int, start: float = 0.0) -> bytes:
 
 def payload_refused(frames, dtype, size, code):
     with pytest.raises(ProtocolError) as info:
-        wire.check_payload(frames, dtype, size)
+        transport.check_payload(frames, dtype, size)
     assert info.value.code == code, info.value
 
 
@@ -265,9 +265,9 @@ def test_check_payload_frame_must_be_whole_items():
 
 
 def test_check_payload_too_many_frames(monkeypatch):
-    monkeypatch.setattr(wire, "MAX_FRAMES", 3)
+    monkeypatch.setattr(transport, "MAX_FRAMES", 3)
     payload_refused([f32_bytes(1)] * 4, "float32", 4, Error.BAD_FRAMES)
-    assert len(wire.check_payload([f32_bytes(1)] * 3, "float32", 3)) == 3
+    assert len(transport.check_payload([f32_bytes(1)] * 3, "float32", 3)) == 3
 
 
 def test_check_payload_too_many_frames_at_the_real_limit():
@@ -276,18 +276,18 @@ def test_check_payload_too_many_frames_at_the_real_limit():
 
 
 def test_check_payload_oversized_frame(monkeypatch):
-    monkeypatch.setattr(wire, "MAX_FRAME_BYTES", 64)
-    assert len(wire.check_payload([f32_bytes(16)], "float32", 16)) == 1      # exactly 64 bytes
+    monkeypatch.setattr(transport, "MAX_FRAME_BYTES", 64)
+    assert len(transport.check_payload([f32_bytes(16)], "float32", 16)) == 1      # exactly 64 bytes
     payload_refused([f32_bytes(17)], "float32", 17, Error.BAD_PAYLOAD)      # 68 bytes
 
 
 def test_check_payload_empty_payload_for_size_zero():
-    assert wire.check_payload([], "float32", 0) == []
+    assert transport.check_payload([], "float32", 0) == []
 
 
 def test_check_payload_views_bytes_without_copying_read_only():
     raw = [f32_bytes(5), f32_bytes(3, start=5.0)]
-    chunks = wire.check_payload(raw, "float32", 8)
+    chunks = transport.check_payload(raw, "float32", 8)
     for chunk, source in zip(chunks, raw):
         assert chunk.dtype == np.dtype("<f4")
         assert np.shares_memory(chunk, np.frombuffer(source, dtype=np.uint8))
@@ -298,14 +298,14 @@ def test_check_payload_views_bytes_without_copying_read_only():
 def test_check_payload_views_zmq_frames_without_copying():
     source = np.arange(6, dtype="<f4")
     frame = zmq.Frame(source.tobytes())
-    (chunk,) = wire.check_payload([frame], "float32", 6)
+    (chunk,) = transport.check_payload([frame], "float32", 6)
     assert np.shares_memory(chunk, np.frombuffer(frame.buffer, dtype=np.uint8))
     assert np.array_equal(chunk, source)
 
 
 def test_check_payload_views_writable_buffer_without_copying():
     source = bytearray(f32_bytes(4))
-    (chunk,) = wire.check_payload([source], "float32", 4)
+    (chunk,) = transport.check_payload([source], "float32", 4)
     assert np.shares_memory(chunk, np.frombuffer(source, dtype=np.uint8))
     source[0:4] = np.float32(42).tobytes()                   # a view sees the change
     assert chunk[0] == 42
@@ -313,11 +313,11 @@ def test_check_payload_views_writable_buffer_without_copying():
 
 def test_split_output_passes_check_payload():
     flat = np.arange(10, dtype=np.float32)
-    chunks = wire.check_payload(wire.split(flat, frame_bytes=16), "float32", 10)
+    chunks = transport.check_payload(transport.split(flat, frame_bytes=16), "float32", 10)
     assert np.array_equal(np.concatenate(chunks), flat)
 
 
-# -- wire.split and copy_into ---------------------------------------------------------
+# -- transport.split and copy_into ---------------------------------------------------------
 
 def address(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
@@ -326,7 +326,7 @@ def address(a: np.ndarray) -> int:
 @pytest.mark.parametrize("n,frame_bytes", [(10, 16), (12, 16), (3, 1 << 20), (7, 4), (9, 18)])
 def test_split_covers_the_array_in_order_with_views(n, frame_bytes):
     flat = np.arange(n, dtype=np.float32)
-    views = wire.split(flat, frame_bytes=frame_bytes)
+    views = transport.split(flat, frame_bytes=frame_bytes)
     arrays = [np.asarray(v) for v in views]
     assert all(v.nbytes <= frame_bytes for v in views)
     assert all(v.nbytes == (frame_bytes // 4) * 4 for v in views[:-1])   # full frames first
@@ -339,23 +339,23 @@ def test_split_covers_the_array_in_order_with_views(n, frame_bytes):
 
 def test_split_default_frame_size_and_empty_array():
     flat = np.zeros(protocol.FRAME_BYTES // 4 * 2 + 1, dtype=np.float32)
-    views = wire.split(flat)
+    views = transport.split(flat)
     assert [v.nbytes for v in views] == [protocol.FRAME_BYTES] * 2 + [4]
-    assert wire.split(np.zeros(0, dtype=np.float32)) == []
+    assert transport.split(np.zeros(0, dtype=np.float32)) == []
 
 
 def test_split_bytes_round_trip_through_check_payload():
     # What the receiver sees: each frame as plain bytes.
     flat = np.random.default_rng(0).standard_normal(1000).astype(np.float32)
-    frames = [bytes(v) for v in wire.split(flat, frame_bytes=256)]
+    frames = [bytes(v) for v in transport.split(flat, frame_bytes=256)]
     out = np.empty_like(flat)
-    wire.copy_into(out, wire.check_payload(frames, "float32", flat.size))
+    transport.copy_into(out, transport.check_payload(frames, "float32", flat.size))
     assert np.array_equal(out, flat)
 
 
 def test_copy_into_places_chunks_in_order():
     out = np.full(6, -1, dtype=np.float32)
-    wire.copy_into(out, [np.array([1, 2], np.float32), np.array([3, 4, 5, 6], np.float32)])
+    transport.copy_into(out, [np.array([1, 2], np.float32), np.array([3, 4, 5, 6], np.float32)])
     assert out.tolist() == [1, 2, 3, 4, 5, 6]
 
 
@@ -444,7 +444,7 @@ def test_request_header_checks_the_frame_count_before_decoding(count, code):
 def test_every_socket_refuses_frames_over_the_payload_limit():
     ctx = zmq.Context()
     try:
-        sock = wire.make_socket(ctx, zmq.ROUTER)
+        sock = transport.make_socket(ctx, zmq.ROUTER)
         assert sock.getsockopt(zmq.MAXMSGSIZE) == protocol.MAX_FRAME_BYTES
         sock.close(linger=0)
     finally:

@@ -1,4 +1,4 @@
-"""What the scheduler accepts from its members before it keeps any of it (ps.registration).
+"""What the scheduler accepts from its members before it keeps any of it (ps.scheduler.registration).
 
 A worker's job is checked when it registers, field by field, so the cluster can never
 fail to form later with every other member's registration held; a server's counters
@@ -9,11 +9,11 @@ meet a bug of its own between messages, the run ends with a reason, not a traceb
 import numpy as np
 import pytest
 
-from ps import checkpoint
-from ps.protocol import Error, ProtocolError
-from ps.registration import layout_size, server_stats, worker_job
-from ps.scheduler_config import SchedulerConfig
-from ps.shard import Shard
+from ps.reliability import checkpoint
+from ps.wire.protocol import Error, ProtocolError
+from ps.scheduler.registration import layout_size, server_stats, worker_job
+from ps.scheduler.config import SchedulerConfig
+from ps.core.shard import Shard
 
 JOB = {"layout": [["w", [3, 4]], ["b", [4]]], "dataset_size": 64, "batch_size": 8,
        "shuffle": True, "optimizer": {"name": "sgd", "lr": 0.1}, "epochs": None, "seed": 0}
@@ -116,8 +116,8 @@ def test_stats_must_be_a_map():
 def test_a_refused_heartbeat_changes_nothing_not_even_liveness(tmp_path):
     # The scheduler's handler, called as its loop would: bad counters are refused before
     # the member is marked as heard from or its counters kept, whatever the incarnation.
-    from ps.protocol import Kind, encode, decode
-    from ps.scheduler import Scheduler
+    from ps.wire.protocol import Kind, encode, decode
+    from ps.scheduler.scheduler import Scheduler
 
     sched = Scheduler(SchedulerConfig(servers=2))
     try:
@@ -140,8 +140,8 @@ def test_a_bug_between_messages_ends_the_run_with_a_reason_not_a_traceback(tmp_p
     # Whatever the scheduler does between messages (liveness, stall logs, deadlines) runs
     # outside a request's error handling: an exception there must still end the run
     # through fail() (the summary, exit status 1), not kill the process.
-    from ps import diagnose
-    from ps.scheduler import Scheduler
+    from ps.scheduler import diagnose
+    from ps.scheduler.scheduler import Scheduler
 
     sched = Scheduler(SchedulerConfig(out=str(tmp_path), timeout_s=0.0))
 

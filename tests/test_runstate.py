@@ -1,11 +1,11 @@
-"""Run accounting (ps.runstate.RunState): the numbers that end up in summary.json.
+"""Run accounting (ps.scheduler.runstate.RunState): the numbers that end up in summary.json.
 
 A step's loss is the mean over its samples, so reports from workers that did unequal
 amounts of work are weighted by their sample counts, not averaged per report.
 """
 import pytest
 
-from ps.runstate import RunState
+from ps.scheduler.runstate import RunState
 
 
 def report(state, worker, step, samples, loss_sum, tasks=1, compute_s=0.5, wait_s=0.25):

@@ -6,7 +6,7 @@ a worker's key speaking as another worker is refused with ``forbidden`` by the
 servers and the scheduler; the run ends with the oracle's parameters, and a secure
 run gives bit for bit the parameters of a plain one. Then the pure parts: key
 generation, who a header claims to be, loopback detection, the layered checks of
-``ps.validation`` and the bounded refusal log.
+``ps.wire.validation`` and the bounded refusal log.
 """
 import logging
 import os
@@ -19,8 +19,9 @@ import zmq.auth
 
 from cluster import JOBS, assert_params_close, launch, oracle
 from live import Background, ask, shard_ranges, silent
-from ps import keys, security, validation
-from ps.protocol import Error, Kind, ProtocolError, encode
+from ps.security import curve, keys
+from ps.wire import validation
+from ps.wire.protocol import Error, Kind, ProtocolError, encode
 
 STEPS = 900
 # The run uses --no-steal: compared with the oracle at 1e-5 over hundreds of steps, it
@@ -29,7 +30,7 @@ STEPS = 900
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 
 
-def curve(keydir: str, name: str, server: str, secret_file: str | None = None):
+def curve_options(keydir: str, name: str, server: str, secret_file: str | None = None):
     """Set a socket up as a CURVE client holding ``name``'s key pair."""
     def setup(sock):
         public, secret = zmq.auth.load_certificate(
@@ -50,12 +51,12 @@ def test_secure_cluster_admits_only_its_keys_and_binds_identities(tmp_path):
     with Background(tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
                     "--servers", "2", "--secure", "--no-steal", env={"TINY_MLP_DELAY_S": "0.005"}) as run:
         run.wait_roles()
-        observer = run.socket("server0", curve(keydir, "observer", "server0"))
+        observer = run.socket("server0", curve_options(keydir, "observer", "server0"))
         before = run.wait_training(observer)
 
         # Worker 1's key may not speak as worker 0 (servers and scheduler alike), nor the
         # observer's as any worker; as itself, worker 1 gets past the check to the next one.
-        w1 = run.socket("server0", curve(keydir, "worker1", "server0"))
+        w1 = run.socket("server0", curve_options(keydir, "worker1", "server0"))
         spoof = [encode(Kind.PUSH, 1, worker=0, inc=1, step=10 ** 9, tasks=[10 ** 9], samples=1,
                         step_tasks=2, lo=lo, dtype="float32", size=hi - lo),
                  np.zeros(hi - lo, np.float32).tobytes()]
@@ -65,7 +66,7 @@ def test_secure_cluster_admits_only_its_keys_and_binds_identities(tmp_path):
         own = [encode(Kind.PUSH, 3, worker=1, inc=10 ** 6, step=10 ** 9, tasks=[10 ** 9],
                       samples=1, step_tasks=2, lo=lo, dtype="float32", size=hi - lo), spoof[1]]
         assert ask(w1, own)["code"] == Error.BAD_FIELD            # a future step, not forbidden
-        w1s = run.socket("scheduler", curve(keydir, "worker1", "scheduler"))
+        w1s = run.socket("scheduler", curve_options(keydir, "worker1", "scheduler"))
         assert ask(w1s, [encode(Kind.LEASE, 4, worker=0, inc=1, step=0)])["code"] == Error.FORBIDDEN
         assert ask(w1s, [encode(Kind.HEARTBEAT, 5, role="server", index=0, inc=1)])["code"] \
             == Error.FORBIDDEN
@@ -75,7 +76,7 @@ def test_secure_cluster_admits_only_its_keys_and_binds_identities(tmp_path):
         for role in ("server0", "scheduler"):
             plain = run.socket(role)
             assert silent(plain, [encode(Kind.STATS if role != "scheduler" else Kind.STATUS, 1)])
-            unknown = run.socket(role, curve(keydir, "stranger", role, secret_file=stranger))
+            unknown = run.socket(role, curve_options(keydir, "stranger", role, secret_file=stranger))
             assert silent(unknown, [encode(Kind.PULL, 1, worker=0, inc=1, step=0)])
             assert silent(unknown, [encode(Kind.STATS if role != "scheduler" else Kind.STATUS, 2)])
             plain.close(linger=0)
@@ -115,12 +116,12 @@ def test_keys_are_made_once_with_private_secrets(tmp_path):
     first = secret.read_bytes()
     assert keys.generate(str(tmp_path), servers=2, workers=2) == ["server1"]   # only what is missing
     assert secret.read_bytes() == first
-    ring = security.Keyring(str(tmp_path), "worker1")
+    ring = curve.Keyring(str(tmp_path), "worker1")
     assert sorted(ring.names.values()) == ["observer", "scheduler", "server0", "server1",
                                            "worker0", "worker1"]
     assert ring.names[ring.public_key] == "worker1"
     with pytest.raises(FileNotFoundError):
-        security.Keyring(str(tmp_path), "worker9")
+        curve.Keyring(str(tmp_path), "worker9")
 
 
 @pytest.mark.parametrize("header,claim", [
@@ -138,23 +139,23 @@ def test_keys_are_made_once_with_private_secrets(tmp_path):
     ({"kind": "status"}, None),
 ])
 def test_who_a_header_claims_to_be(header, claim):
-    assert security.claimed(header) == claim
+    assert curve.claimed(header) == claim
 
 
 def test_check_sender_is_a_no_op_in_plaintext():
-    security.use(None)
-    security.check_sender(zmq.Frame(b"x"), {"kind": "push", "worker": 0})
+    curve.use(None)
+    curve.check_sender(zmq.Frame(b"x"), {"kind": "push", "worker": 0})
 
 
 def test_check_sender_refuses_a_frame_without_a_key(tmp_path):
     keys.generate(str(tmp_path), 1, 1)
-    security.use(security.Keyring(str(tmp_path), "server0"))
+    curve.use(curve.Keyring(str(tmp_path), "server0"))
     try:
         with pytest.raises(ProtocolError) as info:
-            security.check_sender(zmq.Frame(b"x"), {"kind": "push", "worker": 0})
+            curve.check_sender(zmq.Frame(b"x"), {"kind": "push", "worker": 0})
         assert info.value.code == Error.FORBIDDEN
     finally:
-        security.use(None)
+        curve.use(None)
 
 
 @pytest.mark.parametrize("endpoint,loopback", [
@@ -162,18 +163,18 @@ def test_check_sender_refuses_a_frame_without_a_key(tmp_path):
     ("tcp://[::1]:5555", True), ("ipc:///tmp/x", True), ("tcp://0.0.0.0:5555", False),
     ("tcp://*:5555", False), ("tcp://10.0.0.7:5555", False), ("tcp://eth0:5555", False)])
 def test_loopback_endpoints(endpoint, loopback):
-    assert security.is_loopback(endpoint) == loopback
+    assert curve.is_loopback(endpoint) == loopback
 
 
 def test_binding_beyond_loopback_without_secure_warns(caplog):
-    security.use(None)
+    curve.use(None)
     with caplog.at_level(logging.WARNING, logger="ps.security"):
-        security.warn_if_exposed("tcp://0.0.0.0:5555", "server")
-        security.warn_if_exposed("tcp://127.0.0.1:5555", "server")
+        curve.warn_if_exposed("tcp://0.0.0.0:5555", "server")
+        curve.warn_if_exposed("tcp://127.0.0.1:5555", "server")
     assert len(caplog.records) == 1 and "--secure" in caplog.records[0].getMessage()
 
 
-# -- ps.validation --------------------------------------------------------------------
+# -- ps.wire.validation --------------------------------------------------------------------
 
 def code_of(fn, *args) -> str:
     with pytest.raises(ProtocolError) as info:
@@ -191,7 +192,7 @@ def test_ssp_window_refuses_future_clocks_only():
     validation.check_window(0, [5, 3], "ssp", 2)             # stale: dedupe decides
     assert code_of(validation.check_window, 8, [5, 3], "ssp", 2) == Error.BAD_FIELD
     validation.check_window(10 ** 9, [5, 3], "asp", 0)       # ASP has no window
-    validation.check_window(10 ** 9, [5, 3], "bsp", 0)       # BSP: ps.shard refuses it
+    validation.check_window(10 ** 9, [5, 3], "bsp", 0)       # BSP: ps.core.shard refuses it
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

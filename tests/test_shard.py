@@ -1,4 +1,4 @@
-"""The pure core of a server (ps.shard.Shard): aggregation, the consistency gate, dedupe.
+"""The pure core of a server (ps.core.shard.Shard): aggregation, the consistency gate, dedupe.
 
 Each test drives a Shard the way the server's event loop does (init, push, pull_ready,
 note_read) with payloads shaped as the wire delivers them (read-only float32 views of
@@ -13,11 +13,11 @@ received bytes, cut into several frames), and checks what DESIGN.md promises:
 import numpy as np
 import pytest
 
-from ps import shard as shard_module
-from ps import wire
-from ps.optim import CHUNK, make_optimizer
-from ps.protocol import Error, ProtocolError
-from ps.shard import Shard
+from ps.core import shard as shard_module
+from ps.wire import transport
+from ps.core.optim import CHUNK, make_optimizer
+from ps.wire.protocol import Error, ProtocolError
+from ps.core.shard import Shard
 
 LR = 0.1
 SGD = {"name": "sgd", "lr": LR}
@@ -28,8 +28,8 @@ FRAME_BYTES = 256               # 64 floats per frame, so every payload arrives 
 def received(values: np.ndarray) -> list[np.ndarray]:
     """What the server hands to Shard: read-only views of the received frames."""
     flat = np.ascontiguousarray(values, dtype=np.float32)
-    frames = [bytes(v) for v in wire.split(flat, frame_bytes=FRAME_BYTES)]
-    return wire.check_payload(frames, "float32", flat.size)
+    frames = [bytes(v) for v in transport.split(flat, frame_bytes=FRAME_BYTES)]
+    return transport.check_payload(frames, "float32", flat.size)
 
 
 def sgd(params: np.ndarray, grad: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Sharding (ps.sharding): the flat layout of named tensors and its cut into S ranges.
+"""Sharding (ps.core.sharding): the flat layout of named tensors and its cut into S ranges.
 
 The promise: S contiguous ranges that cover [0, total) exactly, of nearly equal size
 (differing by at most one element), so one huge tensor is spread over several servers
@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from ps.sharding import TensorSpec, cut, layout, tensors_in, total_size
+from ps.core.sharding import TensorSpec, cut, layout, tensors_in, total_size
 
 # A model with one tensor far larger than the rest: an embedding plus a small MLP head.
 SKEWED = [("embed.weight", [50_000, 64]), ("fc1.weight", [128, 64]), ("fc1.bias", [128]),

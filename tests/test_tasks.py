@@ -1,4 +1,4 @@
-"""Tasks (ps.tasks): the deterministic data stream and the dealing of its tasks.
+"""Tasks (ps.core.tasks): the deterministic data stream and the dealing of its tasks.
 
 What the rest of the system relies on: step k of an epoch is batch k of that epoch's
 order (the last one possibly smaller), the tasks of a step partition its batch exactly,
@@ -8,7 +8,7 @@ says how many tasks a step has (a shard waits for exactly that many in BSP).
 import numpy as np
 import pytest
 
-from ps.tasks import Task, TaskPlan, epoch_order, steps_per_epoch
+from ps.core.tasks import Task, TaskPlan, epoch_order, steps_per_epoch
 
 
 def all_samples(plan: TaskPlan, steps) -> list[int]:
@@ -123,7 +123,7 @@ def test_task_to_wire_is_plain_lists():
 
 
 def test_task_size_and_valid_ids_need_no_cut_of_the_step():
-    from ps import reform
+    from ps.reliability import scheduler_restart
     p = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
     for step in range(3 * p.steps_per_epoch):
         for task in p.tasks(step):
@@ -131,7 +131,7 @@ def test_task_size_and_valid_ids_need_no_cut_of_the_step():
     last = p.steps_per_epoch - 1                  # 97 = 3 x 31 + 4: the last batch has 4 samples
     assert p.num_tasks(last) == 4 and p.task_size(last * 6 + 4) is None
     steps = 2 * p.steps_per_epoch
-    assert reform.valid_ids(p, steps, [0, 5, last * 6 + 3])
-    assert not reform.valid_ids(p, steps, [last * 6 + 4])     # no such task in a short step
-    assert not reform.valid_ids(p, steps, [steps * 6])        # past the run's last step
-    assert not reform.valid_ids(p, steps, [-1])
+    assert scheduler_restart.valid_ids(p, steps, [0, 5, last * 6 + 3])
+    assert not scheduler_restart.valid_ids(p, steps, [last * 6 + 4])     # no such task in a short step
+    assert not scheduler_restart.valid_ids(p, steps, [steps * 6])        # past the run's last step
+    assert not scheduler_restart.valid_ids(p, steps, [-1])

@@ -20,9 +20,10 @@ import pytest
 from cluster import JOBS, assert_params_close, launch, oracle
 from inproc import InProcessServer
 
-from ps import compress, validation, wire
-from ps.client import RemoteError
-from ps.protocol import Error, Kind, ProtocolError
+from ps.core import compress
+from ps.wire import transport, validation
+from ps.wire.client import RemoteError
+from ps.wire.protocol import Error, Kind, ProtocolError
 
 N = 1 << 16
 JOB = os.path.join(JOBS, "tiny_mlp.py")
@@ -39,13 +40,13 @@ def grad_values(n=N, seed=0):
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_check_payload_reads_two_byte_items_as_their_storage(dtype):
     x = grad_values(10)
-    (chunk,) = wire.check_payload([compress.encode(x, dtype).tobytes()], dtype, 10)
+    (chunk,) = transport.check_payload([compress.encode(x, dtype).tobytes()], dtype, 10)
     assert chunk.dtype == compress.storage(dtype) and chunk.size == 10
     with pytest.raises(ProtocolError) as info:                 # 20 bytes are 5 floats, not 10
-        wire.check_payload([x[:5].tobytes()], dtype, 5)
+        transport.check_payload([x[:5].tobytes()], dtype, 5)
     assert info.value.code == Error.BAD_PAYLOAD
     with pytest.raises(ProtocolError) as info:                 # INIT narrows to float32
-        wire.check_payload([compress.encode(x, dtype).tobytes()], dtype, 10, ("float32",))
+        transport.check_payload([compress.encode(x, dtype).tobytes()], dtype, 10, ("float32",))
     assert info.value.code == Error.BAD_DTYPE
 
 

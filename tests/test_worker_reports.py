@@ -15,8 +15,8 @@ import zmq
 from cluster import ROOT
 
 sys.path.insert(0, ROOT)
-from ps.client import Peer  # noqa: E402
-from ps.protocol import Kind, decode, encode  # noqa: E402
+from ps.wire.client import Peer  # noqa: E402
+from ps.wire.protocol import Kind, decode, encode  # noqa: E402
 from worker.reports import Reports  # noqa: E402
 from worker.config import WorkerConfig  # noqa: E402
 from worker.runner import Worker  # noqa: E402

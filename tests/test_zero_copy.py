@@ -7,8 +7,8 @@ completes its step alone, updates straight from its frames: tests/test_shard.py)
 worker copies a pull into its flat parameter buffer. Each piece is checked where it
 happens:
 
-* ``wire.split`` returns views of the source array;
-* ``wire.check_payload`` returns arrays over the received frames' own memory;
+* ``transport.split`` returns views of the source array;
+* ``transport.check_payload`` returns arrays over the received frames' own memory;
 * a real server (``inproc``) answers a float32 pull from the shard's live buffer,
   counts no copy-on-write in a quiet exchange, and counts one when an update meets
   a reply still in flight;
@@ -23,7 +23,7 @@ import pytest
 
 from inproc import InProcessServer
 
-from ps import wire
+from ps.wire import transport
 
 N = 1 << 20                        # 4 MiB of float32: one frame
 SMALL = 512 << 10                  # "nothing of the payload's size": under 1/8 of it allocated
@@ -46,7 +46,7 @@ def live():
 
 def test_split_returns_views_of_the_source():
     flat = np.arange(3 * N, dtype=np.float32)
-    views = wire.split(flat, frame_bytes=N)
+    views = transport.split(flat, frame_bytes=N)
     assert len(views) == 12
     assert all(np.shares_memory(np.asarray(v), flat) for v in views)
     assert address(views[5]) == flat.ctypes.data + 5 * N
@@ -55,10 +55,10 @@ def test_split_returns_views_of_the_source():
 @pytest.mark.timeout(30)
 def test_payload_arrays_are_the_received_frames_memory(live):
     grad = np.ones(N, dtype=np.float32)
-    rid = live.client.peers[0].send("push", wire.split(grad), worker=0, inc=7, step=0, tasks=[0],
+    rid = live.client.peers[0].send("push", transport.split(grad), worker=0, inc=7, step=0, tasks=[0],
                                     samples=1, step_tasks=1, lo=0, dtype="float32", size=N)
     frames = live.serve_one()
-    chunks = wire.check_payload(frames[2:], "float32", N)
+    chunks = transport.check_payload(frames[2:], "float32", N)
     for chunk, frame in zip(chunks, frames[2:]):
         assert chunk.base is not None and chunk.base.obj is frame     # a view of the zmq.Frame
         assert chunk.ctypes.data == address(frame.buffer)             # at the frame's own address
@@ -92,7 +92,7 @@ def test_float32_pull_is_sent_from_the_live_buffer_and_copied_once(live, monkeyp
 def test_server_push_allocates_nothing_of_the_payload_size(live):
     grad = np.ones(N, dtype=np.float32)
     for step in range(2):                         # the second push meets warm caches
-        rid = live.client.peers[0].send("push", wire.split(grad), worker=0, inc=7, step=step,
+        rid = live.client.peers[0].send("push", transport.split(grad), worker=0, inc=7, step=step,
                                         tasks=[step], samples=1, step_tasks=1, lo=0,
                                         dtype="float32", size=N)
         tracemalloc.start()
@@ -114,7 +114,7 @@ def test_copy_on_write_is_counted_when_an_update_meets_a_reply_in_flight(live):
         done = False
     live.server.in_flight.append(InFlight())
     before = live.server.shard.params
-    rid = live.client.peers[0].send("push", wire.split(np.ones(N, dtype=np.float32)), worker=0,
+    rid = live.client.peers[0].send("push", transport.split(np.ones(N, dtype=np.float32)), worker=0,
                                     inc=7, step=0, tasks=[0], samples=1, step_tasks=1, lo=0,
                                     dtype="float32", size=N)
     live.serve_one()

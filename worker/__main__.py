@@ -7,14 +7,16 @@ import logging
 import signal
 import sys
 
-from ps import compress, netfaults, security
-from ps.client import RemoteError
-from ps.protocol import Error
+from ps.core import compress
+from ps.faults import messages
+from ps.security import curve
+from ps.wire.client import RemoteError
+from ps.wire.protocol import Error
 
-from .heartbeat import Fenced
-from .config import WorkerConfig
-from .runner import Worker
-from .straggler import parse_jitter
+from worker.heartbeat import Fenced
+from worker.config import WorkerConfig
+from worker.runner import Worker
+from worker.straggler import parse_jitter
 
 log = logging.getLogger("worker")
 
@@ -43,7 +45,7 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="fault hook: SIGKILL this worker at before_push, mid_push or after_push "
                         "of STEP; stall@STEP stops its main thread for 4 s before that push instead")
     p.add_argument("--secure", default=None, metavar="KEYDIR",
-                   help="CurveZMQ with the keys in KEYDIR (python -m ps.keys); needs --id")
+                   help="CurveZMQ with the keys in KEYDIR (python -m ps.security.keys); needs --id")
     p.add_argument("--grad-dtype", choices=compress.WIRE_DTYPES, default="float32",
                    help="gradients on the wire (servers sum in float32) (default: %(default)s)")
     p.add_argument("--param-dtype", choices=compress.WIRE_DTYPES, default="float32",
@@ -79,9 +81,9 @@ def parse_args(argv=None) -> WorkerConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    netfaults.configure_from_env()
+    messages.configure_from_env()
     if config.secure:
-        security.use(security.Keyring(config.secure, f"worker{config.worker_id}"))
+        curve.use(curve.Keyring(config.secure, f"worker{config.worker_id}"))
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack
     worker = None
     try:

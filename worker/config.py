@@ -20,11 +20,11 @@ class WorkerConfig:
     jitter: tuple = (0.0, 1.0)      # (P, F): any task F times slower with probability P
     trace: bool = False             # write trace/worker<id>-<incarnation>.json into out
     crash_at: str | None = None     # fault hook "POINT@STEP": kill this process right there
-    secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security)
+    secure: str | None = None       # key directory: CurveZMQ as key worker<id> (ps.security.curve)
     grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
     param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
     prefetch: str = "push"          # when the next pull is sent: push | compute (not BSP) | off
-    overlap: bool = True            # BSP on the CPU: push shards from backward (worker.overlap)
+    overlap: bool = True            # BSP on the CPU: push shards from backward (worker.speedups.overlap)
     fuse: int = 0                   # BSP/SSP: most tasks per pass (0: no limit; Dealer.take_more)
 
 

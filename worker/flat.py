@@ -1,7 +1,7 @@
 """The model's parameters and gradients as two flat float32 buffers.
 
 Every parameter becomes a view into one flat vector, and every ``.grad`` a view into
-a second one, in ``named_parameters`` order (the layout ``ps.sharding`` cuts into
+a second one, in ``named_parameters`` order (the layout ``ps.core.sharding`` cuts into
 shards). What that buys:
 
 * a pull lands directly in the model's storage (one copy, frame -> parameter);

@@ -14,9 +14,9 @@ import threading
 
 import zmq
 
-from ps.client import Peer, RemoteError
-from ps.membership import HEARTBEAT_INTERVAL_S
-from ps.protocol import Error, Kind
+from ps.wire.client import Peer, RemoteError
+from ps.scheduler.membership import HEARTBEAT_INTERVAL_S
+from ps.wire.protocol import Error, Kind
 
 log = logging.getLogger("worker")
 

@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch.utils.data import default_collate
 
-from ps.optim import make_optimizer
+from ps.core.optim import make_optimizer
 
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
 

@@ -21,10 +21,10 @@ two (char transformer, 2 cores: 5% a step). The reply's task names its step; it 
 """
 from __future__ import annotations
 
-from ps.client import Peer, RemoteError
-from ps.protocol import Kind
+from ps.wire.client import Peer, RemoteError
+from ps.wire.protocol import Kind
 
-from .heartbeat import as_fenced
+from worker.heartbeat import as_fenced
 
 
 class Leases:

@@ -9,10 +9,10 @@ report still unanswered then is sent again by the Lazy Pirate retry of ``Peer.re
 """
 from __future__ import annotations
 
-from ps.client import Peer, RemoteError
-from ps.protocol import Kind
+from ps.wire.client import Peer, RemoteError
+from ps.wire.protocol import Kind
 
-from .heartbeat import as_fenced
+from worker.heartbeat import as_fenced
 
 MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the answers
 

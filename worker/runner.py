@@ -36,21 +36,21 @@ import numpy as np
 import torch
 import zmq
 
-from ps.client import Peer, RemoteError, ShardClient, ShardInfo
-from ps.diagnose import WAIT_LOG_S
-from ps.protocol import Error, Kind
+from ps.wire.client import Peer, RemoteError, ShardClient, ShardInfo
+from ps.scheduler.diagnose import WAIT_LOG_S
+from ps.wire.protocol import Error, Kind
 from ps.trace import Tracer
 
-from .config import WorkerConfig, pick_device
-from .flat import FlatModel
-from .heartbeat import Fenced, Heartbeat, as_fenced
-from .job import collate, load_job
-from .leases import Leases
-from .overlap import Overlap
-from .prefetch import Prefetch
-from .reports import Reports
-from .straggler import CrashAt, Slowdown
-from .waits import describe_pull
+from worker.config import WorkerConfig, pick_device
+from worker.flat import FlatModel
+from worker.heartbeat import Fenced, Heartbeat, as_fenced
+from worker.job import collate, load_job
+from worker.leases import Leases
+from worker.speedups.overlap import Overlap
+from worker.speedups.prefetch import Prefetch
+from worker.reports import Reports
+from worker.straggler import CrashAt, Slowdown
+from worker.waits import describe_pull
 
 log = logging.getLogger("worker")
 

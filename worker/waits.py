@@ -1,7 +1,7 @@
 """What a blocked pull is waiting for, named in one log line (no silent hangs).
 
 A worker whose BSP pull for step t has waited longer than a few heartbeats
-(``ps.diagnose.WAIT_LOG_S``) asks each shard for its counters (a shard answers STATS
+(``ps.scheduler.diagnose.WAIT_LOG_S``) asks each shard for its counters (a shard answers STATS
 at once, even while it holds the pull back) and the scheduler who holds the tasks the
 slowest shard is missing, and logs it::
 
@@ -12,9 +12,9 @@ The same text goes into the error the worker exits with if the pull's deadline p
 """
 from __future__ import annotations
 
-from ps.client import Peer, RemoteError, ShardClient
-from ps.diagnose import describe
-from ps.protocol import Kind
+from ps.wire.client import Peer, RemoteError, ShardClient
+from ps.scheduler.diagnose import describe
+from ps.wire.protocol import Kind
 
 ASK_TIMEOUT_S = 1.0     # a shard or scheduler that cannot answer STATS in this long is named as such
 

@@ -135,8 +135,8 @@ def shard_bytes_per_param_byte(optimizer: dict) -> tuple[dict[str, float], int]:
     """Arrays a BSP ``Shard`` holds (``Shard.state_bytes``), by name, in bytes per byte
     of its parameters, and its constant scratch in bytes (read off a Shard of a few
     optimizer chunks after one step)."""
-    from ps.optim import CHUNK
-    from ps.shard import Shard
+    from ps.core.optim import CHUNK
+    from ps.core.shard import Shard
     size = 4 * CHUNK
     shard = Shard(size, optimizer, "bsp", 0, 1)
     shard.init([np.zeros(size, np.float32)])
@@ -166,7 +166,7 @@ def scale_run(job: str, params: int, servers: int, workers: int, steps: int, war
 def run(args) -> tuple[list[dict], str]:
     sys.path.insert(0, os.path.dirname(MLP_JOB))
     import mlp10m                                  # the architecture's exact parameter count
-    from ps.sharding import cut
+    from ps.core.sharding import cut
     configs: dict[tuple[int, int, int], list[str]] = {}    # (size, servers, workers) -> sweeps
     for size in args.sizes:
         configs.setdefault((size, 2, 2), []).append("size")

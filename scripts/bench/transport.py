@@ -10,7 +10,7 @@ between two processes:
 raw        a DEALER sends 4N bytes as 8 MiB frames (copy=False), a ROUTER peer
            (``benchmark.py raw-peer``) answers with 4N bytes: pyzmq and nothing else
 echo+work  the same, but the peer does the per-byte work of a server before it answers
-           (``raw-peer --work``: the NaN/Inf scan and the optimizer step of ``ps.optim``
+           (``raw-peer --work``: the NaN/Inf scan and the optimizer step of ``ps.core.optim``
            with the previous version kept, on the received frames), and the sender
            copies the answer into a flat buffer, as a worker copies a pull into its model
 
@@ -31,10 +31,10 @@ import zmq
 from .common import (EXIT_TIMEOUT_S, REQUEST_TIMEOUT_S, ROLE_TIMEOUT_S, SCRIPT,
                      START_TIMEOUT_S, Children, count, counts, ints, markdown)
 
-from ps import validation, wire                        # noqa: E402  (common put ROOT on the path)
-from ps.client import Peer, ShardClient, ShardInfo     # noqa: E402
-from ps.optim import make_optimizer                    # noqa: E402
-from ps.protocol import Kind                           # noqa: E402
+from ps.wire import transport, validation                        # noqa: E402  (common put ROOT on the path)
+from ps.wire.client import Peer, ShardClient, ShardInfo     # noqa: E402
+from ps.core.optim import make_optimizer                    # noqa: E402
+from ps.wire.protocol import Kind                           # noqa: E402
 
 BLOCK_BYTES = 1.6e9       # bytes a timed block moves by default: ~1-2 s, long enough to swamp
                           # jitter, short enough for the default suite to take ~30 s on 2 cores
@@ -51,7 +51,7 @@ def raw_peer(args) -> int:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind("tcp://127.0.0.1:*")
-    wire.write_endpoint(args.endpoint_file, sock.getsockopt_string(zmq.LAST_ENDPOINT))
+    transport.write_endpoint(args.endpoint_file, sock.getsockopt_string(zmq.LAST_ENDPOINT))
     reply = np.zeros(0, dtype=np.float32)                  # (n,) what we answer with
     keep, optimizer = None, None                           # --work: the kept version, SGD
     try:
@@ -72,7 +72,7 @@ def raw_peer(args) -> int:
                 optimizer.step(reply, chunks, keep=keep)
             # Sent without copy or tracking: the sender waits for this answer before it
             # sends again, so nothing writes the buffer while zmq may still read it.
-            sock.send_multipart([ident, *wire.split(reply)], copy=False)
+            sock.send_multipart([ident, *transport.split(reply)], copy=False)
         return 1                                           # idle past the deadline: give up
     finally:
         sock.close(linger=0)
@@ -93,7 +93,7 @@ def raw_block(sock: zmq.Socket, frames: list, nbytes: int, rounds: int,
         if got != nbytes:
             raise RuntimeError(f"raw peer answered {got} bytes, expected {nbytes}")
         if into is not None:
-            wire.copy_into(into, [np.frombuffer(f.buffer, dtype=np.float32) for f in answer])
+            transport.copy_into(into, [np.frombuffer(f.buffer, dtype=np.float32) for f in answer])
     return time.perf_counter() - t0
 
 
@@ -162,7 +162,7 @@ def transport_row(n: int, servers: int, rounds: int, repeats: int) -> dict:
         grad = np.ones(n, dtype=np.float32)                # (n,) the gradient it pushes
         client.init(flat)
         client.pull_into(flat, 0)                          # version 0, as a worker starts
-        frames = wire.split(grad)                          # 8 MiB views, like a push
+        frames = transport.split(grad)                          # 8 MiB views, like a push
         raw_block(raw, frames, nbytes, WARMUP_ROUNDS)
         raw_block(work, frames, nbytes, WARMUP_ROUNDS, into=flat)
         ps_block(client, flat, grad, 0, WARMUP_ROUNDS)

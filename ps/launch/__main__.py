@@ -1,0 +1,6 @@
+"""``python -m ps.launch``: see ``ps.launch.launcher``."""
+import sys
+
+from ps.launch.launcher import main
+
+sys.exit(main())

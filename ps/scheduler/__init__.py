@@ -1,0 +1,11 @@
+"""The scheduler process: the control path, never a tensor byte (``python -m ps.scheduler``).
+
+    scheduler     the event loop and its phases (forming, training, finishing)
+    config        SchedulerConfig and the flags that build it
+    membership    who is in the cluster, incarnations, who went silent (Paranoid Pirate)
+    registration  the checks a REGISTER must pass
+    forming       from the first REGISTER to every member's configuration
+    runstate      losses, work per worker, what is done
+    diagnose      what a waiting step waits for, by name
+    summary       summary.json
+"""

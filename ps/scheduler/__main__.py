@@ -1,0 +1,6 @@
+"""``python -m ps.scheduler``: see ``ps.scheduler.scheduler``."""
+import sys
+
+from ps.scheduler.scheduler import main
+
+sys.exit(main())

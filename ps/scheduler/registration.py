@@ -1,0 +1,134 @@
+"""Registration: the checks a REGISTER must pass and the index the role gets.
+
+``ps.scheduler.forming`` calls these while the cluster forms, and again when a replacement
+worker joins mid-run; the scheduler checks each server heartbeat's counters with
+``server_stats``. Pure functions over request headers: a request that fails a check
+raises ``ProtocolError`` (the scheduler answers it with ERROR and goes on). The
+invariants they keep: every worker of a run describes the same job (model layout, data
+set, batch size, optimizer, epochs) with the scheduler's seed, and no index is held by
+two live roles; what the scheduler computes with is what an honest member sends.
+"""
+from __future__ import annotations
+
+import re
+from math import prod
+
+from ps.reliability.checkpoint import shard_file
+from ps.core.optim import make_optimizer
+from ps.wire.protocol import Error, ProtocolError, is_int
+
+JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs")
+STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def pick_index(wanted, taken: dict, count: int, what: str) -> int:
+    """The index a role asked for (launchers pin them), else the lowest free one."""
+    if not _count(wanted):
+        wanted = next((i for i in range(count) if i not in taken), count)
+    if wanted >= count or wanted in taken:
+        raise ProtocolError(Error.BAD_FIELD, f"{what} {wanted} is taken or out of range [0, {count})")
+    return wanted
+
+
+def admit(header: dict, servers: dict, workers: dict, cfg) -> int:
+    """A REGISTER while the cluster forms: check it, record the role in ``servers`` (its
+    endpoint) or ``workers`` (its job), and return the index it gets."""
+    if header["role"] == "server":
+        index = pick_index(header.get("shard"), servers, cfg.servers, "shard")
+        if not isinstance(header.get("endpoint"), str):
+            raise ProtocolError(Error.MISSING_FIELD, "a server registers its endpoint")
+        servers[index] = {"endpoint": header["endpoint"]}
+    elif header["role"] == "worker":
+        index = pick_index(header.get("worker"), workers, cfg.workers, "worker")
+        workers[index] = worker_job(header, cfg, workers.values())
+    else:
+        raise ProtocolError(Error.BAD_FIELD, f"unknown role {header['role']!r}")
+    return index
+
+
+def job_of(header: dict) -> dict:
+    """The job a worker describes when it registers: what every worker must agree on."""
+    return {k: header.get(k) for k in JOB_FIELDS}
+
+
+def worker_job(header: dict, cfg, others) -> dict:
+    """Check a forming worker's job (fields, layout, optimizer, seed, agreement with the
+    workers already registered) and return it. Checked here, so that what forming does
+    with the job (cut the layout, count the steps) cannot fail later on a bad one, with
+    every other member's registration held."""
+    info, seed = job_of(header), cfg.seed
+    if not (isinstance(info["layout"], list) and is_int(info["dataset_size"])
+            and is_int(info["batch_size"]) and isinstance(info["optimizer"], dict)):
+        raise ProtocolError(Error.MISSING_FIELD, "a worker registers its layout, dataset_size, "
+                                                 "batch_size and optimizer")
+    if not (info["dataset_size"] > 0 and info["batch_size"] > 0 and isinstance(info["shuffle"], bool)
+            and (info["epochs"] is None or is_int(info["epochs"]) and info["epochs"] > 0)):
+        raise ProtocolError(Error.BAD_FIELD, "dataset_size and batch_size must be positive ints, "
+                                             "shuffle a bool, epochs a positive int or nil")
+    size = layout_size(info["layout"])
+    if size < cfg.servers:
+        raise ProtocolError(Error.BAD_FIELD, f"a model of {size} parameters cannot be cut into "
+                                             f"{cfg.servers} shards")
+    try:
+        make_optimizer(info["optimizer"], 1)
+    except (ValueError, TypeError) as exc:
+        raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
+    if header.get("seed") != seed:
+        raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
+                                             f"the scheduler's {seed}")
+    for other in others:
+        if other != info:
+            raise ProtocolError(Error.BAD_FIELD, "this worker's job differs from the others' "
+                                                 "(model layout, data set or optimizer)")
+    return info
+
+
+def layout_size(layout: list) -> int:
+    """The parameters of a layout: ``[[name, shape], ...]`` in the model's order, each
+    name a string and each shape a list of non-negative ints."""
+    size = 0
+    for entry in layout:
+        if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], str)
+                and isinstance(entry[1], list) and all(_count(d) for d in entry[1])):
+            raise ProtocolError(Error.BAD_FIELD, "layout must be a list of [name, shape] pairs, "
+                                                 "a shape a list of non-negative ints")
+        size += prod(entry[1])
+    return size
+
+
+def pick_replacement(wanted, dead: list[int]) -> int:
+    """The dead worker id a replacement takes: the one it asked for, else the lowest."""
+    index = wanted if wanted in dead else (dead[0] if dead and wanted in (None, -1) else None)
+    if index is None:
+        # The worker it replaces may not have been declared dead yet: ask it to retry.
+        raise ProtocolError(Error.NOT_READY, f"no dead worker to replace (asked for {wanted!r})")
+    return index
+
+
+def server_stats(stats, index: int, shard_map: list[dict] | None) -> dict:
+    """A server's counters (its heartbeat, or its REGISTER after our restart), checked
+    before they are kept: the scheduler computes with some of them (the version a dead
+    worker's tasks are complete below, checkpoint commits, the summary's sums), so
+    those must be what an honest server sends, and a checkpoint report must name this
+    shard's own file and (once the cluster has formed: ``shard_map``) its range. The
+    rest are only shown (msgpack already rules out binary data)."""
+    own = [(s["lo"], s["hi"]) for s in shard_map or () if s["index"] == index]
+    if not isinstance(stats, dict):
+        raise ProtocolError(Error.BAD_FIELD, "a server's stats must be a map")
+    for key in STATS_COUNTS:
+        if key in stats and not _count(stats[key]):
+            raise ProtocolError(Error.BAD_FIELD, f"stats.{key} must be a non-negative int")
+    report = stats.get("checkpoint")
+    if report is not None and not (
+            isinstance(report, dict) and all(_count(report.get(k)) for k in ("lo", "hi", "version"))
+            and report.get("shard") == index and report["lo"] < report["hi"]
+            and (not own or (report["lo"], report["hi"]) == own[0])
+            and report.get("file") == shard_file(report["version"], index)
+            and isinstance(report.get("sha256"), str) and SHA256.fullmatch(report["sha256"])):
+        raise ProtocolError(Error.BAD_FIELD, f"stats.checkpoint is not shard {index}'s report")
+    return stats
+
+
+def _count(value) -> bool:
+    return is_int(value) and value >= 0

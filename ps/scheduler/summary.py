@@ -1,0 +1,122 @@
+"""``summary.json``: the record of a run, from its fields to the launcher's one-line report.
+
+The scheduler ``build``s the summary when it exits (its settings, the run accounting of
+``ps.scheduler.runstate``, the shards' counters from their last heartbeats, deaths, rejoins and
+checkpoints) and ``write``s it; the launcher then ``amend``s it with the faults it
+injected and the recoveries it made, reads it back (``lost_server``, ``report``) and
+prints the result. The invariant: the file is replaced atomically, so a reader sees
+either no summary or a whole one, never a half-written file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from ps.scheduler import diagnose
+from ps.core.dealer import Dealer
+from ps.wire.protocol import is_int
+from ps.reliability.server_recovery import Recovery
+from ps.scheduler.runstate import RunState
+from ps.scheduler.config import SchedulerConfig
+
+FILE = "summary.json"
+
+
+def max_staleness(shard_stats: dict[int, dict]) -> int:
+    """The largest staleness any shard served (also in the scheduler's STATUS replies)."""
+    return max((s.get("max_staleness", 0) for s in shard_stats.values()), default=0)
+
+
+def status(s, step=None) -> dict:
+    """Scheduler ``s``'s STATUS reply: phase and progress; asked about a ``step``, also who
+    holds its unreported tasks (``ps.scheduler.diagnose``)."""
+    reply = {"phase": s.phase, "max_staleness": max_staleness(s.shard_stats)}
+    if s.run:
+        reply.update(s.run.progress())
+        if is_int(step) and 0 <= step < s.run.steps:
+            reply["missing"] = diagnose.holders(s.dealer, s.run, step)
+    return reply
+
+
+def of(s) -> dict:
+    """The summary of scheduler ``s``'s run."""
+    return build(s.config, s.run, s.dealer, s.shard_stats, failure=s.failure,
+                 deaths=s.failover.deaths, rejoins=s.failover.rejoins, recovery=s.recovery,
+                 restarts=s.reform.restarts if s.reform else [])
+
+
+def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
+          failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery,
+          restarts: list[dict] = ()) -> dict:
+    """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
+    return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
+            "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
+            "failure": failure, "steal": cfg.steal,
+            "tasks_per_step": dealer.plan.tasks_per_step,
+            **run.summary(dealer.stolen_by, dealer.stolen_from),
+            "max_staleness": max_staleness(shard_stats),
+            "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
+            "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
+            "deaths": deaths, "rejoins": rejoins, "scheduler_restarts": list(restarts),
+            "checkpoint_committed": recovery.committed, "resumed_from": recovery.resumed_from,
+            "shards": [shard_stats.get(k, {}) for k in range(cfg.servers)]}
+
+
+def write(out: str, summary: dict) -> None:
+    """Write ``out/summary.json`` through a temporary file and a rename."""
+    os.makedirs(out, exist_ok=True)
+    tmp = os.path.join(out, FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp, os.path.join(out, FILE))
+
+
+def amend(out: str, faults, recoveries: list[dict]) -> None:
+    """Add what was injected, and each recovery, to summary.json."""
+    path = os.path.join(out, FILE)
+    if not (faults or recoveries) or not os.path.exists(path):
+        return
+    with open(path) as f:
+        summary = json.load(f)
+    summary["faults_injected"] = [{"spec": f.spec, "fired_at_s": f.fired_at_s} for f in faults]
+    restarts = iter(summary.get("scheduler_restarts", []))
+    for record, fault in zip(summary["faults_injected"], faults):
+        detected = getattr(fault, "detected_wall", None)      # a killed scheduler, restarted
+        restart = next(restarts, None) if detected is not None else None
+        if restart is not None:
+            record["detected_at_s"] = fault.detected_at_s
+            record["recovery_s"] = round(restart["reformed_wall"] - detected, 3)
+    summary["recoveries"] = recoveries
+    write(out, summary)
+
+
+def lost_server(out: str) -> str | None:
+    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+    try:
+        with open(os.path.join(out, FILE)) as f:
+            failure = json.load(f).get("failure") or ""
+    except (OSError, ValueError):
+        return None
+    if not failure.startswith("server "):
+        return None
+    return failure.split(" silent")[0].replace(" ", "")      # "server 1" -> "server1"
+
+
+def report(out: str) -> int:
+    """Print the run's one-line result; 0 if it succeeded."""
+    path = os.path.join(out, FILE)
+    if not os.path.exists(path):
+        print(f"no summary was written to {path}", file=sys.stderr)
+        return 1
+    with open(path) as f:
+        s = json.load(f)
+    if not s.get("ok"):
+        print(f"run failed: {s.get('failure')}", file=sys.stderr)
+        return 1
+    loss = f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else "-"
+    print(f"{s['mode']}: {s['steps']} steps, {s['samples']} samples in {s['wall_s']:.1f} s "
+          f"({s['samples_per_s']:,.0f} samples/s), final loss {loss}, max staleness "
+          f"{s['max_staleness']}, duplicates rejected {s['duplicates_rejected']}; results in {out}",
+          file=sys.stderr)
+    return 0

@@ -1,0 +1,5 @@
+"""A server process: one shard of the parameters behind a ZeroMQ ROUTER (``python -m ps.server``).
+
+    server   the event loop: receive, validate, call ``ps.core.shard``, reply
+    config   ServerConfig and the flags that build it
+"""
