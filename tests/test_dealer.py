@@ -270,3 +270,65 @@ def test_a_fused_lease_asked_ahead_leaves_the_last_task_and_stays_in_its_step():
     e.deal(0)
     first, _ = e.take(0, [0], [0])
     assert {t.step for t in e.take_more(0, first, fuse=64)} == {first.step}
+
+
+# -- the adaptive grain -----------------------------------------------------------------
+
+def adaptive(workers=2, t=8, steal=True):
+    p = plan(n=640, b=64, t=t)
+    return p, Dealer(p, workers, total_steps=10, steal=steal, adaptive=True)
+
+
+def test_adaptive_grain_is_one_task_per_worker_until_speeds_differ():
+    p, d = adaptive()
+    d.deal(0)                                                 # speeds unknown: coarse
+    assert p.num_tasks(0) == 2 and [len(q) for q in d.deques[0]] == [1, 1]
+    d.note_speed(0, 100.0)
+    d.note_speed(1, 110.0)                                    # within IMBALANCE
+    d.deal(1)
+    assert p.num_tasks(1) == 2
+    d.speeds = [100.0, 300.0]                                 # one worker 3x slower
+    d.deal(2)
+    assert p.num_tasks(2) == 8 and [len(q) for q in d.deques[2]] == [2, 6]
+    assert (d.fine_rounds, d.coarse_rounds) == (1, 2)
+
+
+def test_adaptive_grain_has_hysteresis_and_follows_deaths():
+    p, d = adaptive(workers=3, t=12)
+    d.speeds = [100.0, 100.0, 140.0]                          # spread 1.4: fine
+    d.deal(0)
+    assert p.num_tasks(0) == 12
+    d.speeds = [100.0, 100.0, 120.0]                          # 1.2: stays fine (above BALANCED)
+    d.deal(1)
+    assert p.num_tasks(1) == 12
+    d.speeds = [100.0, 100.0, 105.0]                          # 1.05: coarse again
+    d.deal(2)
+    assert p.num_tasks(2) == 3
+    d.reassign(2, [0, 1])                                     # a death: one task per live worker
+    d.deal(3)
+    assert p.num_tasks(3) == 2 and [len(q) for q in d.deques[3]] == [1, 1, 0]
+
+
+def test_static_dealing_and_a_fixed_grain_never_change_the_cut():
+    p, d = adaptive(steal=False)
+    d.speeds = [100.0, 300.0]
+    d.deal(0)
+    assert p.num_tasks(0) == 2                                # static: equal shares, one each
+    p2 = plan(n=640, b=64, t=8)
+    d2 = Dealer(p2, 2, total_steps=10)                        # adaptive off: --tasks-per-step
+    d2.speeds = [100.0, 100.0]
+    d2.deal(0)
+    assert p2.num_tasks(0) == 8 and p2.grain == {}
+
+
+def test_every_task_of_an_adaptive_round_is_leased_exactly_once():
+    p, d = adaptive(workers=3, t=12)
+    d.speeds = [100.0, 100.0, 400.0]
+    d.deal(0)
+    got = []
+    for _ in range(20):
+        for w in range(3):
+            task, _ = d.take(w, [0], [0])
+            if task is not None:
+                got.append(task.id)
+    assert sorted(got) == p.ids(0) and len(p.ids(0)) == 12

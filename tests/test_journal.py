@@ -21,7 +21,7 @@ def test_records_round_trip_in_order(tmp_path):
     path = str(tmp_path / "j")
     j = Journal(path)
     j.config(fingerprint(SchedulerConfig()))
-    j.dealt(0)
+    j.dealt(0, 4)
     j.report({"worker": 1, "inc": 3, "rid": 7, "step": 0, "tasks": [0, 2], "rejected": [],
               "loss_sum": 1.5, "samples": 12, "compute_s": 0.1, "wait_s": 0.0})
     j.commit(10)
@@ -39,7 +39,7 @@ def test_a_damaged_last_record_is_dropped_and_appending_goes_on_after_the_whole_
     path = str(tmp_path / "j")
     j = Journal(path)
     for rnd in range(3):
-        j.dealt(rnd)
+        j.dealt(rnd, 4)
     j.close()
     size = os.path.getsize(path)
     with open(path, "r+b") as f:
@@ -52,7 +52,7 @@ def test_a_damaged_last_record_is_dropped_and_appending_goes_on_after_the_whole_
     assert [r["round"] for r in records] == [0, 1]
     j = Journal(path)
     assert [r["round"] for r in j.records] == [0, 1]
-    j.dealt(7)
+    j.dealt(7, 4)
     j.close()
     assert [r["round"] for r in read(path)[0]] == [0, 1, 7]   # no garbage between
 
@@ -60,7 +60,7 @@ def test_a_damaged_last_record_is_dropped_and_appending_goes_on_after_the_whole_
 def test_a_missing_or_empty_journal_has_no_records(tmp_path):
     assert read(str(tmp_path / "none")) == ([], 0)
     assert Journal(None).records == []
-    Journal(None).dealt(3)                                    # a journal that writes nothing
+    Journal(None).dealt(3, 4)                                    # a journal that writes nothing
 
 
 def test_incarnations_in_the_journal_are_never_handed_out_again():

@@ -5,7 +5,7 @@ its slice of the flat gradient is final (a parameter straddling two shards holds
 back), the last layers' shard first; hooks do nothing unless armed. Cluster: with
 ``--trace``, a worker's first shard push starts before the backward of its last own
 task of the step ends, and the BSP run ends on the oracle's parameters, with the
-overlap and with ``--no-overlap`` (which sends no push from inside backward).
+overlap (``--overlap``) and by default (no push is sent from inside backward).
 """
 import json
 import os
@@ -146,7 +146,7 @@ def test_a_job_whose_loss_fn_resets_grad_fails_and_says_why(tmp_path):
 
 def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
-                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace")
+                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace", "--overlap")
     assert run.rc == 0, run.stderr[-3000:]
     assert run.summary["duplicates_rejected"] == 0
     assert_params_close(run.params, reference, rtol=1e-5)
@@ -164,9 +164,9 @@ def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, ref
 
 
 @pytest.mark.timeout(120)
-def test_no_overlap_pushes_after_backward_and_equals_the_oracle(tmp_path, reference):
+def test_by_default_pushes_after_backward_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
-                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace", "--no-overlap")
+                 "--steps", str(STEPS), "--tasks-per-step", "4", "--trace")
     assert run.rc == 0, run.stderr[-3000:]
     assert_params_close(run.params, reference, rtol=1e-5)
     events = trace_events(tmp_path)

@@ -135,3 +135,20 @@ def test_task_size_and_valid_ids_need_no_cut_of_the_step():
     assert not scheduler_restart.valid_ids(p, steps, [last * 6 + 4])     # no such task in a short step
     assert not scheduler_restart.valid_ids(p, steps, [steps * 6])        # past the run's last step
     assert not scheduler_restart.valid_ids(p, steps, [-1])
+
+
+def test_a_coarser_grain_keeps_the_ids_stride_and_covers_the_same_samples():
+    p = TaskPlan(num_samples=100, batch_size=30, tasks_per_step=6, shuffle=False)
+    fine = p.tasks(1)
+    p.set_grain(1, 2)
+    coarse = p.tasks(1)
+    assert [t.id for t in coarse] == [6, 7]                       # the step's first ids
+    assert sorted(s for t in coarse for s in t.samples) == sorted(s for t in fine for s in t.samples)
+    assert [p.task_size(t.id) for t in coarse] == [15, 15] and p.task_size(8) is None
+    assert p.ids(1) == [6, 7] and p.num_tasks(1) == 2 and p.num_tasks(0) == 6
+    p.set_grain(1, 6)                                             # back to the finest cut
+    assert p.tasks(1) == fine and p.grain == {}
+    with pytest.raises(ValueError):
+        p.set_grain(2, 7)
+    with pytest.raises(ValueError):
+        p.set_grain(2, 0)

@@ -54,9 +54,9 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="send the next pull right behind the push (push), as soon as this "
                         "step's parameters are in (compute: SSP/ASP only), or not ahead (off) "
                         "(default: %(default)s)")
-    p.add_argument("--no-overlap", dest="overlap", action="store_false",
-                   help="BSP on the CPU: push the last task's gradient after backward, not "
-                        "shard by shard from backward hooks (worker/overlap.py), for A/B runs")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="BSP on the CPU: push shard by shard from backward hooks "
+                        "(worker/speedups/overlap.py) instead of after backward (default: off)")
     p.add_argument("--fuse", type=int, default=0, metavar="N",
                    help="BSP/SSP: compute at most N tasks of a lease together, in one forward and "
                         "backward pass (0: as many as the scheduler leases; 1: one task per pass) "

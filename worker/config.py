@@ -24,7 +24,8 @@ class WorkerConfig:
     grad_dtype: str = "float32"     # gradients on the wire: float32 | float16 | bfloat16
     param_dtype: str = "float32"    # parameters on the wire (servers keep float32 either way)
     prefetch: str = "push"          # when the next pull is sent: push | compute (not BSP) | off
-    overlap: bool = True            # BSP on the CPU: push shards from backward (worker.speedups.overlap)
+    overlap: bool = False           # BSP on the CPU: push shards from backward (worker.speedups.overlap);
+                                    # opt-in: 1,440 vs 1,441 samples/s with and without on 2 cores
     fuse: int = 0                   # BSP/SSP: most tasks per pass (0: no limit; Dealer.take_more)
 
 

@@ -9,8 +9,14 @@ work the owner would have reached last). Stolen tasks move into the thief's dequ
 of the same round and are taken from there.
 
 Once the workers' speeds are measured, each task is dealt to the worker that would
-finish it first, so stealing only corrects what changes; ``steal=False`` deals round-robin in equal shares and never steals, the
-static baseline.
+finish it first, so stealing only corrects what changes; ``steal=False`` deals round-robin
+in equal shares and never steals, the static baseline.
+
+**The grain adapts** (``adaptive=True``, the default unless --tasks-per-step fixes it):
+while the workers run at one speed, each step is cut into one task per live worker (one
+forward and backward pass each, nothing to steal, no tail kept back); once their measured
+speeds differ by more than IMBALANCE, steps are cut into the plan's finest grain
+(``TaskPlan.tasks_per_step``), so that dealing by speed and stealing have pieces to move.
 
 A lease lasts from ``take`` until ``complete`` (the task's gradient was pushed);
 ``leases`` says who holds what. ``take_more`` adds tasks of the same deque to a lease,
@@ -26,6 +32,9 @@ from ps.core.tasks import Task, TaskPlan
 SPEED_ALPHA = 0.2     # weight of a new speed measurement in the running average
 PROBE_ROUNDS = 8      # a live worker dealt nothing PROBE_ROUNDS - 1 rounds running gets
                       # one task in the next
+IMBALANCE = 1.25      # fastest / slowest measured speed above which rounds are cut finely
+BALANCED = 1.10       # ... and below which they go back to one task per worker: the gap
+                      # keeps two workers whose speeds wobble around 1.2 from flapping
 
 
 def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
@@ -44,8 +53,11 @@ def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
 
 class Dealer:
     def __init__(self, plan: TaskPlan, num_workers: int, total_steps: int,
-                 per_epoch: bool = False, steal: bool = True):
+                 per_epoch: bool = False, steal: bool = True, adaptive: bool = False):
         self.plan = plan
+        self.adaptive = adaptive               # choose each round's grain (see the docstring)
+        self.fine = False                      # adaptive: the last round was cut finely
+        self.fine_rounds = self.coarse_rounds = 0
         self.num_workers = num_workers
         self.total_steps = total_steps
         self.per_epoch = per_epoch             # ASP: a round is an epoch, not a step
@@ -78,10 +90,35 @@ class Dealer:
         if rnd in self.dealt:
             return
         self.dealt.add(rnd)
+        if self.adaptive:
+            grain = self._grain()
+            for step in self.steps_of(rnd):
+                self.plan.set_grain(step, grain)
         tasks = [t for step in self.steps_of(rnd) for t in self.plan.tasks(step)]
         self.deques[rnd] = [deque() for _ in range(self.num_workers)]
         for task, worker in zip(tasks, self._owners(len(tasks))):
             self.deques[rnd][worker].append(task)
+
+    def _grain(self) -> int:
+        """Tasks per step for the next round: the plan's finest cut while measured speeds
+        differ (a straggler's share must be movable in small pieces), else one task per
+        live worker. Unmeasured workers count as equal: the first rounds are coarse."""
+        live = [w for w in range(self.num_workers) if w not in self.gone] or [0]
+        if self.steal and self._measured():
+            speeds = [self.speeds[w] for w in live]
+            spread = max(speeds) / max(min(speeds), 1e-12)
+            self.fine = spread > (BALANCED if self.fine else IMBALANCE)
+        else:
+            self.fine = False
+        if self.fine:
+            self.fine_rounds += 1
+        else:
+            self.coarse_rounds += 1
+        return self.plan.tasks_per_step if self.fine else min(len(live), self.plan.tasks_per_step)
+
+    def grain_of(self, rnd: int) -> int:
+        """How many tasks each step of a dealt round was cut into (its first step's)."""
+        return self.plan.num_tasks(self.steps_of(rnd)[0]) if self.steps_of(rnd) else 0
 
     def _owners(self, n: int) -> list[int]:
         """Who gets each of n tasks: equal round-robin until speeds are known; then each

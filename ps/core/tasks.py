@@ -4,7 +4,9 @@ The data stream is a sequence of global batches ("steps"): step k of epoch e tak
 samples ``order[k*B : (k+1)*B]`` of that epoch's order, the last batch of an epoch
 possibly smaller (as torch's DataLoader gives it). Each step is cut into tasks of
 nearly equal size; a task is the unit that is leased, computed, pushed and
-de-duplicated. Task ids are unique in the run: ``step * tasks_per_step + j``.
+de-duplicated. Task ids are unique in the run: ``step * tasks_per_step + j``, where
+``tasks_per_step`` is the finest cut a step may get; the dealer may cut a step into fewer
+tasks (its *grain*, ``TaskPlan.grain``), and then uses the first ids of the step.
 
 ``ps.core.dealer`` deals these tasks to workers and lets idle workers steal them.
 Everything here is pure and replayable: the same seed gives the same tasks.
@@ -39,12 +41,15 @@ class Task:
 
 @dataclass
 class TaskPlan:
-    """Which samples every step and task covers. Deterministic in (seed, epoch)."""
+    """Which samples every step and task covers. Deterministic in (seed, epoch) and in
+    the grain each step was dealt with."""
     num_samples: int
     batch_size: int
-    tasks_per_step: int
+    tasks_per_step: int                 # the most tasks a step is cut into: the ids' stride
     seed: int = 0
     shuffle: bool = True
+    grain: dict = field(default_factory=dict)   # step -> tasks it is cut into, where the
+                                                # dealer chose fewer than tasks_per_step
     _orders: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -65,7 +70,16 @@ class TaskPlan:
         return min(self.batch_size, self.num_samples - k * self.batch_size)
 
     def num_tasks(self, step: int) -> int:
-        return min(self.tasks_per_step, self.batch_len(step))
+        return min(self.grain.get(step, self.tasks_per_step), self.batch_len(step))
+
+    def set_grain(self, step: int, tasks: int) -> None:
+        """Cut step ``step`` into ``tasks`` tasks (1 .. tasks_per_step), before any is dealt."""
+        if not 1 <= tasks <= self.tasks_per_step:
+            raise ValueError(f"a step is cut into 1 .. {self.tasks_per_step} tasks, not {tasks}")
+        if tasks == self.tasks_per_step:
+            self.grain.pop(step, None)
+        else:
+            self.grain[step] = tasks
 
     def task_size(self, task_id: int) -> int | None:
         """Samples in task ``task_id`` without cutting its step (``tasks`` splits a batch of
@@ -73,8 +87,7 @@ class TaskPlan:
         step, j = divmod(task_id, self.tasks_per_step)
         if step < 0:
             return None
-        n = self.batch_len(step)
-        k = min(self.tasks_per_step, n)
+        n, k = self.batch_len(step), self.num_tasks(step)
         return n // k + (j < n % k) if j < k else None
 
     def ids(self, step: int) -> list[int]:
@@ -82,7 +95,7 @@ class TaskPlan:
         return [step * self.tasks_per_step + j for j in range(self.num_tasks(step))]
 
     def tasks(self, step: int) -> list[Task]:
-        """The step's batch cut into at most ``tasks_per_step`` non-empty tasks."""
+        """The step's batch cut into ``num_tasks(step)`` non-empty tasks."""
         parts = np.array_split(self.batch(step), self.num_tasks(step))
         return [Task(tid, step, tuple(int(i) for i in part))
                 for tid, part in zip(self.ids(step), parts)]

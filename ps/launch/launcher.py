@@ -293,9 +293,10 @@ def parse_args(argv=None):
                         "its own writes; in BSP the server answers it when the step completes), "
                         "as soon as a step's parameters are in, to hide behind compute "
                         "(compute: SSP/ASP only), or not ahead (off) (default: %(default)s)")
-    p.add_argument("--no-overlap", action="store_true",
-                   help="BSP on the CPU: workers push after backward instead of each shard as "
-                        "soon as backward completes it (worker/overlap.py), for A/B runs")
+    p.add_argument("--overlap", action=argparse.BooleanOptionalAction, default=False,
+                   help="BSP on the CPU: push each shard's gradient from backward hooks as soon "
+                        "as backward completes it (worker/speedups/overlap.py); off by default: "
+                        "it measured no gain on a 2-core CPU machine (default: off)")
     p.add_argument("--fuse", type=int, default=0, metavar="N",
                    help="BSP/SSP: each worker computes at most N of the tasks it leases together, "
                         "in one forward and backward pass (0: all a lease carries, up to its "

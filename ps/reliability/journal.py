@@ -107,8 +107,9 @@ class Journal:
     def death(self, role: str, index: int, inc: int, death: dict) -> None:
         self.append("dead", sync=True, role=role, index=index, inc=inc, death=death)
 
-    def dealt(self, rnd: int) -> None:
-        self.append("dealt", round=rnd)
+    def dealt(self, rnd: int, tasks: int) -> None:
+        """Round ``rnd`` was dealt, each step cut into ``tasks`` tasks."""
+        self.append("dealt", round=rnd, tasks=tasks)
 
     def report(self, header: dict) -> None:
         self.append("report", **{k: header[k] for k in REPORT_FIELDS})

@@ -44,7 +44,8 @@ def build(cfg, job: dict, steps: int, tasks_per_step: int) -> tuple[TaskPlan, De
     """The task plan, the dealer and the run accounting of a run (forming and replay)."""
     plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
                     seed=cfg.seed, shuffle=bool(job["shuffle"]))
-    dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal)
+    dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal,
+                    adaptive=cfg.tasks_per_step is None)
     return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
 
 
@@ -123,6 +124,8 @@ class Reform:
             count(s.run, plan, r["ids"])
         elif t == "dealt":
             self.dealt.add(r["round"])
+            for step in s.dealer.steps_of(r["round"]):     # the grain it was cut into
+                plan.set_grain(step, r["tasks"])
         elif t == "started":
             s.run.t_start = r["at"]
         elif t == "member":                      # a replacement took a dead worker's id

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from ps.scheduler.membership import DEAD_AFTER_S
 
-TASKS_PER_WORKER = 4       # default tasks per worker per step (the grain of stealing)
+TASKS_PER_WORKER = 4       # the finest default cut: tasks per worker per step (the grain of stealing)
 MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
 
 
@@ -30,7 +30,7 @@ class SchedulerConfig:
     steps: int | None = None             # total global steps; default: epochs x steps per epoch
     epochs: int | None = None            # default: the job's EPOCHS, else 1
     seed: int = 0
-    tasks_per_step: int | None = None    # default: see default_tasks_per_step
+    tasks_per_step: int | None = None    # fixed grain; None: adaptive, up to default_tasks_per_step
     steal: bool = True                   # work stealing and speed-proportional dealing
     trace: bool = False                  # write trace/scheduler.json into out
     bind: str = "tcp://127.0.0.1:*"
@@ -58,9 +58,10 @@ def crash_at(config: SchedulerConfig, point: str, n: int | None = None) -> None:
 
 
 def default_tasks_per_step(batch_size: int, workers: int) -> int:
-    """Four tasks per worker per step, so stealing can move quarters of a worker's share,
-    but none smaller than MIN_TASK_SAMPLES: a task's compute should dwarf the ~0.2 ms
-    scheduler round trip of its lease (which the worker overlaps with compute anyway)."""
+    """The finest cut of a step when the grain adapts (``ps.core.dealer``): four tasks per
+    worker, so stealing can move quarters of a worker's share, but none smaller than
+    MIN_TASK_SAMPLES: a task's compute should dwarf the ~0.2 ms scheduler round trip of its
+    lease (which the worker overlaps with compute anyway)."""
     return max(workers, min(TASKS_PER_WORKER * workers, batch_size // MIN_TASK_SAMPLES))
 
 
@@ -75,7 +76,9 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="tasks each global batch is cut into (default: 4 per worker, >= 16 samples each)")
+                   help="cut every global batch into this many tasks (default: adaptive, one "
+                        "per worker while their speeds agree, 4 per worker of >= 16 samples "
+                        "once they differ)")
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal round-robin shares, no stealing)")
     p.add_argument("--trace", action="store_true", help="write trace/scheduler.json into --out")

@@ -268,8 +268,8 @@ class Scheduler:
 
     def _deal(self, rnd: int) -> None:
         if rnd not in self.dealer.dealt:
-            self.journal.dealt(rnd)         # before any lease of the round is answered
             self.dealer.deal(rnd)
+            self.journal.dealt(rnd, self.dealer.grain_of(rnd))   # before any lease is answered
 
     def on_report(self, ident, header) -> None:
         """A worker pushed some tasks' gradients; ``rejected`` lists those a shard refused

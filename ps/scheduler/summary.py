@@ -54,6 +54,8 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
             "failure": failure, "steal": cfg.steal,
             "tasks_per_step": dealer.plan.tasks_per_step,
+            "task_grain": {"adaptive": dealer.adaptive, "fine_rounds": dealer.fine_rounds,
+                           "coarse_rounds": dealer.coarse_rounds},
             **run.summary(dealer.stolen_by, dealer.stolen_from),
             "max_staleness": max_staleness(shard_stats),
             "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
