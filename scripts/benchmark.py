@@ -1,8 +1,12 @@
 """Benchmarks: how fast the data path moves parameters, how fast the cluster trains.
 
-    python scripts/benchmark.py SUITE [options] [--tiny] [--out FILE]
+    python scripts/benchmark.py [SUITE] [options] [--tiny] [--out FILE]
     python scripts/benchmark.py SUITE --help          # a suite's options
 
+defaults    (the suite run when none is named) the two headline ratios with every flag
+            at its default: 2 workers x 2 servers on a 10M MLP against torch DDP, and
+            work stealing against static dealing with one worker 3x slow
+            (scripts/bench/defaults.py)
 transport   pull+push of 1M, 10M and 25M float32 through 1 or 2 servers, beside raw
             pyzmq moving the same bytes between two processes (scripts/bench/transport.py)
 modes       the MLP example, 2 workers x 2 servers, in BSP, SSP(2) and ASP
@@ -29,9 +33,11 @@ import os
 import signal
 import sys
 
-from bench import common, modes, scale, stragglers, train, transport
+from bench import common, defaults, modes, scale, stragglers, train, transport
 
-SUITES = {"transport": (transport, "pull+push round trips vs raw pyzmq on the same bytes"),
+SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
+                                 "vs static"),
+          "transport": (transport, "pull+push round trips vs raw pyzmq on the same bytes"),
           "modes": (modes, "samples/s of the MLP example in BSP, SSP(2) and ASP"),
           "stragglers": (stragglers, "work stealing vs static dealing: a slow worker, jitter"),
           "train": (train, "samples/s: our BSP cluster vs torch DDP (gloo) vs two torch "
@@ -56,6 +62,9 @@ def parse_args(argv=None):
                        help=f"JSON output file (default bench/{name}.json)")
     r = sub.add_parser("raw-peer")          # internal: the transport suite's echo process
     transport.add_raw_peer_arguments(r)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] not in (*SUITES, "raw-peer", "-h", "--help"):
+        argv = ["defaults", *argv]          # no suite named: the headline ratios
     args = p.parse_args(argv)
     if args.suite in SUITES:
         SUITES[args.suite][0].resolve(args, sub.choices[args.suite])

@@ -43,9 +43,11 @@ class Run:
 
 
 def launch(out: str, *args: str, env: dict | None = None, timeout_s: float = 90.0) -> Run:
-    """Run scripts/start_cluster.sh's launcher to completion (or kill it at the deadline)."""
+    """Run scripts/start_cluster.sh's launcher to completion (or kill it at the deadline).
+    Workers run on the CPU unless ``args`` name a --device: the 1e-5 oracle tests hold on
+    the CPU, and a GPU machine must not silently run them on CUDA (tests/test_gpu.py does)."""
     cmd = [sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out),
-           "--timeout-s", "30", *args]
+           "--timeout-s", "30", *cpu_unless_told(args), *args]
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -58,6 +60,11 @@ def launch(out: str, *args: str, env: dict | None = None, timeout_s: float = 90.
     finally:
         kill_group(proc)
     return Run(proc.returncode, str(out), stdout, stderr)
+
+
+def cpu_unless_told(args) -> list[str]:
+    """``--device cpu``, unless the launcher's arguments already choose a device."""
+    return [] if any(a == "--device" or a.startswith("--device=") for a in args) else ["--device", "cpu"]
 
 
 def kill_group(proc: subprocess.Popen) -> None:

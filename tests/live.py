@@ -36,7 +36,7 @@ class Background:
     def __init__(self, out, *args: str, env: dict | None = None):
         self.out = out
         cmd = [sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out), "--timeout-s", "30",
-               *args]
+               "--device", "cpu", *args]
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                                      start_new_session=True, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)

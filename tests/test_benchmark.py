@@ -31,7 +31,7 @@ def run_suite(out: pathlib.Path, *args: str,
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise AssertionError(f"{args[0]} --tiny did not finish in {timeout_s:.0f} s") from None
+        raise AssertionError(f"{args[0] if args else 'defaults'} --tiny did not finish in {timeout_s:.0f} s") from None
     finally:
         try:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -40,6 +40,19 @@ def run_suite(out: pathlib.Path, *args: str,
         proc.wait()
     assert proc.returncode == 0, stderr[-3000:]
     return json.loads(out.read_text()), stdout
+
+
+def test_defaults_tiny_is_the_suite_run_when_none_is_named(tmp_path):
+    result, stdout = run_suite(tmp_path / "defaults.json", timeout_s=TRAIN_TIMEOUT_S)
+    assert result["suite"] == "defaults"
+    assert [r["pair"] for r in result["rows"]] == ["ddp", "steal"]
+    for row in result["rows"]:
+        assert row["a_samples_per_s"] > 0 and row["b_samples_per_s"] > 0
+        assert row["ratio"] == row["a_samples_per_s"] / row["b_samples_per_s"]
+        assert len(row["a_runs"]) == len(row["b_runs"]) == 1
+    ours = result["rows"][0]["a_runs"][0]
+    assert ours["task_grain"]["adaptive"] is True          # the default flags, really
+    assert "| default flags |" in stdout and ">= 1.5x" in stdout
 
 
 def test_transport_tiny(tmp_path):

@@ -48,7 +48,7 @@ def test_ssp_frozen_worker_holds_others_exactly_s_clocks_ahead(tmp_path, stalene
     # servers refuse non-finite gradients. The bound under test does not depend on lr.
     env = {**os.environ, "TINY_MLP_OPTIMIZER": '{"name": "sgd", "lr": 0.01, "momentum": 0.9}'}
     cmd = [sys.executable, "-m", "ps.launch", "--quiet", "--out", str(tmp_path), "--timeout-s", "30",
-           "--job", os.path.join(JOBS, "tiny_mlp.py"), "--mode", "ssp", "--staleness", str(staleness),
+           "--device", "cpu", "--job", os.path.join(JOBS, "tiny_mlp.py"), "--mode", "ssp", "--staleness", str(staleness),
            "--workers", "3", "--servers", "1", "--steps", str(steps),
            "--dead-after-s", "600"]          # frozen on purpose: not a death
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True, env=env,

@@ -147,7 +147,7 @@ def test_a_flapping_link(tmp_path, clean, reference):
 
 def _start(out, *args):
     return subprocess.Popen([sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out),
-                             "--job", JOB, "--steps", "100000", "--timeout-s", "30", "--netns", *args],
+                             "--job", JOB, "--steps", "100000", "--timeout-s", "30", "--netns", "--device", "cpu", *args],
                             cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
 

@@ -61,6 +61,9 @@ def parse_args(argv=None) -> WorkerConfig:
                    help="BSP/SSP: compute at most N tasks of a lease together, in one forward and "
                         "backward pass (0: as many as the scheduler leases; 1: one task per pass) "
                         "(default: %(default)s)")
+    p.add_argument("--staged-buffers", action="store_true",
+                   help="keep separate host and device parameter buffers on the CPU too, as on "
+                        "CUDA, so the copies between them run (and are tested) without a GPU")
     p.add_argument("--log-level", default="WARNING")
     a = p.parse_args(argv)
     if a.secure and a.worker_id < 0:
@@ -76,7 +79,8 @@ def parse_args(argv=None) -> WorkerConfig:
         p.error(str(exc))
     return WorkerConfig(a.scheduler, a.job, a.worker_id, a.device, a.seed, a.out, a.threads,
                         a.timeout_s, a.slow, jitter, a.trace, a.crash_at, a.secure,
-                        a.grad_dtype, a.param_dtype, a.prefetch, a.overlap, a.fuse)
+                        a.grad_dtype, a.param_dtype, a.prefetch, a.overlap, a.fuse,
+                        a.staged_buffers)
 
 
 def main(argv=None) -> int:

@@ -27,6 +27,7 @@ class WorkerConfig:
     overlap: bool = False           # BSP on the CPU: push shards from backward (worker.speedups.overlap);
                                     # opt-in: 1,440 vs 1,441 samples/s with and without on 2 cores
     fuse: int = 0                   # BSP/SSP: most tasks per pass (0: no limit; Dealer.take_more)
+    staged_buffers: bool = False    # separate host and device buffers on the CPU too (FlatModel)
 
 
 def pick_device(name: str) -> torch.device:

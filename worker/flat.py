@@ -11,7 +11,9 @@ shards). What that buys:
 
 On CUDA the parameters live on the device and the host side is a pinned buffer:
 pulls land in pinned memory and go up with one asynchronous copy; gradients come
-down the same way before a push. On the CPU host and device buffers are the same.
+down the same way before a push (*staged* buffers). On the CPU host and device buffers
+are the same tensor, unless ``staged=True`` asks for two: then the CUDA path's copies
+(``after_pull``, ``grads_to_host``) run on a machine with no GPU, and the tests cover them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 
 
 class FlatModel:
-    def __init__(self, model: torch.nn.Module, device: torch.device):
+    def __init__(self, model: torch.nn.Module, device: torch.device, staged: bool | None = None):
         named = list(model.named_parameters())
         bad = [n for n, p in named if p.dtype != torch.float32]
         if bad:
@@ -28,10 +30,11 @@ class FlatModel:
         self.layout = [(name, list(p.shape)) for name, p in named]
         total = sum(p.numel() for _, p in named)
         self.device = device
-        pinned = device.type == "cuda"
+        self.staged = device.type == "cuda" if staged is None else staged   # two buffers each
+        pinned = device.type == "cuda"      # pinned host memory: asynchronous copies to the GPU
         self.host_params = torch.empty(total, dtype=torch.float32, pin_memory=pinned)  # (total,)
         self.host_grads = torch.zeros(total, dtype=torch.float32, pin_memory=pinned)   # (total,)
-        if pinned:
+        if self.staged:
             self.params = torch.empty(total, dtype=torch.float32, device=device)
             self.grads = torch.zeros(total, dtype=torch.float32, device=device)
         else:
@@ -45,7 +48,7 @@ class FlatModel:
                 p.grad = self.grads[offset:offset + n].view_as(p)
                 offset += n
         self.named = named
-        if pinned:
+        if self.staged:
             self.host_params.copy_(self.params)
         # numpy views of the host buffers: what the shard client reads and writes
         self.params_np: np.ndarray = self.host_params.numpy()   # (total,) float32
@@ -53,17 +56,18 @@ class FlatModel:
 
     def after_pull(self) -> None:
         """Make freshly pulled host parameters visible to the model."""
-        if self.device.type == "cuda":
+        if self.staged:
             self.params.copy_(self.host_params, non_blocking=True)
 
     def zero_grad(self) -> None:
         self.grads.zero_()
 
     def grads_to_host(self) -> None:
-        """Make the gradient sum readable from ``grads_np`` (a no-op on the CPU)."""
-        if self.device.type == "cuda":
+        """Make the gradient sum readable from ``grads_np`` (a no-op with one buffer)."""
+        if self.staged:
             self.host_grads.copy_(self.grads, non_blocking=True)
-            torch.cuda.current_stream().synchronize()
+            if self.device.type == "cuda":
+                torch.cuda.current_stream().synchronize()
 
     def check_grads_in_place(self) -> None:
         """Every ``.grad`` must still be our view, or backward would accumulate into a

@@ -78,7 +78,7 @@ class Worker:
         self.device = pick_device(config.device)
         model, self.dataset = self.job.build(config.seed)
         self.model = model.to(self.device)
-        self.flat = FlatModel(self.model, self.device)
+        self.flat = FlatModel(self.model, self.device, staged=config.staged_buffers or None)
         self.ctx = zmq.Context()
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shards: ShardClient | None = None
@@ -125,7 +125,7 @@ class Worker:
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
         self.prefetch = Prefetch(self.shards, self.config.prefetch, self.mode, reply["steps"])
-        if (self.config.overlap and self.mode == "bsp" and self.device.type == "cpu"
+        if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
         if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start

@@ -297,6 +297,9 @@ def parse_args(argv=None):
                    help="BSP on the CPU: push each shard's gradient from backward hooks as soon "
                         "as backward completes it (worker/speedups/overlap.py); off by default: "
                         "it measured no gain on a 2-core CPU machine (default: off)")
+    p.add_argument("--staged-buffers", action="store_true",
+                   help="workers keep separate host and device buffers on the CPU too, as on "
+                        "CUDA (tests the GPU path's copies without a GPU)")
     p.add_argument("--fuse", type=int, default=0, metavar="N",
                    help="BSP/SSP: each worker computes at most N of the tasks it leases together, "
                         "in one forward and backward pass (0: all a lease carries, up to its "

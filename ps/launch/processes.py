@@ -145,7 +145,8 @@ class Cluster:
                 "--slow", str(a.slow.get(w, 1.0)), "--jitter", a.jitter,
                 *(["--trace"] * a.trace), "--grad-dtype", a.grad_dtype,
                 "--param-dtype", a.param_dtype, "--prefetch", a.prefetch,
-                *(["--overlap"] * a.overlap), "--fuse", str(a.fuse), *common]
+                *(["--overlap"] * a.overlap), *(["--staged-buffers"] * a.staged_buffers),
+                "--fuse", str(a.fuse), *common]
             crash = ["--crash-at", a.crash_at[w]] if w in a.crash_at else []   # not for replacements
             self.spawn(f"worker{w}", "worker", self.worker_argv[f"worker{w}"] + crash, env=self.worker_env)
         for k in range(a.servers):
