@@ -21,9 +21,15 @@ import torch.multiprocessing as mp
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def parse_args(argv, description: str, count_flag: str, count_help: str) -> argparse.Namespace:
-    """The flags both baselines take; ``count_flag`` names how many processes train."""
+def parse_args(argv, description: str, count_flag: str, count_help: str,
+               device: bool = False) -> argparse.Namespace:
+    """The flags both baselines take; ``count_flag`` names how many processes train;
+    ``device``: the baseline can also train on CUDA (--device)."""
     p = argparse.ArgumentParser(description=description)
+    if device:
+        p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                       help="cuda: NCCL with a GPU per process where there are enough, "
+                            "else gloo on CUDA tensors (default cpu)")
     p.add_argument("--job", required=True, help="job file")
     p.add_argument(count_flag, type=int, default=2, help=f"{count_help} (default 2)")
     p.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")

@@ -40,33 +40,52 @@ def make_optimizer(config: dict, params) -> torch.optim.Optimizer:
     return cls(params, **kwargs)
 
 
+def to(batch, device: torch.device):
+    """A collated batch (tensors, tuples, lists, dicts of them) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to(v, device) for k, v in batch.items()}
+    return batch
+
+
 def rank_main(rank: int, args, init_method: str) -> None:
     """One DDP process: join the group, train ``warmup + steps`` steps, rank 0 reports."""
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=args.procs,
+    device = torch.device("cpu")
+    backend = "gloo"
+    if args.device == "cuda":            # NCCL wants a GPU of its own per rank; with fewer
+        device = torch.device("cuda", rank % torch.cuda.device_count())   # GPUs, gloo on CUDA
+        torch.cuda.set_device(device)
+        backend = "nccl" if torch.cuda.device_count() >= args.procs else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=args.procs,
                             timeout=datetime.timedelta(seconds=args.timeout_s))
     try:
         job = load_job(args.job)
         torch.manual_seed(args.seed)                     # the same initial values on every rank
-        model = DistributedDataParallel(job.build_model())
+        model = DistributedDataParallel(job.build_model().to(device))
         torch.manual_seed(args.seed)
         dataset = job.build_dataset()
         optimizer = make_optimizer(job.OPTIMIZER, model.parameters())
         batch = args.batch or job.BATCH_SIZE
         ends, losses = [], []
         for step in range(args.warmup + args.steps):
-            x = default_collate([dataset[i] for i in
-                                 batch_indices(step, batch, rank, args.procs, len(dataset))])
+            x = to(default_collate([dataset[i] for i in
+                                    batch_indices(step, batch, rank, args.procs, len(dataset))]),
+                   device)
             optimizer.zero_grad(set_to_none=True)
             loss = job.loss_fn(model, x)
             loss.backward()                              # all-reduce overlaps the backward pass
             optimizer.step()
-            losses.append(loss.item())                   # rank's own half batch
+            losses.append(loss.item())                   # rank's own half batch (and a sync)
             ends.append(time.perf_counter())
         if rank == 0:
             step_s = (ends[-1] - ends[args.warmup - 1]) / args.steps
             with open(args.out, "w") as f:
                 json.dump({"system": "ddp", "procs": args.procs, "threads": args.threads,
+                           "device": device.type, "backend": backend,
                            "batch": batch, "steps": args.steps, "warmup": args.warmup,
                            "step_s": step_s, "samples_per_s": batch / step_s,
                            "params": sum(p.numel() for p in model.parameters()),
@@ -76,7 +95,8 @@ def rank_main(rank: int, args, init_method: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv, __doc__.split("\n\n")[0], "--procs", "DDP processes")
+    args = parse_args(argv, __doc__.split("\n\n")[0], "--procs", "DDP processes",
+                      device=True)
     return run_ranks(rank_main, args.procs, args, args.timeout_s, "ddp_baseline")
 
 

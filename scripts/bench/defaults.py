@@ -44,9 +44,9 @@ def sgd_job(folder: str, params: int) -> str:
     return path
 
 
-def ours(job: str, steps: int, warmup: int, out: str) -> dict:
+def ours(job: str, steps: int, warmup: int, out: str, device: str) -> dict:
     argv = ["--job", job, "--workers", "2", "--servers", "2", "--steps", str(warmup + steps),
-            "--threads", "1", "--trace"]
+            "--threads", "1", "--trace", "--device", device]
     summary = launch_run(argv, out, "ours (defaults)", lenient=True)
     step_s = timed_step_s(step_end_times(os.path.join(out, "trace.json")), warmup)
     return {"samples_per_s": BATCH / step_s, "step_s": step_s,
@@ -58,34 +58,38 @@ def run(args) -> tuple[list[dict], str]:
     with tempfile.TemporaryDirectory(prefix="ps-bench-defaults-") as tmp:
         job = sgd_job(tmp, args.params)
         pairs = {"ddp": {"ours": [], "ddp": []}, "steal": {"steal": [], "static": []}}
+        pairs = {k: v for k, v in pairs.items() if k in args.pairs}
         for rep in range(args.repeats):
-            for system in ("ours", "ddp"):
+            for system in ("ours", "ddp") if "ddp" in pairs else ():
                 out = os.path.join(tmp, f"{system}-{rep}")
-                r = (ours(job, args.steps, args.warmup, out) if system == "ours"
-                     else baseline("ddp", job, args.steps, args.warmup, 1, out))
+                r = (ours(job, args.steps, args.warmup, out, args.device) if system == "ours"
+                     else baseline("ddp", job, args.steps, args.warmup, 1, out, args.device))
                 pairs["ddp"][system].append(r)
                 print(f"  [{rep + 1}/{args.repeats}] {system}: {r['samples_per_s']:,.0f} samples/s",
                       file=sys.stderr, flush=True)
-            for system in ("steal", "static"):
+            for system in ("steal", "static") if "steal" in pairs else ():
                 r = straggler_run(os.path.join(tmp, f"{system}-{rep}"), workers=2,
                                   steal=system == "steal", steps=args.straggler_steps, slow=True)
                 pairs["steal"][system].append(r)
                 print(f"  [{rep + 1}/{args.repeats}] slow worker, {system}: "
                       f"{r['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
     for pair, (a, b) in (("ddp", ("ours", "ddp")), ("steal", ("steal", "static"))):
+        if pair not in pairs:
+            continue
         ra, rb = pairs[pair][a], pairs[pair][b]
         med_a = statistics.median(r["samples_per_s"] for r in ra)
         med_b = statistics.median(r["samples_per_s"] for r in rb)
         rows.append({"pair": pair, "a": a, "b": b, "a_samples_per_s": med_a,
                      "b_samples_per_s": med_b, "ratio": med_a / med_b,
                      "target": TARGETS[pair], "meets_target": med_a / med_b >= TARGETS[pair],
-                     "repeats": args.repeats, "a_runs": ra, "b_runs": rb})
+                     "repeats": args.repeats, "device": args.device if pair == "ddp" else "cpu",
+                     "a_runs": ra, "b_runs": rb})
     return rows, table(rows, args)
 
 
 def table(rows: list[dict], args) -> str:
     what = {"ddp": f"{count(args.params)} MLP, SGD momentum, batch {BATCH}, 2 workers x 2 "
-                   "servers vs DDP (gloo, 2 processes)",
+                   f"servers vs DDP (2 processes), on {args.device}",
             "steal": "compute-bound job, 2 workers, worker 1 slowed 3x: stealing vs static"}
     lines = [[what[r["pair"]], f"{r['a_samples_per_s']:,.0f}", f"{r['b_samples_per_s']:,.0f}",
               f"**{r['ratio']:.2f}x**", f">= {r['target']:.1f}x",
@@ -103,6 +107,10 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", type=int, default=None, help=f"untimed steps first (default {WARMUP})")
     p.add_argument("--straggler-steps", type=int, default=None,
                    help=f"steps of a stealing-pair run (default {STRAGGLER_STEPS})")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where the DDP pair trains: our workers and the DDP processes (default cpu)")
+    p.add_argument("--pairs", type=lambda t: t.split(","), default=["ddp", "steal"],
+                   help="which pairs to run: ddp, steal (default both)")
     p.add_argument("--params", type=int, default=None,
                    help=f"MLP parameters of the DDP pair (default {MLP_PARAMS:,})")
 

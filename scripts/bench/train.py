@@ -84,13 +84,16 @@ def ours(job: str, steps: int, warmup: int, threads: int, servers: int,
             "final_loss": summary["final_loss"], "wall_s": summary["wall_s"]}
 
 
-def baseline(system: str, job: str, steps: int, warmup: int, threads: int, out: str) -> dict:
-    """One run of bench/{system}_baseline.py (a system of BASES); its JSON result."""
+def baseline(system: str, job: str, steps: int, warmup: int, threads: int, out: str,
+             device: str = "cpu") -> dict:
+    """One run of bench/{system}_baseline.py (a system of BASES); its JSON result. Only
+    the DDP baseline takes a ``device`` other than the CPU."""
     script = os.path.join(BASELINES, f"{system}_baseline.py")
     result = os.path.join(out, f"{system}.json")
     os.makedirs(out, exist_ok=True)
     cmd = [sys.executable, script, "--job", job, "--steps", str(steps), "--warmup", str(warmup),
            "--threads", str(threads), "--out", result]
+    cmd += ["--device", device] if device != "cpu" else []
     rc, _, stderr = run_group(cmd, f"{system} on {os.path.basename(job)}")
     if rc != 0 or not os.path.exists(result):
         raise RuntimeError(f"{system} baseline failed ({rc}):\n{stderr[-2000:]}")
