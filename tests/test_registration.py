@@ -140,14 +140,13 @@ def test_a_bug_between_messages_ends_the_run_with_a_reason_not_a_traceback(tmp_p
     # Whatever the scheduler does between messages (liveness, stall logs, deadlines) runs
     # outside a request's error handling: an exception there must still end the run
     # through fail() (the summary, exit status 1), not kill the process.
-    from ps.scheduler import diagnose
     from ps.scheduler.scheduler import Scheduler
 
     sched = Scheduler(SchedulerConfig(out=str(tmp_path), timeout_s=0.0))
 
-    def broken(s):
+    def broken():
         raise KeyError("a bug")
-    monkeypatch.setattr(diagnose, "waiting_for", broken)   # called once the deadline passes
+    monkeypatch.setattr(sched, "_waiting_for", broken)   # called once the deadline passes
     try:
         assert sched.serve() == 1
     finally:

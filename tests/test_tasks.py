@@ -123,7 +123,6 @@ def test_task_to_wire_is_plain_lists():
 
 
 def test_task_size_and_valid_ids_need_no_cut_of_the_step():
-    from ps.reliability import scheduler_restart
     p = TaskPlan(num_samples=97, batch_size=31, tasks_per_step=6, seed=1)
     for step in range(3 * p.steps_per_epoch):
         for task in p.tasks(step):
@@ -131,10 +130,10 @@ def test_task_size_and_valid_ids_need_no_cut_of_the_step():
     last = p.steps_per_epoch - 1                  # 97 = 3 x 31 + 4: the last batch has 4 samples
     assert p.num_tasks(last) == 4 and p.task_size(last * 6 + 4) is None
     steps = 2 * p.steps_per_epoch
-    assert scheduler_restart.valid_ids(p, steps, [0, 5, last * 6 + 3])
-    assert not scheduler_restart.valid_ids(p, steps, [last * 6 + 4])     # no such task in a short step
-    assert not scheduler_restart.valid_ids(p, steps, [steps * 6])        # past the run's last step
-    assert not scheduler_restart.valid_ids(p, steps, [-1])
+    assert p.valid_ids([0, 5, last * 6 + 3], steps)
+    assert not p.valid_ids([last * 6 + 4], steps)      # no such task in a short step
+    assert not p.valid_ids([steps * 6], steps)         # past the run's last step
+    assert not p.valid_ids([-1], steps)
 
 
 def test_a_coarser_grain_keeps_the_ids_stride_and_covers_the_same_samples():

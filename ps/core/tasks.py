@@ -90,6 +90,11 @@ class TaskPlan:
         n, k = self.batch_len(step), self.num_tasks(step)
         return n // k + (j < n % k) if j < k else None
 
+    def valid_ids(self, ids, steps: int) -> bool:
+        """Every id names a task of one of the run's ``steps`` steps."""
+        return all(self.task_size(tid) is not None and tid // self.tasks_per_step < steps
+                   for tid in ids)
+
     def ids(self, step: int) -> list[int]:
         """The task ids of step ``step``, without cutting its batch."""
         return [step * self.tasks_per_step + j for j in range(self.num_tasks(step))]

@@ -1,7 +1,7 @@
 """Re-forming: a restarted scheduler replays its journal and gathers the cluster again.
 
-When the scheduler starts with a journal that holds a run (``ps.reliability.journal``), ``replay``
-rebuilds its state from the records: the shard map and the job, every member with its
+When the scheduler starts with a journal that holds a run (``ps.reliability.journal``),
+``Restart._replay`` rebuilds its state from the records: the shard map and the job, every member with its
 incarnation (none given out again), deaths and replacements, the reports (losses,
 timings, each task counted once), the rounds of tasks dealt, checkpoint commits and the
 phase. The scheduler then enters the **re-forming** phase (``Reform``):
@@ -26,73 +26,17 @@ import logging
 import time
 from collections import deque
 
+from ps.core.tasks import TaskPlan
+from ps.reliability import journal as journaling
 from ps.reliability import worker_failover
 from ps.scheduler import registration
-from ps.reliability import journal as journaling
-from ps.core.dealer import Dealer
+from ps.scheduler.forming import plan_run
 from ps.scheduler.membership import Membership
 from ps.wire.protocol import Error, Kind, ProtocolError, is_int
-from ps.scheduler.runstate import RunState
-from ps.core.tasks import TaskPlan
 
 log = logging.getLogger("ps.scheduler")
 
 REPORTS_REMEMBERED = 8192      # (incarnation, rid) of journaled reports: a resent one is not counted twice
-
-
-def build(cfg, job: dict, steps: int, tasks_per_step: int) -> tuple[TaskPlan, Dealer, RunState]:
-    """The task plan, the dealer and the run accounting of a run (forming and replay)."""
-    plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
-                    seed=cfg.seed, shuffle=bool(job["shuffle"]))
-    dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal,
-                    adaptive=cfg.tasks_per_step is None)
-    return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
-
-
-def count(run: RunState, plan: TaskPlan, ids, rejected=()) -> None:
-    """Count tasks by id (the plan says their step and samples; ids are checked first,
-    ``valid_ids``)."""
-    for tid in ids:
-        step = tid // plan.tasks_per_step
-        run.count_task(tid, step // plan.steps_per_epoch, plan.task_size(tid), tid in rejected)
-
-
-def valid_ids(plan: TaskPlan, steps: int, ids) -> bool:
-    """Every id names a task of one of the run's steps."""
-    return all(plan.task_size(tid) is not None and tid // plan.tasks_per_step < steps
-               for tid in ids)
-
-
-def replay(s, records: list[dict]) -> "Reform | None":
-    """Rebuild scheduler ``s`` from the journal; None when no cluster had formed (the roles'
-    REGISTER requests are still waiting: forming starts again)."""
-    formed = next((r for r in records if r["t"] == "formed"), None)
-    if formed is None:
-        s.members = Membership(s.config.dead_after_s, journaling.next_incarnation(records))
-        s.failover.members = s.members
-        return None
-    cfg, now = s.config, time.monotonic()
-    s.t0 = s.failover.t0 = records[0].get("t0", s.t0)
-    job = formed["job"]
-    plan, s.dealer, s.run = build(cfg, job, formed["steps"], formed["tasks_per_step"])
-    s.shard_map = formed["shards"]
-    s.servers = {sh["index"]: {"endpoint": sh["endpoint"]} for sh in s.shard_map}
-    s.workers = {w: job for w in range(cfg.workers)}
-    s.members = Membership(cfg.dead_after_s, journaling.next_incarnation(records))
-    s.failover.members = s.members
-    for role, index, inc in formed["members"]:
-        s.members.restore(role, index, inc, now)
-    count(s.run, plan, [tid for step in range(formed["start"]) for tid in plan.ids(step)])
-    for step, loss in enumerate(formed.get("losses_before", [])):
-        s.run.loss_sum[step], s.run.loss_samples[step] = loss, 1
-    s.recovery.committed = formed["start"] if formed.get("resumed_from") else 0
-    s.recovery.resumed_from = formed.get("resumed_from")
-    reform = Reform(s, len(records))
-    for r in records:
-        reform.apply(r, plan, now)
-    reform.expect()
-    log.warning("restarted from the journal (%d records): re-forming the cluster", len(records))
-    return reform
 
 
 class Reform:
@@ -116,12 +60,12 @@ class Reform:
         if t == "report":
             s.run.report(r["worker"], r["step"], len(r["tasks"]), r["samples"], r["loss_sum"],
                          r["compute_s"], r["wait_s"])
-            count(s.run, plan, r["tasks"], set(r["rejected"]))
+            s.run.count_tasks(plan, r["tasks"], set(r["rejected"]))
             self.reported[(r["inc"], r["rid"])] = None
             if len(self.reported) > REPORTS_REMEMBERED:
                 del self.reported[next(iter(self.reported))]
         elif t == "applied":
-            count(s.run, plan, r["ids"])
+            s.run.count_tasks(plan, r["ids"])
         elif t == "dealt":
             self.dealt.add(r["round"])
             for step in s.dealer.steps_of(r["round"]):     # the grain it was cut into
@@ -190,7 +134,7 @@ class Reform:
         if complete_below:
             done = [tid for step in range(complete_below) for tid in plan.ids(step)
                     if tid not in run.counted]
-            count(run, plan, done)
+            run.count_tasks(plan, done)
             s.journal.applied(done)
         live = s.members.live("worker")
         redealt = 0
@@ -211,51 +155,76 @@ class Reform:
         return redealt
 
 
-# -- the scheduler's calls -------------------------------------------------------------
-def start(s) -> "Reform | None":
-    """At start-up: a journal of this run is replayed (re-forming); none is begun."""
-    records = s.journal.records
-    if not records:
-        s.journal.config(journaling.fingerprint(s.config))
-        return None
-    if records[0].get("config") != journaling.fingerprint(s.config):
-        s.fail(f"journal {s.config.journal} is of another run (other flags); not replayed")
-        return None
-    reform = replay(s, records)
-    if reform is not None:
-        s.phase = "reforming"
-    s.deadline = time.monotonic() + s.config.timeout_s
-    return reform
+class Restart:
+    """A restarted scheduler's start-up, replay and re-forming calls (mixed into
+    ``Scheduler``; ``Reform`` holds the re-forming phase's own state)."""
 
+    def _start_from_journal(self) -> "Reform | None":
+        """At start-up: a journal of this run is replayed (re-forming); none is begun."""
+        records = self.journal.records
+        if not records:
+            self.journal.config(journaling.fingerprint(self.config))
+            return None
+        if records[0].get("config") != journaling.fingerprint(self.config):
+            self.fail(f"journal {self.config.journal} is of another run (other flags); not replayed")
+            return None
+        reform = self._replay(records)
+        if reform is not None:
+            self.phase = "reforming"
+        self.deadline = time.monotonic() + self.config.timeout_s
+        return reform
 
-def formed(s, job: dict, steps: int, tasks_per_step: int, start_step: int) -> None:
-    """Journal the cluster scheduler ``s`` has just formed, before anyone hears of it."""
-    s.journal.formed(shards=s.shard_map, job=job, steps=steps, tasks_per_step=tasks_per_step,
-                     start=start_step, losses_before=s.run.losses()[:start_step],
-                     resumed_from=s.recovery.resumed_from,
-                     members=[[r, i, s.members.members[(r, i)].inc] for _, _, r, i in s.held])
+    def _replay(self, records: list[dict]) -> "Reform | None":
+        """Rebuild the scheduler's state from the journal; None when no cluster had formed
+        (the roles' REGISTER requests are still waiting: forming starts again)."""
+        formed = next((r for r in records if r["t"] == "formed"), None)
+        if formed is None:
+            self.members = Membership(self.config.dead_after_s, journaling.next_incarnation(records))
+            self.failover.members = self.members
+            return None
+        cfg, now = self.config, time.monotonic()
+        self.t0 = self.failover.t0 = records[0].get("t0", self.t0)
+        job = formed["job"]
+        plan, self.dealer, self.run = plan_run(cfg, job, formed["steps"], formed["tasks_per_step"])
+        self.shard_map = formed["shards"]
+        self.servers = {sh["index"]: {"endpoint": sh["endpoint"]} for sh in self.shard_map}
+        self.workers = {w: job for w in range(cfg.workers)}
+        self.members = Membership(cfg.dead_after_s, journaling.next_incarnation(records))
+        self.failover.members = self.members
+        for role, index, inc in formed["members"]:
+            self.members.restore(role, index, inc, now)
+        self.run.count_tasks(plan, [tid for step in range(formed["start"]) for tid in plan.ids(step)])
+        for step, loss in enumerate(formed.get("losses_before", [])):
+            self.run.loss_sum[step], self.run.loss_samples[step] = loss, 1
+        self.recovery.committed = formed["start"] if formed.get("resumed_from") else 0
+        self.recovery.resumed_from = formed.get("resumed_from")
+        reform = Reform(self, len(records))
+        for r in records:
+            reform.apply(r, plan, now)
+        reform.expect()
+        log.warning("restarted from the journal (%d records): re-forming the cluster", len(records))
+        return reform
 
+    def _held_while_reforming(self, header: dict) -> bool:
+        """Re-forming: a confirmed worker's LEASE, REPORT, DONE or FINISHED is not answered
+        yet (its sender resends it and is answered once the cluster is back); an
+        unconfirmed worker's is refused with REREGISTER."""
+        if self.phase != "reforming" or header["kind"] not in (Kind.LEASE, Kind.REPORT, Kind.DONE,
+                                                                Kind.FINISHED):
+            return False
+        self.members.seen("worker", header["worker"], header["inc"], time.monotonic())
+        return True
 
-def hold(s, header: dict) -> bool:
-    """Re-forming: a confirmed worker's LEASE, REPORT, DONE or FINISHED is not answered yet
-    (its sender resends it and is answered once the cluster is back); an unconfirmed
-    worker's is refused with REREGISTER."""
-    if s.phase != "reforming" or header["kind"] not in (Kind.LEASE, Kind.REPORT, Kind.DONE,
-                                                          Kind.FINISHED):
-        return False
-    s.members.seen("worker", header["worker"], header["inc"], time.monotonic())
-    return True
-
-
-def register_again(s, ident, header: dict) -> None:
-    """A member registers again with its role, index and incarnation (REGISTER with ``inc``);
-    a server adds its counters. Answered at once, with the incarnations to fence."""
-    role, index = header["role"], header.get("index")
-    if not is_int(index) or role not in ("server", "worker"):
-        raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
-    stats = registration.server_stats(header["stats"], index, s.shard_map) if "stats" in header else None
-    s.members.register_again(role, index, header["inc"], time.monotonic())
-    if role == "server" and stats is not None:
-        s.shard_stats[index] = stats
-    log.info("%s %d (incarnation %d) registered again", role, index, header["inc"])
-    s.reply(ident, Kind.OK, header["rid"], fenced=s.members.fenced)
+    def _register_again(self, ident, header: dict) -> None:
+        """A member registers again with its role, index and incarnation (REGISTER with
+        ``inc``); a server adds its counters. Answered at once, with the incarnations to fence."""
+        role, index = header["role"], header.get("index")
+        if not is_int(index) or role not in ("server", "worker"):
+            raise ProtocolError(Error.BAD_FIELD, "a member registering again names its role and index")
+        stats = (registration.server_stats(header["stats"], index, self.shard_map)
+                 if "stats" in header else None)
+        self.members.register_again(role, index, header["inc"], time.monotonic())
+        if role == "server" and stats is not None:
+            self.shard_stats[index] = stats
+        log.info("%s %d (incarnation %d) registered again", role, index, header["inc"])
+        self.reply(ident, Kind.OK, header["rid"], fenced=self.members.fenced)

@@ -56,28 +56,10 @@ def stalled_step(dealer: Dealer | None, run: RunState | None) -> str:
     return f"step {step} is missing tasks {describe(holders(dealer, run, step))}; {run.diagnose()}"
 
 
-def log_stall(s) -> float:
-    """Scheduler ``s`` in training without a REPORT for WAIT_LOG_S: log what the oldest
-    step waits for. Returns when to look again."""
-    quiet_s = time.monotonic() - (s.deadline - s.config.timeout_s)
+def log_stall(dealer: Dealer, run: RunState, quiet_s: float) -> float:
+    """Training without a REPORT for ``quiet_s`` seconds: past WAIT_LOG_S, log what the
+    oldest step waits for. Returns the seconds until it is worth looking again."""
     if quiet_s <= WAIT_LOG_S:
-        return time.monotonic() + WAIT_LOG_S - quiet_s
-    log.warning("no report for %.1f s: %s", quiet_s, stalled_step(s.dealer, s.run))
-    return time.monotonic() + 5 * WAIT_LOG_S
-
-
-def waiting_for(s) -> str:
-    """What scheduler ``s`` is waiting for in its phase (its deadline has passed)."""
-    cfg = s.config
-    if s.phase == "forming":
-        return (f"servers {sorted(set(range(cfg.servers)) - set(s.servers))} and "
-                f"workers {sorted(set(range(cfg.workers)) - set(s.workers))} to register")
-    if s.phase == "reforming":
-        return "members to register again: " + ", ".join(
-            f"{role} {i}" for role, i in sorted(s.reform.awaited)
-            if s.members.members[(role, i)].alive and not s.members.members[(role, i)].confirmed)
-    if s.phase == "finishing":
-        return f"worker {s.finisher} to write the final parameters (FINISHED)"
-    if s.phase == "stopping":
-        return f"final heartbeats from servers {sorted(set(range(cfg.servers)) - s.stopped)}"
-    return stalled_step(s.dealer, s.run)
+        return WAIT_LOG_S - quiet_s
+    log.warning("no report for %.1f s: %s", quiet_s, stalled_step(dealer, run))
+    return 5 * WAIT_LOG_S

@@ -53,6 +53,13 @@ class RunState:
             self.loss_sum[step] += loss_sum
             self.loss_samples[step] += samples
 
+    def count_tasks(self, plan, ids, rejected=()) -> None:
+        """Count tasks by id (``plan``, a TaskPlan, says their step and samples; the ids
+        were checked first, ``TaskPlan.valid_ids``)."""
+        for tid in ids:
+            step = tid // plan.tasks_per_step
+            self.count_task(tid, step // plan.steps_per_epoch, plan.task_size(tid), tid in rejected)
+
     def count_task(self, task_id: int, epoch: int, samples: int, rejected: bool) -> None:
         """A task's push came back. Its samples count once, the first time it is known to
         be applied on every shard; a push that every shard refused (it already had the

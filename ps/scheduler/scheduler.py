@@ -37,18 +37,19 @@ from collections import OrderedDict
 
 import zmq
 
+from ps.core.dealer import Dealer
 from ps.faults import messages
-from ps.reliability import scheduler_restart
-from ps.scheduler import diagnose, forming, registration, summary
+from ps.reliability.journal import Journal
+from ps.reliability.scheduler_restart import Reform, Restart
+from ps.reliability.server_recovery import Recovery
+from ps.reliability.worker_failover import Failover
+from ps.scheduler import diagnose, registration, summary
+from ps.scheduler.forming import Forming
+from ps.scheduler.membership import Membership
 from ps.security import curve
 from ps.wire import transport, validation
-from ps.core.dealer import Dealer
-from ps.reliability.worker_failover import Failover
-from ps.reliability.journal import Journal
-from ps.scheduler.membership import Membership
 from ps.wire.protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
                        optional_bool, optional_int, request_header)
-from ps.reliability.server_recovery import Recovery
 from ps.scheduler.runstate import RunState
 from ps.scheduler.config import SchedulerConfig, crash_at, parse_args
 from ps.trace import Tracer
@@ -60,7 +61,11 @@ STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to
 DONE_GRACE_S = 0.75        # after answering DONE, the least time to stay: 3 Lazy Pirate resends
 
 
-class Scheduler:
+class Scheduler(Forming, Restart):
+    """The scheduler process. Its forming phase is in ``ps.scheduler.forming`` and its
+    restart from a journal in ``ps.reliability.scheduler_restart`` (methods it inherits);
+    this class is the event loop, training, liveness and the end of the run."""
+
     def __init__(self, config: SchedulerConfig):
         self.config = config
         self.ctx = zmq.Context()
@@ -93,7 +98,7 @@ class Scheduler:
         self.journal = Journal(config.journal)   # writes nothing without --journal
         self.failover = Failover(config, self.members, self.tracer, self.t0, self.journal)
         self.recovery = Recovery(config.checkpoint_dir, config.servers, self.tracer, self.journal)
-        self.reform: scheduler_restart.Reform | None = None  # set when restarted from a journal
+        self.reform: Reform | None = None        # set when restarted from a journal
         self.next_stall_log = 0.0
 
     # -- the loop -------------------------------------------------------------------
@@ -101,7 +106,7 @@ class Scheduler:
         if self.config.endpoint_file:
             transport.write_endpoint(self.config.endpoint_file, self.endpoint)
         log.info("scheduler at %s", self.endpoint)
-        self.reform = scheduler_restart.start(self)
+        self.reform = self._start_from_journal()
         while self.phase != "exit":
             if self.router.poll(100):
                 self.handle(self.router.recv_multipart(copy=False))
@@ -111,7 +116,10 @@ class Scheduler:
                 log.exception("internal error")
                 self.fail(f"internal error: {exc!r}")
         if self.config.out and self.run is not None:
-            summary.write(self.config.out, summary.of(self))
+            summary.write(self.config.out, summary.build(
+                self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
+                deaths=self.failover.deaths, rejoins=self.failover.rejoins,
+                recovery=self.recovery, restarts=self.reform.restarts if self.reform else []))
         self.tracer.write()
         return 0 if self.failure is None else 1
 
@@ -125,10 +133,28 @@ class Scheduler:
         if self.phase == "reforming":
             self.reform.check()
         if self.phase == "training" and time.monotonic() > self.next_stall_log:
-            self.next_stall_log = diagnose.log_stall(self)
+            quiet_s = time.monotonic() - (self.deadline - self.config.timeout_s)
+            self.next_stall_log = time.monotonic() + diagnose.log_stall(self.dealer, self.run, quiet_s)
         if time.monotonic() > self.deadline:
-            waiting = diagnose.waiting_for(self)
+            waiting = self._waiting_for()
             self.fail(f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}")
+
+    def _waiting_for(self) -> str:
+        """What the phase is waiting for (its deadline has passed), by name."""
+        cfg = self.config
+        if self.phase == "forming":
+            return (f"servers {sorted(set(range(cfg.servers)) - set(self.servers))} and "
+                    f"workers {sorted(set(range(cfg.workers)) - set(self.workers))} to register")
+        if self.phase == "reforming":
+            return "members to register again: " + ", ".join(
+                f"{role} {i}" for role, i in sorted(self.reform.awaited)
+                if self.members.members[(role, i)].alive
+                and not self.members.members[(role, i)].confirmed)
+        if self.phase == "finishing":
+            return f"worker {self.finisher} to write the final parameters (FINISHED)"
+        if self.phase == "stopping":
+            return f"final heartbeats from servers {sorted(set(range(cfg.servers)) - self.stopped)}"
+        return diagnose.stalled_step(self.dealer, self.run)
 
     def fail(self, why: str) -> None:
         """The run cannot go on: say why, write it into the summary, and exit non-zero."""
@@ -143,7 +169,7 @@ class Scheduler:
             rid = header["rid"]
             check_frames(header["kind"], frames[2:])
             curve.check_sender(frames[1], header)
-            if self._repeat(ident, rid) or scheduler_restart.hold(self, header):
+            if self._repeat(ident, rid) or self._held_while_reforming(header):
                 return
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
@@ -184,10 +210,6 @@ class Scheduler:
             messages.send(self.router, [ident, message])
         except zmq.ZMQError as exc:
             log.warning("reply to a vanished peer dropped: %s", exc)
-
-    # -- forming (ps.scheduler.forming) --------------------------------------------------------
-    def on_register(self, ident, header) -> None:
-        forming.register(self, ident, header)
 
     # -- liveness -------------------------------------------------------------------
     def _check_liveness(self) -> None:
@@ -277,7 +299,7 @@ class Scheduler:
         self._check_training(header)
         ids = check_int_list(header, "tasks", 1 << 16)
         rejected = set(check_int_list(header, "rejected", 1 << 16))
-        if not scheduler_restart.valid_ids(self.dealer.plan, self.run.steps, ids):
+        if not self.dealer.plan.valid_ids(ids, self.run.steps):
             raise ProtocolError(Error.BAD_FIELD, "tasks names an id no step of the run has")
         worker = header["worker"]
         if self.reform and self.reform.seen_report(header["inc"], header["rid"]):
@@ -285,7 +307,7 @@ class Scheduler:
         self.journal.report(header)
         crash_at(self.config, "report", header["step"])
         self.dealer.complete(ids)
-        scheduler_restart.count(self.run, self.dealer.plan, ids, rejected)   # leased or (after a restart) not
+        self.run.count_tasks(self.dealer.plan, ids, rejected)   # leased or (after a restart) not
         compute_s, samples = float(header["compute_s"]), header["samples"]
         if compute_s > 0 and samples:
             self.dealer.note_speed(worker, samples / compute_s)
@@ -372,7 +394,8 @@ class Scheduler:
 
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""
-        self.reply(ident, Kind.OK, header["rid"], **summary.status(self, header.get("step")))
+        self.reply(ident, Kind.OK, header["rid"], **summary.status(
+            self.phase, self.shard_stats, self.run, self.dealer, header.get("step")))
 
     def close(self) -> None:
         self.journal.close()

@@ -28,22 +28,16 @@ def max_staleness(shard_stats: dict[int, dict]) -> int:
     return max((s.get("max_staleness", 0) for s in shard_stats.values()), default=0)
 
 
-def status(s, step=None) -> dict:
-    """Scheduler ``s``'s STATUS reply: phase and progress; asked about a ``step``, also who
+def status(phase: str, shard_stats: dict[int, dict], run: RunState | None,
+           dealer: Dealer | None, step=None) -> dict:
+    """The scheduler's STATUS reply: phase and progress; asked about a ``step``, also who
     holds its unreported tasks (``ps.scheduler.diagnose``)."""
-    reply = {"phase": s.phase, "max_staleness": max_staleness(s.shard_stats)}
-    if s.run:
-        reply.update(s.run.progress())
-        if is_int(step) and 0 <= step < s.run.steps:
-            reply["missing"] = diagnose.holders(s.dealer, s.run, step)
+    reply = {"phase": phase, "max_staleness": max_staleness(shard_stats)}
+    if run:
+        reply.update(run.progress())
+        if is_int(step) and 0 <= step < run.steps:
+            reply["missing"] = diagnose.holders(dealer, run, step)
     return reply
-
-
-def of(s) -> dict:
-    """The summary of scheduler ``s``'s run."""
-    return build(s.config, s.run, s.dealer, s.shard_stats, failure=s.failure,
-                 deaths=s.failover.deaths, rejoins=s.failover.rejoins, recovery=s.recovery,
-                 restarts=s.reform.restarts if s.reform else [])
 
 
 def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
