@@ -14,6 +14,10 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.bench   # smoke tests of the benchmark script: scripts/run_tests.sh --bench
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "benchmark.py"
 SUITE_TIMEOUT_S = 30      # each --tiny suite takes a few seconds on 2 cores

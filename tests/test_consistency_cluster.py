@@ -40,6 +40,7 @@ def read_json(path):
         return None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("staleness", [1, 3])
 def test_ssp_frozen_worker_holds_others_exactly_s_clocks_ahead(tmp_path, staleness):
     steps = 800           # more than the test needs: the freeze lands near step 20

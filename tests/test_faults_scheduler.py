@@ -46,6 +46,7 @@ def test_scheduler_killed_mid_step_is_restarted_from_its_journal(tmp_path, refer
     assert restart["reform_s"] < 1.5                         # everyone was back within a timeout
 
 
+@pytest.mark.slow
 def test_scheduler_killed_by_the_launcher_records_detection_and_recovery(tmp_path, reference):
     run = launch(tmp_path, *CLUSTER, "--inject", "kill:scheduler@step=15", env=SLOW_TASKS)
     summary = check(run, reference)
@@ -54,6 +55,7 @@ def test_scheduler_killed_by_the_launcher_records_detection_and_recovery(tmp_pat
     assert 0 < fault["recovery_s"] < 10, fault
 
 
+@pytest.mark.slow
 def test_scheduler_killed_while_the_cluster_forms(tmp_path, reference):
     # The third REGISTER kills it: nobody has an incarnation yet (replies are held until
     # all have joined); the roles' REGISTER requests are resent to the new scheduler.
@@ -61,6 +63,7 @@ def test_scheduler_killed_while_the_cluster_forms(tmp_path, reference):
     check(run, reference, restarts=0)                        # nothing to re-form: it forms
 
 
+@pytest.mark.slow
 def test_scheduler_killed_once_every_worker_is_done(tmp_path, reference):
     # The finisher is named in the journal; the others have not heard DONE answered and
     # ask again; the finisher writes the parameters for the new scheduler.
@@ -68,6 +71,7 @@ def test_scheduler_killed_once_every_worker_is_done(tmp_path, reference):
     check(run, reference)
 
 
+@pytest.mark.slow
 def test_a_stalled_worker_is_named_by_the_pulls_that_wait_for_it(tmp_path, reference):
     # Worker 1 stops for 4 s before its push of step 10 (its heartbeats go on, so it is not
     # declared dead); worker 0's pull of step 11 waits on both shards for worker 1's tasks.

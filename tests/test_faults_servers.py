@@ -8,6 +8,8 @@ a relative 1e-5), and every epoch's samples are applied exactly once.
 import os
 import shutil
 
+import pytest
+
 from cluster import JOBS, assert_params_close, launch, oracle
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
@@ -35,6 +37,7 @@ def test_server_killed_mid_run_is_recovered_from_the_last_checkpoint(tmp_path):
     assert recovery["steps_redone"] == recovery["at_step"] - 20 >= 5
 
 
+@pytest.mark.slow
 def test_a_worker_and_a_server_killed_together(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--steps", str(STEPS), *CKPT, "--recover", "--respawn",
                  "--inject", "kill:worker1@step=25", "--inject", "kill:server0@step=25",
@@ -46,6 +49,7 @@ def test_a_worker_and_a_server_killed_together(tmp_path):
     assert "injected kill:server0@step=25" in run.stderr
 
 
+@pytest.mark.slow
 def test_server_paused_past_the_timeout_is_recovered(tmp_path):
     # a hung server never exits by itself: the scheduler declares it dead, the run
     # stops, and --recover restarts the cluster from the checkpoint of step 20
@@ -56,6 +60,7 @@ def test_server_paused_past_the_timeout_is_recovered(tmp_path):
     assert recovery["lost"] == "server1" and recovery["resumed_from_step"] == 20
 
 
+@pytest.mark.slow
 def test_server_killed_while_writing_a_checkpoint_never_uses_it(tmp_path):
     # server 0 dies after writing version 20 to a temporary file, before the rename:
     # no manifest for 20 is ever written, so the recovery starts from 10
@@ -72,6 +77,7 @@ def damage(path, how):
         f.write(data[: len(data) // 2] if how == "truncate" else data[:100] + b"\0" * 64 + data[164:])
 
 
+@pytest.mark.slow
 def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_path):
     first = launch(tmp_path / "first", "--job", JOB, "--steps", "30", *CKPT)
     assert first.rc == 0, first.stderr[-3000:]
@@ -85,6 +91,7 @@ def test_corrupted_or_truncated_checkpoint_falls_back_to_the_previous_one(tmp_pa
         assert "shard-1.npz does not match its sha256" in summary["resumed_from"]["skipped"][0]
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_logs_and_goes_on(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--steps", str(STEPS), *CKPT, "--fail-checkpoints")
     summary = check(run)
@@ -93,6 +100,7 @@ def test_disk_full_while_checkpointing_logs_and_goes_on(tmp_path):
     assert summary["checkpoint_committed"] == 0
 
 
+@pytest.mark.slow
 def test_resume_with_a_different_number_of_servers(tmp_path):
     first = launch(tmp_path, "--job", JOB, "--steps", "30", "--servers", "2", *CKPT)
     assert first.rc == 0, first.stderr[-3000:]
@@ -101,6 +109,7 @@ def test_resume_with_a_different_number_of_servers(tmp_path):
     assert summary["resumed_from"]["version"] == 30 and summary["servers"] == 3
 
 
+@pytest.mark.slow
 def test_asp_server_loss_fails_the_run_naming_the_server(tmp_path):
     # SSP and ASP have no coordinated checkpoint (shards are never at one version):
     # losing a server loses its shard, and the run says so and stops

@@ -128,6 +128,7 @@ def test_mutants_are_reproducible_from_the_seed():
     assert len(set(first)) > 400                       # mutants, not copies of the bases
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(170)
 def test_fuzzed_messages_never_hurt_a_live_server(tmp_path):
     lo, hi = shard_ranges(JOB, 2)[0]

@@ -121,6 +121,7 @@ def free_ports(n: int) -> list[int]:
     return ports
 
 
+@pytest.mark.slow
 def test_a_cluster_started_through_ssh_trains_like_the_oracle(tmp_path):
     shim = tmp_path / "bin"
     shim.mkdir()

@@ -132,6 +132,7 @@ def loss_fn(model, batch):
 '''
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_job_whose_loss_fn_resets_grad_fails_and_says_why(tmp_path):
     # Before the check, backward accumulated into fresh tensors and the workers pushed
@@ -144,6 +145,7 @@ def test_a_job_whose_loss_fn_resets_grad_fails_and_says_why(tmp_path):
     assert "no longer in the flat buffer" in run.stderr, run.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",
                  "--steps", str(STEPS), "--tasks-per-step", "4", "--trace", "--overlap")
@@ -163,6 +165,7 @@ def test_overlap_pushes_before_backward_ends_and_equals_the_oracle(tmp_path, ref
     assert early == len(overlapped)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_by_default_pushes_after_backward_and_equals_the_oracle(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "3", "--mode", "bsp",

@@ -99,6 +99,7 @@ def prefetched_pulls(out: str) -> list[bool]:
     return [e["args"]["prefetched"] for e in events if e.get("name") == "pull"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_bsp_gives_the_same_parameters_with_and_without_prefetch(tmp_path):
     # --no-steal: the same tasks on the same workers in both runs, so bit for bit. The
@@ -152,6 +153,7 @@ def test_a_prefetch_left_when_training_ends_is_abandoned():
     assert p.shards.abandoned == [(9, [9])] and p.pending is None
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("prefetch", ["push", "compute"])
 def test_ssp_with_prefetch_keeps_the_staleness_bound(tmp_path, prefetch):

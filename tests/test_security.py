@@ -41,6 +41,7 @@ def curve_options(keydir: str, name: str, server: str, secret_file: str | None =
     return setup
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_secure_cluster_admits_only_its_keys_and_binds_identities(tmp_path):
     keydir = str(tmp_path / "keys")
@@ -92,6 +93,7 @@ def test_secure_cluster_admits_only_its_keys_and_binds_identities(tmp_path):
     assert_params_close(got, oracle(JOB, STEPS), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_secure_run_gives_the_parameters_of_a_plain_run(tmp_path):
     # --no-steal: who computes which task, and so the rounding, is then the same in every

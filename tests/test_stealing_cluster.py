@@ -37,6 +37,7 @@ def test_bsp_with_a_4x_slow_worker_equals_the_oracle(tmp_path):
     assert_params_close(run.params, oracle(JOB, STEPS), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_steal_deals_equal_shares(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "1", "--steps", str(STEPS),
                  "--tasks-per-step", "12", "--slow", "1=4", "--no-steal")
@@ -49,6 +50,7 @@ def test_no_steal_deals_equal_shares(tmp_path):
     assert_params_close(run.params, oracle(JOB, STEPS), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ssp", "asp"])
 def test_ssp_and_asp_with_a_slow_worker_apply_every_sample_once(tmp_path, mode):
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
@@ -62,6 +64,7 @@ def test_ssp_and_asp_with_a_slow_worker_apply_every_sample_once(tmp_path, mode):
         assert summary["max_staleness"] <= 1
 
 
+@pytest.mark.slow
 def test_trace_records_tasks_and_steals(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "1", "--steps", "20",
                  "--tasks-per-step", "8", "--slow", "1=4", "--trace")

@@ -165,6 +165,7 @@ def reference():
     return oracle(JOB, STEPS)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_compressed_bsp_run_is_within_its_bound_of_the_oracle(tmp_path, reference, dtype):
@@ -176,6 +177,7 @@ def test_compressed_bsp_run_is_within_its_bound_of_the_oracle(tmp_path, referenc
     assert run.summary["samples"] == 6 * 200 + 6 * 24
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_float32_named_explicitly_is_still_exact(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "2", "--steps", str(STEPS),
