@@ -76,6 +76,7 @@ class Scheduler:
         self.held: list[tuple] = []              # (ident, rid, role, index): replies held until formed
         self.done_waiting: list[tuple] = []      # (ident, rid): DONE replies held until all are done
         self.shard_stats: dict[int, dict] = {}
+        self.worker_net_faults: dict[tuple, dict] = {}   # (worker, inc) -> its message faults
         self.shard_map: list[dict] | None = None  # each shard's index, endpoint, lo, hi, once formed
         self.stopped: set[int] = set()           # shards told to stop
         self.byes: set[int] = set()              # shards that said they heard it (bye)
@@ -181,7 +182,7 @@ class Scheduler:
 
     def _send(self, ident: bytes, message: bytes) -> None:
         try:
-            messages.send(self.router, [ident, message])
+            self.router.send_multipart([ident, message])
         except zmq.ZMQError as exc:
             log.warning("reply to a vanished peer dropped: %s", exc)
 
@@ -348,8 +349,11 @@ class Scheduler:
         bye = optional_bool(header, "bye", False)
         stats = (registration.server_stats(header["stats"], index, self.shard_map)
                  if "stats" in header else None)
+        net = registration.net_faults(header["net_faults"]) if "net_faults" in header else None
         self.members.seen(role, index, header["inc"], time.monotonic())
         if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
+            if net is not None:          # a live incarnation's counts (members.seen said so)
+                self.worker_net_faults[(index, header["inc"])] = net
             self.reply(ident, Kind.OK, header["rid"], cache=False)
             return
         if stats is not None:
@@ -382,8 +386,8 @@ class Scheduler:
 
 
 def main(argv=None) -> int:
-    messages.configure_from_env()
     config = parse_args(argv)
+    messages.install_from_env("scheduler")
     if config.secure:
         curve.use(curve.Keyring(config.secure, "scheduler"))
     scheduler = Scheduler(config)
