@@ -4,8 +4,8 @@ The scheduler ``build``s the summary when it exits (its settings, the run accoun
 ``ps.scheduler.runstate``, the shards' counters from their last heartbeats, deaths, rejoins,
 checkpoints and each role's message faults) and ``write``s it; the launcher then
 ``amend``s it with the faults it injected and the recoveries it made, reads it back
-(``lost_server``, ``report``) and prints the result. The invariant: the file is replaced atomically, so a reader sees
-either no summary or a whole one, never a half-written file.
+(``lost_server``, ``report``) and prints the result. The invariant: the file is replaced
+atomically, so a reader sees either no summary or a whole one, never a half-written file.
 """
 from __future__ import annotations
 
