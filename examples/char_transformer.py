@@ -157,7 +157,9 @@ def generate(model, prompt="def ", n_chars=200, temperature=0.8, seed=0) -> str:
     return decode(ids[0].tolist())
 
 
-def finish(model: nn.Module) -> None:
-    """Print 200 characters the trained model writes after the prompt 'def '."""
+def finish(model: nn.Module, prompt: str = "def ", n_chars: int = 200) -> None:
+    """Print the n_chars characters the trained model writes after the prompt: a header
+    line that names both, then the prompt and the sample."""
     model.eval()
-    print(f"char_transformer: sample (vocab {len(VOCAB)}):\n{generate(model)}")
+    print(f"char_transformer: sample (vocab {len(VOCAB)}), {n_chars} characters after "
+          f"{prompt!r}:\n{generate(model, prompt, n_chars)}")

@@ -3,7 +3,9 @@
 ``Background`` starts ``ps.launch`` in its own process group, waits until the run
 is training (server 0 has applied a step), gives the test sockets to the roles,
 and at the end waits for the honest run to finish. Whatever happens, the group is
-killed and every socket closed before the test returns. ``start_role`` starts one
+killed and every socket closed before the test returns. A ``Probe`` is a test's socket
+that also sees its connection's handshake, to tell "heard and said nothing" from
+"nobody there". ``start_role`` starts one
 role alone (a scheduler, a server), for a test that plays the others itself;
 ``BareScheduler`` is a scheduler and one server whose workers the test plays.
 """
@@ -16,6 +18,7 @@ import sys
 import time
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from cluster import ROOT, kill_group
 
@@ -72,6 +75,10 @@ class Background:
         sock.connect(self.roles[role]["endpoint"])
         return sock
 
+    def probe(self, role: str, setup=None) -> Probe:
+        """A ``Probe`` of a role; ``setup(sock)`` may make it a CURVE client first."""
+        return Probe(self.ctx, self.roles[role]["endpoint"], setup)
+
     def wait_training(self, sock: zmq.Socket, min_version: int = 2, timeout_s: float = 30.0) -> dict:
         """Ask a server for its stats until it has applied ``min_version`` steps."""
         deadline = time.monotonic() + timeout_s
@@ -106,14 +113,59 @@ def ask(sock: zmq.Socket, frames: list, timeout_s: float = 5.0) -> dict:
     return decode(sock.recv_multipart()[0])
 
 
-def silent(sock: zmq.Socket, frames: list, wait_s: float = 0.75) -> bool:
-    """True if a request gets no reply within ``wait_s`` (or cannot even be queued: a
-    DEALER whose handshake was refused has no peer to queue it for)."""
-    try:
-        sock.send_multipart(frames, zmq.NOBLOCK)
-    except zmq.Again:
-        return True
-    return not sock.poll(int(wait_s * 1000))
+HANDSHAKE_S = 5.0               # how long a Probe waits for its connection's handshake
+HANDSHAKE_FAILED = {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH,
+                    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL}
+
+
+class Probe:
+    """A DEALER to one role that also watches its own connection (ZeroMQ's socket
+    monitor), so that a test can tell a peer that heard a request and said nothing from
+    no peer at all: ``outcome`` says which, and ``dropped`` whether the peer closed the
+    connection after its handshake (libzmq does, on a frame over ZMQ_MAXMSGSIZE)."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, setup=None):
+        self.sock = ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        if setup:
+            setup(self.sock)
+        self.monitor = self.sock.get_monitor_socket()     # before connect: every event
+        self.events: list[int] = []                       # zmq.EVENT_* in order
+        self.sock.connect(endpoint)
+
+    def _watch(self, until: set, wait_s: float) -> bool:
+        """Read events for up to ``wait_s``, stopping at one in ``until``; True if one came."""
+        deadline = time.monotonic() + wait_s
+        while (left := deadline - time.monotonic()) > 0 and self.monitor.poll(int(left * 1000)):
+            self.events.append(recv_monitor_message(self.monitor)["event"])
+            if self.events[-1] in until:
+                return True
+        return False
+
+    def outcome(self, frames: list, wait_s: float = 0.75) -> str:
+        """Send one request and say what became of it: "answered"; "ignored" (the peer
+        completed the handshake, the request went out to it, and no reply came within
+        ``wait_s``); "refused" (the peer failed the handshake, e.g. a CURVE server
+        refusing a plaintext client or a key not on its list: nobody could hear it); or
+        "no peer" (no handshake completed within HANDSHAKE_S)."""
+        ends = {zmq.EVENT_HANDSHAKE_SUCCEEDED} | HANDSHAKE_FAILED
+        if not any(e in ends for e in self.events) and not self._watch(ends, HANDSHAKE_S):
+            return "no peer"
+        if [e for e in self.events if e in ends][-1] in HANDSHAKE_FAILED:
+            return "refused"
+        self.sock.send_multipart(frames)
+        return "answered" if self.sock.poll(int(wait_s * 1000)) else "ignored"
+
+    def dropped(self, wait_s: float = HANDSHAKE_S) -> bool:
+        """Did the peer close the connection after the handshake succeeded?"""
+        after = self.events[self.events.index(zmq.EVENT_HANDSHAKE_SUCCEEDED) + 1:] \
+            if zmq.EVENT_HANDSHAKE_SUCCEEDED in self.events else []
+        return zmq.EVENT_DISCONNECTED in after or self._watch({zmq.EVENT_DISCONNECTED}, wait_s)
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(linger=0)
+        self.sock.close(linger=0)
 
 
 def start_role(argv: list[str], endpoint_file: str) -> tuple[subprocess.Popen, str]:

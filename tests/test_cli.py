@@ -8,13 +8,24 @@ import pytest
 from cluster import ROOT, launch
 
 
-@pytest.mark.parametrize("cmd", [["-m", "ps.scheduler"], ["-m", "ps.server"], ["-m", "worker"],
-                                 ["-m", "ps.launch"]])
-def test_help(cmd):
-    out = subprocess.run([sys.executable, *cmd, "--help"], cwd=ROOT, capture_output=True,
+@pytest.mark.parametrize("module,usage,flags", [
+    ("ps.scheduler", "python -m ps.scheduler",
+     ("--servers", "--workers", "--mode", "--staleness", "--bind", "--out", "--dead-after-s")),
+    ("ps.server", "python -m ps.server",
+     ("--scheduler", "--bind", "--shard", "--timeout-s", "--nonfinite")),
+    ("worker", "python -m worker",
+     ("--scheduler", "--job", "--id", "--device", "--seed", "--crash-at")),
+    ("ps.launch", "scripts/start_cluster.sh",
+     ("--job", "--servers", "--workers", "--mode", "--inject", "--respawn", "--netns")),
+])
+def test_help(module, usage, flags):
+    out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0
-    assert "usage:" in out.stdout and "--" in out.stdout
+    assert out.stdout.startswith(f"usage: {usage} "), out.stdout[:200]
+    listed = {line.split()[0].rstrip(",") for line in out.stdout.splitlines()
+              if line.startswith("  --")}                      # each option's own line
+    assert set(flags) <= listed, set(flags) - listed
 
 
 def test_start_cluster_help_lists_the_flags():

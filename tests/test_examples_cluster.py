@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from cluster import EXAMPLES, launch
+from worker.job import load_job
 
 SUMMARY_FIELDS = {"mode", "staleness", "servers", "workers", "steps", "samples", "final_loss",
                   "wall_s", "samples_per_s", "max_staleness", "per_worker", "duplicates_rejected"}
@@ -36,4 +37,11 @@ def test_char_transformer_prints_a_sample(tmp_path):
     run = launch(tmp_path, "--job", os.path.join(EXAMPLES, "char_transformer.py"), "--steps", "2",
                  "--workers", "1", "--servers", "1")
     assert run.rc == 0, run.stderr[-3000:]
-    assert "def " in run.stdout       # finish() prints generated text after the prompt
+    # finish() prints a header, then the prompt and the 200 characters generated after it
+    header = "200 characters after 'def ':\n"
+    assert header in run.stdout, run.stdout[-3000:]
+    printed = run.stdout.split(header, 1)[1]
+    sample = printed[len("def "):len("def ") + 200]
+    assert printed.startswith("def ") and printed[len("def ") + 200:].startswith("\n"), printed
+    vocab = load_job(os.path.join(EXAMPLES, "char_transformer.py")).module.VOCAB
+    assert len(sample) == 200 and set(sample) <= set(vocab), sample

@@ -203,7 +203,7 @@ def test_a_partition_goes_down_when_due_and_up_after_its_duration():
     assert (f.fired_at_s, f.down) == (5.0, True)
     assert f.update(20, 8.9, now=103.9) is None               # still down
     assert f.update(None, None, now=104.0) is False           # heals even outside training
-    assert f.healed_at_s == 9.0
+    assert f.healed_at_s == 9.0 and f.cuts == [[100.0, 104.0]]
     assert f.update(30, 20.0, now=200.0) is None              # done for good
 
 
@@ -218,6 +218,8 @@ def test_a_flap_goes_down_for_the_first_half_of_each_period_and_ends_up():
     assert states == [(0.0, True), (0.5, False), (1.0, True), (1.5, False), (2.0, True),
                       (2.5, False)]
     assert f.healed_at_s == 4.0 and not f.down
+    assert [[round(t - 10.0, 1) for t in cut] for cut in f.cuts] == [[0.0, 0.5], [1.0, 1.5],
+                                                                    [2.0, 2.5]]
 
 
 def test_wanted_down():

@@ -140,7 +140,16 @@ def test_a_flapping_link(tmp_path, clean, reference):
     # returns, hence a timeout with room (3 s was declared dead once on a loaded machine).
     run = run_partitioned(tmp_path, "--inject", "flap:worker1@step=5,for=4s,period=1s",
                           "--dead-after-s", "6")
-    check(run, reference, deaths=0)
+    summary, fault = check(run, reference, deaths=0)
+    # The link really went down four times (and came back: healed, no death), and each
+    # cut had an effect: the run stalled (worker 1's leased task held the BSP step), or
+    # it went on only through worker 1's tasks stolen by the others (one task per worker
+    # per step). A flap that did nothing would let ~8 steps of 60 ms through each
+    # half-second cut, with nothing stolen (a run without faults steals nothing here).
+    cuts = fault["steps_while_down"]
+    assert len(cuts) == 4, fault
+    stolen = summary["per_worker"][1]["stolen_from"]
+    assert sum(max(0, steps - STALLED) for steps in cuts) <= stolen, (cuts, stolen)
 
 
 # -- the namespaces themselves: cleaned up on Ctrl-C, after a crash, refused without root --

@@ -9,6 +9,7 @@ launcher's 0.1 s progress polling can hit them).
 """
 import os
 
+import numpy as np
 import pytest
 
 from cluster import JOBS, check_tiny_mlp_run, launch, oracle
@@ -84,11 +85,21 @@ def test_worker_paused_shorter_than_the_timeout_changes_nothing(tmp_path, refere
 
 @pytest.mark.parametrize("mode", ["ssp", "asp"])
 def test_ssp_and_asp_survive_a_worker_crash_applying_every_sample_once(tmp_path, mode):
+    # mid_push: shard 0 applied the dead worker's push, shard 1 never got it; the tasks
+    # are dealt again, shard 0 refuses the redo and shard 1 applies it. No oracle here
+    # (the order of updates is the run's), so the shards' own counters are the evidence.
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
                  "--tasks-per-step", "6", "--mode", mode, "--staleness", "1",
                  "--crash-at", "1:mid_push@20", *FAST)
     assert run.rc == 0, run.stderr[-4000:]
     summary = run.summary
     assert len(summary["deaths"]) == 1
-    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert "worker1 exited with status -9" in run.stderr
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]        # the scheduler's tally
     assert applied == [200] * 6 + [6 * 24], applied
+    # Each shard's side: every task dealt applied exactly once (a task applied twice
+    # would count twice), and shard 0 refused the redo of what it already had.
+    dealt = STEPS * 6
+    assert [s["tasks_applied"] for s in summary["shards"]] == [dealt, dealt], summary["shards"]
+    assert summary["shards"][0]["duplicates_rejected"] >= 1
+    assert all(np.isfinite(p).all() for p in run.params.values())

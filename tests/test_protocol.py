@@ -214,12 +214,6 @@ def test_kinds_without_fields_need_only_the_envelope():
         assert decode(pack({"v": 1, "kind": kind, "rid": 0}))["kind"] == kind
 
 
-def test_protocol_error_carries_code_and_reason():
-    err = ProtocolError(Error.DUPLICATE, "step 3 done")
-    assert (err.code, err.reason) == (Error.DUPLICATE, "step 3 done")
-    assert str(err) == "duplicate: step 3 done"
-
-
 # -- check_int_list -------------------------------------------------------------------
 
 def test_check_int_list_accepts_up_to_the_limit():

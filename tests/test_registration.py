@@ -2,8 +2,9 @@
 
 A worker's job is checked when it registers, field by field, so the cluster can never
 fail to form later with every other member's registration held; a server's counters
-(heartbeats, REGISTER after a scheduler restart) are checked before the scheduler
-computes with them (failover, checkpoint commits, the summary). And should the scheduler
+(heartbeats, REGISTER after a scheduler restart), and any member's message-fault
+counters, are checked before the scheduler computes with them (failover, checkpoint
+commits, the summary). And should the scheduler
 meet a bug of its own between messages, the run ends with a reason, not a traceback.
 """
 import numpy as np
@@ -11,7 +12,8 @@ import pytest
 
 from ps.reliability import checkpoint
 from ps.wire.protocol import Error, ProtocolError
-from ps.scheduler.registration import layout_size, server_stats, worker_job
+from ps.scheduler import summary
+from ps.scheduler.registration import layout_size, net_faults, server_stats, worker_job
 from ps.scheduler.config import SchedulerConfig
 from ps.core.shard import Shard
 
@@ -113,6 +115,30 @@ def test_stats_must_be_a_map():
     refused(Error.BAD_FIELD, server_stats, [1, 2], 0, None)
 
 
+NET_FAULTS = {"dropped": 3, "duplicated": 1, "delayed": 40}
+
+
+@pytest.mark.parametrize("bad", [
+    [3, 1, 40], {"dropped": 3, "duplicated": 1}, dict(NET_FAULTS, dropped=-1),
+    dict(NET_FAULTS, delayed=1.5), dict(NET_FAULTS, duplicated=True), dict(NET_FAULTS, lost=1)])
+def test_message_fault_counters_are_three_counts(tmp_path, bad):
+    # Summed into the summary's net_faults, from a server's stats or a worker's heartbeat.
+    assert net_faults(dict(NET_FAULTS)) == NET_FAULTS
+    stats = honest_stats(tmp_path)
+    assert server_stats(dict(stats, net_faults=NET_FAULTS), 1, SHARD_MAP)["net_faults"] == NET_FAULTS
+    refused(Error.BAD_FIELD, net_faults, bad)
+    refused(Error.BAD_FIELD, server_stats, dict(stats, net_faults=bad), 1, SHARD_MAP)
+
+
+def test_the_summary_lists_each_role_s_message_faults_a_worker_s_incarnations_summed():
+    shards = {0: {"version": 3, "net_faults": NET_FAULTS}, 1: {"version": 3}}
+    workers = {(0, 4): NET_FAULTS, (1, 5): NET_FAULTS, (1, 9): dict(NET_FAULTS, dropped=1)}
+    assert summary.net_faults(dict(NET_FAULTS, delayed=7), shards, workers) == {
+        "scheduler": dict(NET_FAULTS, delayed=7), "server0": NET_FAULTS, "worker0": NET_FAULTS,
+        "worker1": {"dropped": 4, "duplicated": 2, "delayed": 80}}
+    assert summary.net_faults(None, {0: {"version": 3}}, {}) == {}
+
+
 def test_a_refused_heartbeat_changes_nothing_not_even_liveness(tmp_path):
     # The scheduler's handler, called as its loop would: bad counters are refused before
     # the member is marked as heard from or its counters kept, whatever the incarnation.
@@ -132,6 +158,14 @@ def test_a_refused_heartbeat_changes_nothing_not_even_liveness(tmp_path):
         sched.on_heartbeat(b"server1", decode(encode(Kind.HEARTBEAT, 8, role="server", index=1,
                                                      inc=member.inc, stats=good)))
         assert sched.shard_stats == {1: good} and member.last_seen > 100.0
+        # A worker's message-fault counters, likewise: refused whole, or kept by incarnation.
+        worker = sched.members.join("worker", 0, now=100.0)
+        refused(Error.BAD_FIELD, sched.on_heartbeat, b"worker0", decode(encode(
+            Kind.HEARTBEAT, 9, role="worker", index=0, inc=worker.inc, net_faults={"dropped": -1})))
+        assert sched.worker_net_faults == {} and worker.last_seen == 100.0
+        sched.on_heartbeat(b"worker0", decode(encode(Kind.HEARTBEAT, 10, role="worker", index=0,
+                                                     inc=worker.inc, net_faults=NET_FAULTS)))
+        assert sched.worker_net_faults == {(0, worker.inc): NET_FAULTS}
     finally:
         sched.close()
 

@@ -60,6 +60,7 @@ def snapshot(shard: Shard) -> dict:
             "version": shard.version, "clocks": list(shard.clocks),
             "seen": set(shard.step_tasks_seen), "step_samples": shard.step_samples,
             "applied": set(shard.applied), "pushes_applied": shard.pushes_applied,
+            "tasks_applied": shard.tasks_applied,
             "max_staleness": shard.max_staleness, "grad_is_prev": shard.grad_is_prev}
 
 
@@ -111,6 +112,7 @@ def test_bsp_applies_once_when_the_last_task_arrives(order):
     assert shard.pull_ready(1) and not shard.pull_ready(2)
     assert shard.clocks == [1, 1, 1]
     assert shard.stats()["pushes_applied"] == 3
+    assert shard.stats()["tasks_applied"] == sum(len(tasks) for _, tasks, _, _ in pushes)
     assert not shard.step_tasks_seen and shard.step_samples == 0   # the next step starts afresh
 
 
@@ -359,6 +361,7 @@ def test_ssp_duplicate_task_is_rejected_and_changes_nothing():
     g0, g1 = grad_sums(2)
     shard.push(0, 0, [0, 1], 3, 2, received(g0))
     before = snapshot(shard)
+    assert before["tasks_applied"] == 2
     assert shard.push(0, 0, [0, 1], 3, 2, received(g0)) is False       # a retry
     assert shard.push(1, 1, [1, 7], 3, 2, received(g1)) is False       # overlaps by one
     assert shard.duplicates_rejected == 2
@@ -461,7 +464,8 @@ def test_unknown_mode_is_refused():
 
 def test_stats_names_the_counters():
     shard, _ = make("ssp", 2, staleness=1)
-    assert shard.stats() == {"version": 0, "pushes_applied": 0, "duplicates_rejected": 0,
+    assert shard.stats() == {"version": 0, "pushes_applied": 0, "tasks_applied": 0,
+                             "duplicates_rejected": 0,
                              "max_staleness": 0, "clocks": [0, 0], "fenced_rejected": 0,
                              "dead": [], "step_tasks": [],
                              "state_bytes": {"params": 4 * SIZE, "aggregation": 4 * SIZE,

@@ -85,7 +85,7 @@ def parse_args(argv=None) -> WorkerConfig:
 
 def main(argv=None) -> int:
     config = parse_args(argv)
-    messages.configure_from_env()
+    messages.install_from_env(f"worker{config.worker_id}" if config.worker_id >= 0 else "worker")
     if config.secure:
         curve.use(curve.Keyring(config.secure, f"worker{config.worker_id}"))
     faulthandler.register(signal.SIGUSR1)   # `kill -USR1 PID` prints every thread's stack

@@ -14,6 +14,7 @@ import threading
 
 import zmq
 
+from ps.faults import messages
 from ps.wire.client import Peer, RemoteError
 from ps.scheduler.membership import HEARTBEAT_INTERVAL_S
 from ps.wire.protocol import Error, Kind
@@ -44,7 +45,7 @@ class Heartbeat(threading.Thread):
             while not self.stopping.wait(self.interval_s):
                 try:                # a heartbeat not answered in time is abandoned, not kept
                     self.peer.request(Kind.HEARTBEAT, 10 * self.interval_s, role="worker",
-                                      index=self.worker, inc=self.inc)
+                                      index=self.worker, inc=self.inc, **messages.fields())
                 except RemoteError as exc:
                     if exc.code == Error.FENCED:
                         log.error("the scheduler declared this worker dead: %s", exc.reason)

@@ -73,6 +73,8 @@ class Shard:
         self.duplicates_rejected = 0
         self.max_staleness = 0
         self.pushes_applied = 0
+        self.tasks_applied = 0                           # task ids of those pushes, each time:
+                                                         # a task applied twice counts twice
         self.fenced: set[int] = set()                    # retired incarnations
         self.dead: set[int] = set()                      # workers whose clocks gate nobody
         self.fenced_rejected = 0
@@ -131,6 +133,7 @@ class Shard:
             self.optimizer.step(self.params, self._as_float32(chunks), divide_by=samples)
             self.version += 1
         self.applied.update(tasks)
+        self.tasks_applied += len(tasks)
         if ends_clock:                      # a task dealt again is pushed mid-clock, alone
             self.clocks[worker] = max(self.clocks[worker], step + 1)
         self.pushes_applied += 1
@@ -179,6 +182,7 @@ class Shard:
         self.step_tasks_seen.update(tasks)
         self.step_samples += samples
         self.pushes_applied += 1
+        self.tasks_applied += len(tasks)
 
     def _step_done(self, grad) -> None:
         """BSP: the step's sum is in ``grad`` (the buffer, or one push's frames). One pass:
@@ -281,6 +285,7 @@ class Shard:
 
     def stats(self) -> dict:
         return {"version": self.version, "pushes_applied": self.pushes_applied,
+                "tasks_applied": self.tasks_applied,
                 "duplicates_rejected": self.duplicates_rejected,
                 "max_staleness": self.max_staleness, "clocks": list(self.clocks),
                 "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead),

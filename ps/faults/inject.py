@@ -85,6 +85,8 @@ class LinkFault:
     healed_at_s: float | None = None
     down: bool = False           # the state the launcher last set
     spec: str = field(default="", repr=False)
+    cuts: list = field(default_factory=list, repr=False)   # [down, up] (monotonic) each time
+                                                           # the link went down (up: None yet)
 
     def due(self, step: int, elapsed_s: float) -> bool:
         return self.fired_at_s is None and (
@@ -115,6 +117,10 @@ class LinkFault:
         if down == self.down:
             return None
         self.down = down
+        if down:
+            self.cuts.append([now, None])
+        else:
+            self.cuts[-1][1] = now
         return down
 
 

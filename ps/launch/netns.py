@@ -271,18 +271,23 @@ class LinkInjector:
     def records(self, deaths_mono: dict[str, float]) -> list[dict]:
         """Per fault, for summary.json: ``fired_at_s``, ``healed_at_s``, ``detected_at_s`` (the
         death verdict of its target, if one followed), ``steps_during`` (how far the run
-        got from firing to healing) and ``recovery_s`` (from firing to the first step the
-        run completed after the fault's end: the link restored, or the verdict that dealt
-        the target's tasks again, whichever came first)."""
+        got from firing to healing), ``steps_while_down`` (the same for each time the link
+        went down: a flap cuts it several times) and ``recovery_s`` (from firing to the
+        first step the run completed after the fault's end: the link restored, or the
+        verdict that dealt the target's tasks again, whichever came first)."""
         out = []
         for f in self.faults:
             rec = {"spec": f.spec, "fired_at_s": f.fired_at_s, "healed_at_s": f.healed_at_s,
-                   "detected_at_s": None, "steps_during": None, "recovery_s": None}
+                   "detected_at_s": None, "steps_during": None, "steps_while_down": [],
+                   "recovery_s": None}
             if f.fired_at_s is not None:
                 base = f.fired_mono - f.fired_at_s            # monotonic time of training start
                 if f.healed_at_s is not None:
                     rec["steps_during"] = (self._step_at(base + f.healed_at_s)
                                            - self._step_at(f.fired_mono))
+                    rec["steps_while_down"] = [   # a cut still open at the end: up when healed
+                        self._step_at(base + f.healed_at_s if up is None else up)
+                        - self._step_at(down) for down, up in f.cuts]
                 detected = deaths_mono.get(f.target)
                 if detected is not None and detected >= f.fired_mono:
                     rec["detected_at_s"] = round(detected - base, 3)

@@ -2,8 +2,9 @@
 
 ``ps.scheduler.forming`` calls these while the cluster forms, and again when a replacement
 worker joins mid-run; the scheduler checks each server heartbeat's counters with
-``server_stats``. Pure functions over request headers: a request that fails a check
-raises ``ProtocolError`` (the scheduler answers it with ERROR and goes on). The
+``server_stats``, and a worker heartbeat's message-fault counters with ``net_faults``.
+Pure functions over request headers: a request that fails a check raises
+``ProtocolError`` (the scheduler answers it with ERROR and goes on). The
 invariants they keep: every worker of a run describes the same job (model layout, data
 set, batch size, optimizer, epochs) with the scheduler's seed, and no index is held by
 two live roles; what the scheduler computes with is what an honest member sends.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import re
 from math import prod
 
+from ps.faults import messages
 from ps.reliability.checkpoint import shard_file
 from ps.core.optim import make_optimizer
 from ps.wire.protocol import Error, ProtocolError, is_int
@@ -127,7 +129,19 @@ def server_stats(stats, index: int, shard_map: list[dict] | None) -> dict:
             and report.get("file") == shard_file(report["version"], index)
             and isinstance(report.get("sha256"), str) and SHA256.fullmatch(report["sha256"])):
         raise ProtocolError(Error.BAD_FIELD, f"stats.checkpoint is not shard {index}'s report")
+    if "net_faults" in stats:
+        net_faults(stats["net_faults"])
     return stats
+
+
+def net_faults(counts) -> dict:
+    """A role's message-fault counters (``ps.faults.messages``, in a server's stats or a
+    worker's heartbeat), which the summary adds up: each a non-negative int."""
+    if not (isinstance(counts, dict) and set(counts) == set(messages.COUNTERS)
+            and all(_count(v) for v in counts.values())):
+        raise ProtocolError(Error.BAD_FIELD, f"net_faults must map {', '.join(messages.COUNTERS)} "
+                                             "to non-negative ints")
+    return counts
 
 
 def _count(value) -> bool:

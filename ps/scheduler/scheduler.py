@@ -81,6 +81,7 @@ class Scheduler(Forming, Restart):
         self.held: list[tuple] = []              # (ident, rid, role, index): replies held until formed
         self.done_waiting: list[tuple] = []      # (ident, rid): DONE replies held until all are done
         self.shard_stats: dict[int, dict] = {}
+        self.worker_net_faults: dict[tuple, dict] = {}   # (worker, inc) -> its message faults
         self.shard_map: list[dict] | None = None  # each shard's index, endpoint, lo, hi, once formed
         self.stopped: set[int] = set()           # shards told to stop
         self.byes: set[int] = set()              # shards that said they heard it (bye)
@@ -119,7 +120,9 @@ class Scheduler(Forming, Restart):
             summary.write(self.config.out, summary.build(
                 self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
                 deaths=self.failover.deaths, rejoins=self.failover.rejoins,
-                recovery=self.recovery, restarts=self.reform.restarts if self.reform else []))
+                recovery=self.recovery, restarts=self.reform.restarts if self.reform else [],
+                net_faults=summary.net_faults(messages.counts(), self.shard_stats,
+                                              self.worker_net_faults)))
         self.tracer.write()
         return 0 if self.failure is None else 1
 
@@ -207,7 +210,7 @@ class Scheduler(Forming, Restart):
 
     def _send(self, ident: bytes, message: bytes) -> None:
         try:
-            messages.send(self.router, [ident, message])
+            self.router.send_multipart([ident, message])
         except zmq.ZMQError as exc:
             log.warning("reply to a vanished peer dropped: %s", exc)
 
@@ -370,8 +373,11 @@ class Scheduler(Forming, Restart):
         bye = optional_bool(header, "bye", False)
         stats = (registration.server_stats(header["stats"], index, self.shard_map)
                  if "stats" in header else None)
+        net = registration.net_faults(header["net_faults"]) if "net_faults" in header else None
         self.members.seen(role, index, header["inc"], time.monotonic())
         if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
+            if net is not None:          # a live incarnation's counts (members.seen said so)
+                self.worker_net_faults[(index, header["inc"])] = net
             self.reply(ident, Kind.OK, header["rid"], cache=False)
             return
         if stats is not None:
@@ -405,8 +411,8 @@ class Scheduler(Forming, Restart):
 
 
 def main(argv=None) -> int:
-    messages.configure_from_env()
     config = parse_args(argv)
+    messages.install_from_env("scheduler")
     if config.secure:
         curve.use(curve.Keyring(config.secure, "scheduler"))
     scheduler = Scheduler(config)

@@ -1,11 +1,11 @@
 """``summary.json``: the record of a run, from its fields to the launcher's one-line report.
 
 The scheduler ``build``s the summary when it exits (its settings, the run accounting of
-``ps.scheduler.runstate``, the shards' counters from their last heartbeats, deaths, rejoins and
-checkpoints) and ``write``s it; the launcher then ``amend``s it with the faults it
-injected and the recoveries it made, reads it back (``lost_server``, ``report``) and
-prints the result. The invariant: the file is replaced atomically, so a reader sees
-either no summary or a whole one, never a half-written file.
+``ps.scheduler.runstate``, the shards' counters from their last heartbeats, deaths, rejoins,
+checkpoints and each role's message faults) and ``write``s it; the launcher then
+``amend``s it with the faults it injected and the recoveries it made, reads it back
+(``lost_server``, ``report``) and prints the result. The invariant: the file is replaced
+atomically, so a reader sees either no summary or a whole one, never a half-written file.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import json
 import os
 import sys
 
+from ps.faults import messages
 from ps.scheduler import diagnose
 from ps.core.dealer import Dealer
 from ps.wire.protocol import is_int
@@ -40,9 +41,25 @@ def status(phase: str, shard_stats: dict[int, dict], run: RunState | None,
     return reply
 
 
+def net_faults(own: dict | None, shard_stats: dict[int, dict],
+               workers: dict[tuple, dict]) -> dict[str, dict]:
+    """Message faults (``ps.faults.messages``) by role: the scheduler's ``own``, each
+    server's from its stats, each worker's summed over its incarnations (``workers``:
+    (worker, inc) -> counts). Empty where no role had faults installed."""
+    roles = {"scheduler": own} if own else {}
+    for k, stats in sorted(shard_stats.items()):
+        if "net_faults" in stats:
+            roles[f"server{k}"] = stats["net_faults"]
+    for (worker, _), counts in sorted(workers.items()):
+        total = roles.setdefault(f"worker{worker}", dict.fromkeys(messages.COUNTERS, 0))
+        for name in messages.COUNTERS:
+            total[name] += counts[name]
+    return roles
+
+
 def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
           failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery,
-          restarts: list[dict] = ()) -> dict:
+          restarts: list[dict] = (), net_faults: dict | None = None) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
@@ -56,6 +73,7 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
             "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
             "deaths": deaths, "rejoins": rejoins, "scheduler_restarts": list(restarts),
             "checkpoint_committed": recovery.committed, "resumed_from": recovery.resumed_from,
+            "net_faults": net_faults or {},
             "shards": [shard_stats.get(k, {}) for k in range(cfg.servers)]}
 
 

@@ -317,7 +317,7 @@ class Server:
 
     def reply(self, ident, head: bytes, payload=(), track: bool = False):
         try:
-            return messages.send(self.router, [ident, head, *payload], copy=False, track=track)
+            return self.router.send_multipart([ident, head, *payload], copy=False, track=track)
         except zmq.ZMQError as exc:      # ROUTER_MANDATORY: the peer is gone; nothing to do
             log.warning("reply to a vanished peer dropped: %s", exc)
             return None
@@ -361,6 +361,7 @@ class Server:
         stats = self.shard.stats() if self.shard else {}
         stats["errors"], stats["copies"] = dict(self.errors), dict(self.copies)
         stats["checkpoint"] = self.last_checkpoint
+        stats.update(messages.fields())          # --inject drop/dup/delay: what fired
         return stats
 
     def close(self) -> None:
@@ -371,8 +372,8 @@ class Server:
 
 
 def main(argv=None) -> int:
-    messages.configure_from_env()
     config = parse_args(argv)
+    messages.install_from_env(f"server{config.shard}" if config.shard >= 0 else "server")
     if config.secure:
         curve.use(curve.Keyring(config.secure, f"server{config.shard}"))
     server = Server(config)

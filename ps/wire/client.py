@@ -19,7 +19,6 @@ import numpy as np
 import zmq
 
 from ps.core import compress
-from ps.faults import messages
 from ps.security import curve
 from ps.wire import transport
 from ps.wire.protocol import Error, Kind, ProtocolError, decode, encode
@@ -71,7 +70,7 @@ class Peer:
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
         message = [encode(kind, rid, **fields), *frames]
-        messages.send(self.sock, message, copy=False)
+        self.sock.send_multipart(message, copy=False)
         if want_reply:
             self.outstanding.add(rid)
             self.requests[rid] = message        # kept for a Lazy Pirate resend
@@ -89,7 +88,7 @@ class Peer:
             self.register_again()
             self.reregistered_at = time.monotonic()
         if rid in self.requests:
-            messages.send(self.sock, self.requests[rid], copy=False)
+            self.sock.send_multipart(self.requests[rid], copy=False)
             self.sent_at[rid] = time.monotonic()
 
     def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
@@ -103,7 +102,7 @@ class Peer:
             if now >= resend_at and rid in self.requests:
                 # Lazy Pirate: the request or its reply may be lost; ask again with the
                 # same rid (handlers are idempotent by rid, so a repeat is harmless).
-                messages.send(self.sock, self.requests[rid], copy=False)
+                self.sock.send_multipart(self.requests[rid], copy=False)
                 self.sent_at[rid] = now
                 resend_at = now + interval
             left_ms = int(max(0.0, min(deadline, resend_at) - now) * 1000)

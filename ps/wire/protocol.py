@@ -39,7 +39,8 @@ class Kind:
     """Message kinds. Requests go to a ROUTER; every request gets exactly one reply."""
     # control path: worker/server -> scheduler
     REGISTER = "register"       # join the cluster; the reply (sent once all roles are in) is the config
-    HEARTBEAT = "heartbeat"     # "I am alive" (servers add stats); the reply fences and stops
+    HEARTBEAT = "heartbeat"     # "I am alive" (servers add stats, workers with message faults
+                                # their net_faults counts); the reply fences and stops
     LEASE = "lease"             # worker asks for its next task of a step (or clock); steals if need be
     REPORT = "report"           # worker reports pushed tasks: loss, samples, timings, rejections
     DONE = "done"               # worker finished all steps; reply is deferred until every worker is done
@@ -66,7 +67,6 @@ class Error:
     BAD_DTYPE = "bad_dtype"
     BAD_PAYLOAD = "bad_payload"         # payload bytes do not match what the header claims
     NOT_READY = "not_ready"             # the shard has no parameters yet / the cluster is not configured
-    DUPLICATE = "duplicate"             # (reserved) a duplicate push is answered OK, applied=False
     TIMEOUT = "timeout"                 # a deferred request waited past its deadline
     UNKNOWN_SENDER = "unknown_sender"
     FENCED = "fenced"                   # the sender's incarnation was declared dead

@@ -17,6 +17,7 @@ import numpy as np
 import zmq
 
 from ps.core import compress
+from ps.faults import messages
 from ps.wire.protocol import (ALLOWED_DTYPES, FRAME_BYTES, MAX_FRAME_BYTES, MAX_FRAMES, Error,
                        ProtocolError)
 
@@ -29,8 +30,9 @@ HWM = 10_000                    # queued messages per peer before zmq blocks/dro
 
 
 def make_socket(ctx: zmq.Context, kind: int) -> zmq.Socket:
-    """A socket with the options every role uses."""
-    sock = ctx.socket(kind)
+    """A socket with the options every role uses (a ``FaultySocket`` where the role
+    installed message faults: ``ps.faults.messages``)."""
+    sock = ctx.socket(kind, socket_class=messages.socket_class())
     sock.setsockopt(zmq.LINGER, 0)                 # closing never blocks on unsent messages
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # no frame over 64 MiB is ever allocated
     sock.setsockopt(zmq.SNDHWM, HWM)
