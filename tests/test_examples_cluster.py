@@ -13,8 +13,8 @@ SUMMARY_FIELDS = {"mode", "staleness", "servers", "workers", "steps", "samples",
 
 
 @pytest.mark.parametrize("example,mode", [("linear_regression", "bsp"),
-                                          ("mlp_classifier", "ssp"),
-                                          ("char_transformer", "asp")])
+                                          pytest.param("mlp_classifier", "ssp", marks=pytest.mark.slow),
+                                          pytest.param("char_transformer", "asp", marks=pytest.mark.slow)])
 def test_example_runs_on_a_cluster(tmp_path, example, mode):
     run = launch(tmp_path, "--job", os.path.join(EXAMPLES, f"{example}.py"), "--mode", mode,
                  "--steps", "4")
@@ -33,6 +33,7 @@ def test_example_runs_on_a_cluster(tmp_path, example, mode):
     assert params and all(v.dtype == np.float32 and np.isfinite(v).all() for v in params.values())
 
 
+@pytest.mark.slow
 def test_char_transformer_prints_a_sample(tmp_path):
     run = launch(tmp_path, "--job", os.path.join(EXAMPLES, "char_transformer.py"), "--steps", "2",
                  "--workers", "1", "--servers", "1")

@@ -44,6 +44,7 @@ def assert_faults_fired(summary: dict, servers: int, workers: int) -> None:
     assert sum(c["duplicated"] for c in net.values()) > 0, net
 
 
+@pytest.mark.slow
 def test_bsp_with_lost_duplicated_and_delayed_messages_equals_the_oracle(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
                  "--tasks-per-step", "6", *NOISY, timeout_s=150)
@@ -55,7 +56,7 @@ def test_bsp_with_lost_duplicated_and_delayed_messages_equals_the_oracle(tmp_pat
     assert_params_close(run.params, oracle(JOB, STEPS), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["ssp", "asp"])
+@pytest.mark.parametrize("mode", ["ssp", pytest.param("asp", marks=pytest.mark.slow)])
 def test_ssp_and_asp_with_message_faults_apply_every_sample_once(tmp_path, mode):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "2", "--steps", "30",
                  "--tasks-per-step", "4", "--mode", mode, *NOISY, timeout_s=150)
@@ -71,6 +72,7 @@ def test_ssp_and_asp_with_message_faults_apply_every_sample_once(tmp_path, mode)
     assert_faults_fired(summary, servers=2, workers=2)
 
 
+@pytest.mark.slow
 def test_a_run_without_message_faults_reports_none(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--workers", "1", "--servers", "1", "--steps", "3",
                  timeout_s=90)
@@ -157,6 +159,7 @@ def test_a_duplicated_tracked_send_is_tracked_in_both_copies(faults):
         ctx.term()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_the_scheduler_stays_to_answer_done_again_after_the_servers_left(tmp_path):
     # A worker whose DONE answer is lost asks again (same rid) and is answered from the

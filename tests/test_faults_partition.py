@@ -87,6 +87,7 @@ def test_worker_partitioned_past_the_timeout_is_fenced(tmp_path, clean, referenc
     assert "worker1 exited with status 3" in run.stderr        # healed, learnt it was fenced
 
 
+@pytest.mark.slow
 def test_worker_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, clean, reference):
     run = run_partitioned(tmp_path, "--inject", "partition:worker1@step=10,for=1s",
                           "--dead-after-s", "4")
@@ -105,6 +106,7 @@ def test_worker_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, c
     assert len({e.rsplit(":", 1)[0] for e in endpoints}) == 3       # one address per role
 
 
+@pytest.mark.slow
 def test_server_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, clean, reference):
     run = run_partitioned(tmp_path, "--inject", "partition:server0@step=10,for=1s",
                           "--dead-after-s", "4")
@@ -113,6 +115,7 @@ def test_server_partitioned_shorter_than_the_timeout_changes_nothing(tmp_path, c
     assert fault["steps_during"] <= STALLED, fault        # nobody could complete a step
 
 
+@pytest.mark.slow
 def test_server_partitioned_past_the_timeout_recovers_from_a_checkpoint(tmp_path, clean, reference):
     # The scheduler judges server 0 lost; --recover restarts the cluster from the newest
     # checkpoint while the link is still down: server 0 registers once it heals.
@@ -125,6 +128,7 @@ def test_server_partitioned_past_the_timeout_recovers_from_a_checkpoint(tmp_path
     assert fault["detected_at_s"] is not None
 
 
+@pytest.mark.slow
 def test_one_way_cut_from_a_worker_to_a_server(tmp_path, clean, reference):
     # Worker 1 cannot reach server 0 (its pushes and pulls are retried), but its heartbeats
     # reach the scheduler: it is not judged dead, and the run waits for it.
@@ -134,6 +138,7 @@ def test_one_way_cut_from_a_worker_to_a_server(tmp_path, clean, reference):
     assert fault["steps_during"] <= STALLED, fault        # shard 0 waited for worker 1's push
 
 
+@pytest.mark.slow
 def test_a_flapping_link(tmp_path, clean, reference):
     # Down half of every second for 4 s: each cut is far shorter than the timeout, but TCP's
     # retransmission backoff can hold a heartbeat back for a few seconds after the link
@@ -169,6 +174,7 @@ def _wait_for_training(out, proc):
     time.sleep(1.0)
 
 
+@pytest.mark.slow
 def test_ctrl_c_removes_every_namespace_and_link(tmp_path, clean):
     proc = _start(tmp_path)
     try:
@@ -182,6 +188,7 @@ def test_ctrl_c_removes_every_namespace_and_link(tmp_path, clean):
         proc.communicate()
 
 
+@pytest.mark.slow
 def test_what_a_killed_launcher_left_is_removed_by_the_next_run(tmp_path, clean):
     proc = _start(tmp_path / "crashed")
     try:

@@ -29,7 +29,8 @@ def check(run, reference, deaths):
     return check_tiny_mlp_run(run, reference, STEPS, deaths)
 
 
-@pytest.mark.parametrize("point", ["before_push", "mid_push", "after_push"])
+@pytest.mark.parametrize("point", [pytest.param("before_push", marks=pytest.mark.slow), "mid_push",
+                                   pytest.param("after_push", marks=pytest.mark.slow)])
 def test_worker_crash_at_a_precise_point(tmp_path, reference, point):
     # mid_push: shard 0 has the dead worker's gradient, shard 1 never gets it; shard 0
     # completes the step, shard 1 waits, the task is computed again on version 20.
@@ -42,6 +43,7 @@ def test_worker_crash_at_a_precise_point(tmp_path, reference, point):
         assert summary["duplicates_rejected"] >= 1           # shard 0 refused the redo
 
 
+@pytest.mark.slow
 def test_same_worker_killed_three_times_with_replacements(tmp_path, reference):
     # The others steal a dead worker's queued tasks, so the run need not slow down until
     # the death is detected (1.5 s); each kill must still find the previous replacement
@@ -57,6 +59,7 @@ def test_same_worker_killed_three_times_with_replacements(tmp_path, reference):
     assert [f["fired_at_s"] is not None for f in summary["faults_injected"]] == [True] * 3
 
 
+@pytest.mark.slow
 def test_replacement_joins_mid_run_and_does_work(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "2", "--steps", str(STEPS),
                  "--inject", "kill:worker1@step=10", "--respawn", *FAST, env=SLOW_TASKS)
@@ -66,6 +69,7 @@ def test_replacement_joins_mid_run_and_does_work(tmp_path, reference):
     assert summary["per_worker"][1]["step"] > rejoin["start_step"]   # it reported work
 
 
+@pytest.mark.slow
 def test_worker_paused_past_the_timeout_is_fenced(tmp_path, reference):
     # 50 steps of 60 ms remain after the pause begins: the worker wakes mid-run
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
@@ -75,6 +79,7 @@ def test_worker_paused_past_the_timeout_is_fenced(tmp_path, reference):
     assert "worker1 exited with status 3" in run.stderr        # woke up, learnt it was fenced
 
 
+@pytest.mark.slow
 def test_worker_paused_shorter_than_the_timeout_changes_nothing(tmp_path, reference):
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
                  "--inject", "pause:worker1@step=10,for=0.5s", "--dead-after-s", "3",
@@ -83,6 +88,7 @@ def test_worker_paused_shorter_than_the_timeout_changes_nothing(tmp_path, refere
     assert summary["faults_injected"][0]["fired_at_s"] is not None
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ssp", "asp"])
 def test_ssp_and_asp_survive_a_worker_crash_applying_every_sample_once(tmp_path, mode):
     # mid_push: shard 0 applied the dead worker's push, shard 1 never got it; the tasks
