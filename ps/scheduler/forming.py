@@ -34,6 +34,8 @@ def register(s, ident, header) -> None:
     if s.phase == "training" and header["role"] == "worker":       # a replacement (ps.reliability.worker_failover)
         index, inc, start = s.failover.replace(header, s.workers[0], s.dealer, s.run)
         return welcome(s, ident, header["rid"], index, inc, start_step=max(start, 0))
+    if s.phase == "failed":
+        raise ProtocolError(Error.RUN_OVER, f"the run failed: {s.failure}")
     if s.phase in ("finishing", "stopping") and header["role"] == "worker":
         raise ProtocolError(Error.RUN_OVER, f"training is over ({s.phase}): no worker is needed")
     if s.phase != "forming":
@@ -89,8 +91,9 @@ def form(s) -> None:
 
 
 def welcome(s, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
-    """A worker's REGISTER answered: its id and incarnation, the shard map, the run."""
+    """A worker's REGISTER answered: its id and incarnation, the shard map, the run, and our
+    dead-after time (the worker counts us lost after as long, and a restart's time more)."""
     cfg = s.config
     s.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=s.shard_map, mode=cfg.mode,
             staleness=cfg.staleness, steps=s.run.steps, workers=cfg.workers, seed=cfg.seed,
-            start_step=start_step)
+            start_step=start_step, dead_after_s=cfg.dead_after_s)

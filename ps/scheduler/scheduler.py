@@ -14,7 +14,8 @@ tensor bytes: it is the control path only. A run goes through four phases:
               answered with stop; then summary.json is written and we exit
 
 Every phase has a deadline; when one passes, the scheduler names what it is still
-waiting for and exits non-zero rather than hang. With ``--journal`` it records its
+waiting for and exits non-zero rather than hang; a worker's report that the job's own
+code raised ends any phase at once (``ps.scheduler.joberror``). With ``--journal`` it records its
 decisions; restarted, it replays them and *re-forms* the cluster (``ps.reliability.scheduler_restart``).
 
 This module is the event loop: it receives a request, validates it, calls the code that
@@ -39,7 +40,7 @@ import zmq
 
 from ps.faults import messages
 from ps.reliability import scheduler_restart
-from ps.scheduler import diagnose, forming, registration, summary
+from ps.scheduler import diagnose, forming, joberror, registration, summary
 from ps.security import curve
 from ps.wire import transport, validation
 from ps.core.dealer import Dealer
@@ -83,6 +84,7 @@ class Scheduler:
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
+        self.job_error: dict | None = None       # the job error that failed the run (joberror)
         self.exit_at, self.done_at = None, 0.0   # when to exit (servers stopped); DONE answered
         self.next_round = 0                      # ASP: the next epoch to deal
         self.members = Membership(config.dead_after_s)
@@ -110,7 +112,7 @@ class Scheduler:
             except Exception as exc:   # a bug, not bad input: end the run, with its summary
                 log.exception("internal error")
                 self.fail(f"internal error: {exc!r}")
-        if self.config.out and self.run is not None:
+        if self.config.out and (self.run is not None or self.failure is not None):
             summary.write(self.config.out, summary.of(self))
         self.tracer.write()
         return 0 if self.failure is None else 1
@@ -119,6 +121,8 @@ class Scheduler:
         """Between messages: exit when due, liveness, re-forming, stall logs, the deadline."""
         if self.exit_at is not None and time.monotonic() >= self.exit_at:
             self.phase = "exit"
+            return
+        if self.phase == "failed":      # lingering after a job error: nothing left to decide
             return
         if self.phase not in ("forming", "exit"):
             self._check_liveness()
@@ -130,11 +134,14 @@ class Scheduler:
             waiting = diagnose.waiting_for(self)
             self.fail(f"{self.phase}: no progress for {self.config.timeout_s:.0f} s; waiting for {waiting}")
 
-    def fail(self, why: str) -> None:
-        """The run cannot go on: say why, write it into the summary, and exit non-zero."""
+    def fail(self, why: str, linger_s: float = 0.0) -> None:
+        """The run cannot go on: say why, write it into the summary, and exit non-zero;
+        with ``linger_s``, in phase "failed" that long first, telling workers it is over."""
         self.failure = why
         log.error("%s", why)
         self.phase = "exit"
+        if linger_s:
+            self.phase, self.exit_at = "failed", time.monotonic() + linger_s
 
     def handle(self, frames: list) -> None:
         ident, rid = frames[0].bytes, 0
@@ -148,7 +155,8 @@ class Scheduler:
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
                        Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
-                       Kind.STATUS: self.on_status}.get(header["kind"])
+                       Kind.STATUS: self.on_status,
+                       Kind.JOB_ERROR: self.on_job_error}.get(header["kind"])
             if handler is None:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
             handler(ident, header)
@@ -332,6 +340,8 @@ class Scheduler:
         self.deadline = time.monotonic() + self.config.timeout_s
 
     def _check_training(self, header) -> None:
+        if self.phase == "failed":
+            raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
         if self.phase not in ("training", "finishing"):
             raise ProtocolError(Error.NOT_READY, f"the cluster is {self.phase}")
         if not 0 <= header["worker"] < self.config.workers:
@@ -348,6 +358,8 @@ class Scheduler:
         bye = optional_bool(header, "bye", False)
         stats = (registration.server_stats(header["stats"], index, self.shard_map)
                  if "stats" in header else None)
+        if role == "worker" and self.phase == "failed":    # the worker stops on hearing it
+            raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
         self.members.seen(role, index, header["inc"], time.monotonic())
         if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
             self.reply(ident, Kind.OK, header["rid"], cache=False)
@@ -369,6 +381,14 @@ class Scheduler:
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
+
+    def on_job_error(self, ident, header) -> None:
+        """A worker's job code raised: the first report ends the run (``ps.scheduler.joberror``)."""
+        record = joberror.admit(self, header)
+        if record is not None:
+            self.job_error = record
+            self.fail(joberror.describe(record), linger_s=joberror.LINGER_S)
+        self.reply(ident, Kind.OK, header["rid"], first=record is not None)
 
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""

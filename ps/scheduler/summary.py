@@ -40,19 +40,25 @@ def status(s, step=None) -> dict:
 
 
 def of(s) -> dict:
-    """The summary of scheduler ``s``'s run."""
+    """The summary of scheduler ``s``'s run (one that failed before it formed: the settings
+    and why)."""
+    if s.run is None:
+        cfg = s.config
+        return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
+                "workers": cfg.workers, "seed": cfg.seed, "ok": False, "failure": s.failure,
+                "job_error": s.job_error}
     return build(s.config, s.run, s.dealer, s.shard_stats, failure=s.failure,
                  deaths=s.failover.deaths, rejoins=s.failover.rejoins, recovery=s.recovery,
-                 restarts=s.reform.restarts if s.reform else [])
+                 restarts=s.reform.restarts if s.reform else [], job_error=s.job_error)
 
 
 def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
           failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery,
-          restarts: list[dict] = ()) -> dict:
+          restarts: list[dict] = (), job_error: dict | None = None) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
-            "failure": failure, "steal": cfg.steal,
+            "failure": failure, "job_error": job_error, "steal": cfg.steal,
             "tasks_per_step": dealer.plan.tasks_per_step,
             **run.summary(dealer.stolen_by, dealer.stolen_from),
             "max_staleness": max_staleness(shard_stats),
@@ -91,16 +97,33 @@ def amend(out: str, faults, recoveries: list[dict]) -> None:
     write(out, summary)
 
 
-def lost_server(out: str) -> str | None:
-    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+def read(out: str) -> dict:
+    """summary.json as written, or {} when there is none (or it cannot be read)."""
     try:
         with open(os.path.join(out, FILE)) as f:
-            failure = json.load(f).get("failure") or ""
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def lost_server(out: str) -> str | None:
+    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+    failure = read(out).get("failure") or ""
     if not failure.startswith("server "):
         return None
     return failure.split(" silent")[0].replace(" ", "")      # "server 1" -> "server1"
+
+
+def dead_workers(out: str) -> set[str]:
+    """The workers (role names) whose latest incarnation the run declared dead and did not
+    replace: incarnations only grow, so a worker's last event, death or rejoin, decides."""
+    s, last = read(out), {}
+    for event, alive in [(d, False) for d in s.get("deaths", [])] + \
+                        [(j, True) for j in s.get("rejoins", [])]:
+        w = event["worker"]
+        if w not in last or event["incarnation"] > last[w][0]:
+            last[w] = (event["incarnation"], alive)
+    return {f"worker{w}" for w, (_, alive) in last.items() if not alive}
 
 
 def report(out: str) -> int:
