@@ -1,4 +1,9 @@
-"""``python -m worker``: start one worker and train until the scheduler says done."""
+"""``python -m worker``: start one worker and train until the scheduler says done.
+
+Exit status: 0 when the run is over for this worker (done, or told ``run_over``), 1 on
+an error (a job error included: the traceback is printed here, see ``job_failed``), 3
+when it was declared dead (fenced), 4 when its scheduler stopped answering (lost).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,18 +12,23 @@ import logging
 import signal
 import sys
 
+import zmq
+
 from ps.core import compress
 from ps.faults import messages
 from ps.security import curve
-from ps.wire.client import RemoteError
-from ps.wire.protocol import Error
+from ps.wire.client import Peer, RemoteError
+from ps.wire.protocol import Error, Kind
 
-from worker.heartbeat import Fenced
+from worker.heartbeat import Fenced, SchedulerLost
 from worker.config import WorkerConfig
+from worker.job import JobError
 from worker.runner import Worker
 from worker.straggler import parse_jitter
 
 log = logging.getLogger("worker")
+
+JOB_ERROR_WAIT_S = 5.0   # how long a worker whose job raised waits for the scheduler's answer
 
 
 def parse_args(argv=None) -> WorkerConfig:
@@ -94,15 +104,20 @@ def main(argv=None) -> int:
         worker = Worker(config)
         worker.run()
         return 0
+    except JobError as exc:
+        return job_failed(config, worker, exc)
     except Fenced as exc:
         log.error("stopping: %s", exc)
         return 3
+    except SchedulerLost as exc:
+        log.error("stopping: %s", exc)
+        return 4
     except RemoteError as exc:
         if exc.code == Error.FENCED:        # a server refused us: we were declared dead
             log.error("stopping: %s", exc)
             return 3
-        if exc.code == Error.RUN_OVER:      # a replacement that came too late: nothing to do
-            log.warning("not joining: %s", exc)
+        if exc.code == Error.RUN_OVER:      # a replacement that came too late, or a failed run
+            log.warning("stopping: %s", exc.reason)
             return 0
         log.error("%s", exc)
         return 1
@@ -114,6 +129,41 @@ def main(argv=None) -> int:
     finally:
         if worker is not None:
             worker.close()
+
+
+def job_failed(config: WorkerConfig, worker: Worker | None, exc: JobError) -> int:
+    """The job's own code raised. Tell the scheduler, which ends the run at once, then show
+    the traceback: once a run, by the worker whose report ended it (or that could not
+    tell). Every worker runs the same code, so the others often fail alike: one line each."""
+    first = tell_scheduler(config, worker, exc)
+    if first is False:
+        log.error("job error in %s (%s) here too; the run was already over", exc.function,
+                  exc.location)
+    else:
+        log.error("%s\n%s", exc, exc.traceback.rstrip())
+    return 1
+
+
+def tell_scheduler(config: WorkerConfig, worker: Worker | None, exc: JobError) -> bool | None:
+    """Send JOB_ERROR; return whether it was the first (None: no answer). A worker that
+    failed before it registered (``build_model``, ``build_dataset``) sends incarnation 0."""
+    ctx = zmq.Context() if worker is None or worker.heartbeat is None else None
+    peer = Peer(ctx, config.scheduler, "scheduler") if ctx else worker.scheduler
+    wid, inc = (config.worker_id, 0) if ctx else (worker.id, worker.inc)
+    try:
+        reply, _ = peer.request(Kind.JOB_ERROR, min(config.timeout_s, JOB_ERROR_WAIT_S),
+                                worker=wid, inc=inc, function=exc.function,
+                                location=exc.location, error=exc.error)
+        return bool(reply.get("first"))
+    except RemoteError as why:          # run_over: another job error had already ended it
+        return False if why.code == Error.RUN_OVER else None
+    except (TimeoutError, RuntimeError) as why:   # fenced, or the scheduler is lost
+        log.warning("could not tell the scheduler about the job error: %s", why)
+        return None
+    finally:
+        if ctx:
+            peer.close()
+            ctx.term()
 
 
 if __name__ == "__main__":

@@ -15,11 +15,21 @@ A job file defines::
 ``build`` seeds torch with the run's seed before ``build_model`` (so every worker,
 and the single-process oracle, starts from the same parameters) and again before
 ``build_dataset``.
+
+An exception raised by the job's own code (the file's top level, ``build_model``,
+``build_dataset``, indexing the dataset, ``loss_fn`` and its backward pass,
+``finish``) comes out as ``JobError``: a bug in the job, which every worker would
+meet again, so the run stops on it (``worker/__main__.py`` tells the scheduler),
+unlike a crashed or lost process, which the run survives. It names the function and
+the job file's line nearest the error, and keeps the traceback from the job's code
+down.
 """
 from __future__ import annotations
 
 import importlib.util
 import os
+import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
@@ -28,8 +38,54 @@ import torch
 from torch.utils.data import default_collate
 
 from ps.core.optim import make_optimizer
+from ps.wire.protocol import MAX_JOB_ERROR_CHARS
 
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
+
+
+class JobError(Exception):
+    """The job's own code raised: ``function`` (``ps.wire.protocol.JOB_FUNCTIONS``),
+    ``location`` (``path:line``), ``error`` (``Type: message``) and ``traceback``."""
+
+    def __init__(self, function: str, location: str, error: str, trace: str):
+        super().__init__(f"job error in {function} ({location}): {error}")
+        self.function, self.location, self.error = function, location, error
+        self.traceback = trace
+
+
+@contextmanager
+def running(path: str, function: str, module: ModuleType | None = None):
+    """Run a piece of the job file's code: any exception it raises becomes a JobError."""
+    try:
+        yield
+    except JobError:
+        raise
+    except Exception as exc:
+        raise job_error(path, function, exc, module) from exc
+
+
+def job_error(path: str, function: str, exc: Exception, module: ModuleType | None) -> JobError:
+    """The JobError for ``exc``: located at the deepest frame in the job file (else at the
+    ``def`` of the function, or for the dataset of ``build_dataset``), its traceback from
+    the first such frame down."""
+    path = os.path.abspath(path)
+    frames = list(traceback.walk_tb(exc.__traceback__))
+    ours = [i for i, (frame, _) in enumerate(frames)
+            if os.path.abspath(frame.f_code.co_filename) == path]        # the job file's frames
+    defined = "build_dataset" if function == "dataset" else function
+    code = getattr(getattr(module, defined, None), "__code__", None)
+    line = frames[ours[-1]][1] if ours else (code.co_firstlineno if code else None)
+    tb = exc.__traceback__
+    for _ in range(ours[0] if ours else 1):          # skip the framework's frames above the job's
+        tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb
+    if isinstance(exc, SyntaxError) and exc.filename and os.path.abspath(exc.filename) == path:
+        line, tb = exc.lineno, None                  # the file did not compile: no frame is its
+    shown = os.path.relpath(path)
+    shown = path if shown.startswith("..") else shown      # relative to here, if below here
+    location = f"{shown}:{line}" if line else shown
+    error = f"{type(exc).__name__}: {exc}"
+    return JobError(function, location[:MAX_JOB_ERROR_CHARS], error[:MAX_JOB_ERROR_CHARS],
+                    "".join(traceback.format_exception(type(exc), exc, tb)))
 
 
 @dataclass
@@ -44,13 +100,20 @@ class Job:
 
     def build(self, seed: int) -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
         torch.manual_seed(seed)
-        model = self.module.build_model()
+        with self.running("build_model"):
+            model = self.module.build_model()
         torch.manual_seed(seed)
-        dataset = self.module.build_dataset()
+        with self.running("build_dataset"):
+            dataset = self.module.build_dataset()
         return model, dataset
 
     def loss(self, model, batch) -> torch.Tensor:
-        return self.module.loss_fn(model, batch)
+        with self.running("loss_fn"):
+            return self.module.loss_fn(model, batch)
+
+    def running(self, function: str):
+        """``with job.running("loss_fn"): ...``: the job's exceptions become JobError."""
+        return running(self.path, function, self.module)
 
 
 def load_job(path: str) -> Job:
@@ -59,7 +122,8 @@ def load_job(path: str) -> Job:
         raise FileNotFoundError(f"job file {path!r} does not exist")
     spec = importlib.util.spec_from_file_location(f"ps_job_{abs(hash(path))}", path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    with running(path, "<module>"):
+        spec.loader.exec_module(module)
     missing = [name for name in REQUIRED if not hasattr(module, name)]
     if missing:
         raise ValueError(f"job {path} does not define {', '.join(missing)}")

@@ -19,7 +19,9 @@ sample count (BSP: of the whole step; SSP/ASP: of this push), which is what make
 the cluster's BSP update equal single-process training on the global batch.
 
 Failures: a heartbeat thread keeps this worker alive in the scheduler's eyes; if it
-is declared dead anyway (paused too long), it is fenced and stops. A task dealt
+is declared dead anyway (paused too long), it is fenced and stops, as it does when
+the scheduler stops answering or fails the run (``worker.heartbeat``); an exception
+in the job's own code stops the run (``worker.job.JobError``). A task dealt
 again after its holder died (``redo``) is pushed on its own, on the parameters of
 its step. While a BSP pull waits for a step to complete, the worker asks every
 second whether a task of that step was dealt again, since it may be the one the
@@ -43,7 +45,7 @@ from ps.trace import Tracer
 
 from worker.config import WorkerConfig, pick_device
 from worker.flat import FlatModel
-from worker.heartbeat import Fenced, Heartbeat, as_fenced
+from worker.heartbeat import Heartbeat, as_fenced, lost_after
 from worker.job import collate, load_job
 from worker.leases import Leases
 from worker.speedups.overlap import Overlap
@@ -117,9 +119,12 @@ class Worker:
         shards = [ShardInfo(s["index"], s["endpoint"], s["lo"], s["hi"]) for s in reply["shards"]]
         self.shards = ShardClient(self.ctx, shards, self.id, self.config.timeout_s, self.inc,
                                   self.config.grad_dtype, self.config.param_dtype)
-        self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc)
+        self.heartbeat = Heartbeat(self.ctx, self.config.scheduler, self.id, self.inc,
+                                   lost_after_s=lost_after(reply.get("dead_after_s")))
         # After a scheduler restart, either socket may be the first to hear REREGISTER.
         self.scheduler.register_again = self.heartbeat.peer.register_again = self.register_again
+        for peer in (self.scheduler, *self.shards.peers):   # no wait outlasts a reason to stop
+            peer.check = self.heartbeat.check
         self.heartbeat.start()
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
@@ -155,7 +160,8 @@ class Worker:
         sample_ids = [i for t in tasks for i in t[2]]
         with self.tracer.span("task", "task", task=ids[0], tasks=ids, step=step):
             t0 = time.perf_counter()
-            batch = collate(self.dataset, sample_ids, self.device)
+            with self.job.running("dataset"):
+                batch = collate(self.dataset, sample_ids, self.device)
             loss = self.job.loss(self.model, batch)
             self.flat.check_grads_in_place()  # before backward: no hook may push a stray .grad
             n = len(sample_ids)
@@ -163,7 +169,8 @@ class Worker:
             if armed:
                 self.overlap.arm(step, [t[0] for t in group.tasks] + ids, group.samples + n,
                                  step_tasks)
-            with self.tracer.span("backward", "task", task=ids[0], tasks=ids, overlap=armed):
+            with self.tracer.span("backward", "task", task=ids[0], tasks=ids, overlap=armed), \
+                    self.job.running("loss_fn"):     # the job's loss and model, backwards
                 (loss * n).backward()        # gradient of the tasks' loss SUM, accumulated
             group.loss_sum += float(loss.detach()) * n
             took = time.perf_counter() - t0
@@ -186,7 +193,7 @@ class Worker:
         pending = self.prefetch.take(step)
         with self.tracer.span("pull", "wait", step=step, prefetched=pending is not None):
             while True:
-                self.check_fenced()
+                self.check_heartbeat()
                 try:
                     self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S,
                                           pending=pending)
@@ -333,7 +340,7 @@ class Worker:
         rid = self.scheduler.send(Kind.DONE, worker=self.id, inc=self.inc)
         deadline = time.monotonic() + 10 * self.config.timeout_s
         while True:
-            self.check_fenced()
+            self.check_heartbeat()
             try:
                 reply, _ = self.scheduler.recv(rid, POLL_S, "done")
                 return bool(reply.get("finisher"))
@@ -357,7 +364,7 @@ class Worker:
             os.replace(tmp, os.path.join(self.config.out, "params.npz"))
         if self.job.finish is not None:
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), self.job.running("finish"):
                 self.job.finish(self.model)
         self.request(Kind.FINISHED)
 
@@ -369,9 +376,10 @@ class Worker:
         except RemoteError as exc:
             raise as_fenced(exc)
 
-    def check_fenced(self) -> None:
-        if self.heartbeat is not None and self.heartbeat.fenced.is_set():
-            raise Fenced(f"worker {self.id} incarnation {self.inc} was declared dead")
+    def check_heartbeat(self) -> None:
+        """Stop if the heartbeat learnt we must: fenced, the run failed, the scheduler lost."""
+        if self.heartbeat is not None:
+            self.heartbeat.check()
 
     def run(self) -> None:
         reply = self.register()

@@ -5,8 +5,9 @@ It starts one scheduler, S servers and M workers as separate processes (the same
 deployment runs by hand), writes ``cluster.json``, shows a live status line from
 the scheduler's STATUS replies, and waits. It stops everything when the run ends,
 when any role fails (naming it), or on Ctrl-C, and exits non-zero unless the run
-succeeded. The run itself writes ``summary.json`` (scheduler) and ``params.npz``
-(the worker that finishes the run) into ``--out``.
+succeeded (a worker the run declared dead that outlives it is stopped, and does not
+count against it: ``Cluster.wait_all``). The run itself writes ``summary.json``
+(scheduler) and ``params.npz`` (the worker that finishes the run) into ``--out``.
 
 This module holds the flags, one attempt at the run (``run``) and --recover's
 restarts (``launch``); the processes are ``ps.launch.processes``'s, the status line is
@@ -99,7 +100,7 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
             return outcome
         if links:                  # a role still cut off could never hear that the run ended
             links.heal_all()
-        if not cluster.wait_all(EXIT_GRACE_S):
+        if not cluster.wait_all(EXIT_GRACE_S, dead=summary.dead_workers(args.out)):
             return outcome
         if args.trace:
             print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
@@ -179,6 +180,9 @@ def _attempts(args, faults, net, links, place) -> int:
     if links and links.faults:
         _record_links(args.out, links, outcome.scheduler_started, lost_mono)
     if outcome.rc != 0:
+        failure = summary.read(args.out).get("failure")
+        if failure:                          # the scheduler's verdict (a job error, say), last
+            print(f"run failed: {failure}", file=sys.stderr)
         return outcome.rc
     return summary.report(args.out)
 

@@ -177,7 +177,7 @@ class Cluster:
                 return True
             line.end()
             # Not once training is over (a replacement would be told run_over anyway).
-            respawn = self.args.respawn and phase() not in ("finishing", "stopping")
+            respawn = self.args.respawn and phase() not in ("finishing", "stopping", "failed")
             print(f"{r.name} exited with status {code}" +
                   ("; starting a replacement" if respawn else ""), file=sys.stderr)
             self.retired.append(r)
@@ -236,8 +236,15 @@ class Cluster:
     def find(self, name: str) -> Role | None:
         return next((r for r in self.roles if r.name == name), None)
 
-    def wait_all(self, grace_s: float) -> bool:
-        """After the scheduler exits, every other role must exit too, within grace_s."""
+    def wait_all(self, grace_s: float, dead: set[str] = frozenset()) -> bool:
+        """After the scheduler exits, every other role must exit too, within grace_s.
+
+        A worker the run declared dead (``dead``, from summary.json) that is still running
+        (paused, say, and woken after the end) had its work fenced and dealt again: it is
+        stopped now, in one line, and the run's success stands. Any other role still
+        running after grace_s fails the launch (False): the scheduler answered every live
+        worker's DONE and heard every server's bye, so what is left is a hang to look at,
+        though the run's results are complete; ``stop`` then ends it."""
         for fault in self.faults:              # a role still paused could never exit
             if fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed:
                 fault.resumed = True
@@ -247,6 +254,11 @@ class Cluster:
                     pass
         deadline = time.monotonic() + grace_s
         for r in self.roles[1:]:
+            if r.name in dead and r.proc.poll() is None and self._joined(r):
+                print(f"{r.name} was declared dead during the run and is still running; "
+                      "stopping it", file=sys.stderr)
+                self.end(r)
+                continue
             try:
                 r.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -254,7 +266,9 @@ class Cluster:
                     print(f"{r.name}: its replacement started too late to join the run; "
                           "stopping it", file=sys.stderr)
                     continue                     # stop() ends it
-                print(f"{r.name} did not exit after the run ended", file=sys.stderr)
+                print(f"{r.name} did not exit within {grace_s:.0f} s after the run ended, though "
+                      "it was not declared dead (the run's results are complete); stopping it",
+                      file=sys.stderr)
                 return False
             if r.proc.returncode != 0 and r.name.startswith("server"):
                 print(f"{r.name} exited with status {r.proc.returncode}", file=sys.stderr)
@@ -272,6 +286,16 @@ class Cluster:
         worker = int(role.name.removeprefix("worker"))
         started = sum(1 for r in self.retired + self.roles if r.name == role.name and r.replacement)
         return sum(1 for j in rejoins if j.get("worker") == worker) >= started
+
+    @staticmethod
+    def end(role: Role) -> None:
+        """SIGTERM, then SIGKILL if it has not exited within TERM_GRACE_S."""
+        role.proc.terminate()
+        try:
+            role.proc.wait(TERM_GRACE_S)
+        except subprocess.TimeoutExpired:
+            role.proc.kill()
+            role.proc.wait()
 
     def stop(self) -> None:
         for r in self.retired:

@@ -50,6 +50,8 @@ class Forming:
         if self.phase == "training" and header["role"] == "worker":    # a replacement
             index, inc, start = self.failover.replace(header, self.workers[0], self.dealer, self.run)
             return self._welcome(ident, header["rid"], index, inc, start_step=max(start, 0))
+        if self.phase == "failed":
+            raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
         if self.phase in ("finishing", "stopping") and header["role"] == "worker":
             raise ProtocolError(Error.RUN_OVER, f"training is over ({self.phase}): no worker is needed")
         if self.phase != "forming":
@@ -107,8 +109,10 @@ class Forming:
                      if len(names) <= 4 else f"{len(names)} tensors from {names[0]} to {names[-1]}")
 
     def _welcome(self, ident, rid: int, worker: int, inc: int, start_step: int) -> None:
-        """A worker's REGISTER answered: its id and incarnation, the shard map, the run."""
+        """A worker's REGISTER answered: its id and incarnation, the shard map, the run, and
+        our dead-after time (the worker counts us lost after as long, and a restart's time more)."""
         cfg = self.config
         self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map,
                    mode=cfg.mode, staleness=cfg.staleness, steps=self.run.steps,
-                   workers=cfg.workers, seed=cfg.seed, start_step=start_step)
+                   workers=cfg.workers, seed=cfg.seed, start_step=start_step,
+                   dead_after_s=cfg.dead_after_s)

@@ -14,7 +14,8 @@ tensor bytes: it is the control path only. A run goes through four phases:
               answered with stop; then summary.json is written and we exit
 
 Every phase has a deadline; when one passes, the scheduler names what it is still
-waiting for and exits non-zero rather than hang. With ``--journal`` it records its
+waiting for and exits non-zero rather than hang; a worker's report that the job's own
+code raised ends any phase at once (``ps.scheduler.joberror``). With ``--journal`` it records its
 decisions; restarted, it replays them and *re-forms* the cluster (``ps.reliability.scheduler_restart``).
 
 This module is the event loop: it receives a request, validates it, calls the code that
@@ -43,7 +44,7 @@ from ps.reliability.journal import Journal
 from ps.reliability.scheduler_restart import Reform, Restart
 from ps.reliability.server_recovery import Recovery
 from ps.reliability.worker_failover import Failover
-from ps.scheduler import diagnose, registration, summary
+from ps.scheduler import diagnose, joberror, registration, summary
 from ps.scheduler.forming import Forming
 from ps.scheduler.membership import Membership
 from ps.security import curve
@@ -89,6 +90,7 @@ class Scheduler(Forming, Restart):
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
         self.failure: str | None = None
+        self.job_error: dict | None = None       # the job error that failed the run (joberror)
         self.exit_at, self.done_at = None, 0.0   # when to exit (servers stopped); DONE answered
         self.next_round = 0                      # ASP: the next epoch to deal
         self.members = Membership(config.dead_after_s)
@@ -116,13 +118,8 @@ class Scheduler(Forming, Restart):
             except Exception as exc:   # a bug, not bad input: end the run, with its summary
                 log.exception("internal error")
                 self.fail(f"internal error: {exc!r}")
-        if self.config.out and self.run is not None:
-            summary.write(self.config.out, summary.build(
-                self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
-                deaths=self.failover.deaths, rejoins=self.failover.rejoins,
-                recovery=self.recovery, restarts=self.reform.restarts if self.reform else [],
-                net_faults=summary.net_faults(messages.counts(), self.shard_stats,
-                                              self.worker_net_faults)))
+        if self.config.out and (self.run is not None or self.failure is not None):
+            summary.write(self.config.out, self._summary())
         self.tracer.write()
         return 0 if self.failure is None else 1
 
@@ -130,6 +127,8 @@ class Scheduler(Forming, Restart):
         """Between messages: exit when due, liveness, re-forming, stall logs, the deadline."""
         if self.exit_at is not None and time.monotonic() >= self.exit_at:
             self.phase = "exit"
+            return
+        if self.phase == "failed":      # lingering after a job error: nothing left to decide
             return
         if self.phase not in ("forming", "exit"):
             self._check_liveness()
@@ -159,11 +158,25 @@ class Scheduler(Forming, Restart):
             return f"final heartbeats from servers {sorted(set(range(cfg.servers)) - self.stopped)}"
         return diagnose.stalled_step(self.dealer, self.run)
 
-    def fail(self, why: str) -> None:
-        """The run cannot go on: say why, write it into the summary, and exit non-zero."""
+    def _summary(self) -> dict:
+        """The run's summary.json (one that failed before it formed: the settings and why)."""
+        if self.run is None:
+            return summary.unformed(self.config, self.failure, self.job_error)
+        return summary.build(
+            self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
+            deaths=self.failover.deaths, rejoins=self.failover.rejoins, recovery=self.recovery,
+            restarts=self.reform.restarts if self.reform else [], job_error=self.job_error,
+            net_faults=summary.net_faults(messages.counts(), self.shard_stats,
+                                          self.worker_net_faults))
+
+    def fail(self, why: str, linger_s: float = 0.0) -> None:
+        """The run cannot go on: say why, write it into the summary, and exit non-zero;
+        with ``linger_s``, in phase "failed" that long first, telling workers it is over."""
         self.failure = why
         log.error("%s", why)
         self.phase = "exit"
+        if linger_s:
+            self.phase, self.exit_at = "failed", time.monotonic() + linger_s
 
     def handle(self, frames: list) -> None:
         ident, rid = frames[0].bytes, 0
@@ -177,7 +190,8 @@ class Scheduler(Forming, Restart):
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
                        Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
-                       Kind.STATUS: self.on_status}.get(header["kind"])
+                       Kind.STATUS: self.on_status,
+                       Kind.JOB_ERROR: self.on_job_error}.get(header["kind"])
             if handler is None:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
             handler(ident, header)
@@ -357,6 +371,8 @@ class Scheduler(Forming, Restart):
         self.deadline = time.monotonic() + self.config.timeout_s
 
     def _check_training(self, header) -> None:
+        if self.phase == "failed":
+            raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
         if self.phase not in ("training", "finishing"):
             raise ProtocolError(Error.NOT_READY, f"the cluster is {self.phase}")
         if not 0 <= header["worker"] < self.config.workers:
@@ -373,6 +389,8 @@ class Scheduler(Forming, Restart):
         bye = optional_bool(header, "bye", False)
         stats = (registration.server_stats(header["stats"], index, self.shard_map)
                  if "stats" in header else None)
+        if role == "worker" and self.phase == "failed":    # the worker stops on hearing it
+            raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
         net = registration.net_faults(header["net_faults"]) if "net_faults" in header else None
         self.members.seen(role, index, header["inc"], time.monotonic())
         if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
@@ -397,6 +415,15 @@ class Scheduler(Forming, Restart):
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
+
+    def on_job_error(self, ident, header) -> None:
+        """A worker's job code raised: the first report ends the run (``ps.scheduler.joberror``)."""
+        record = joberror.admit(header, self.config.workers, self.phase, self.failure,
+                                self.members)
+        if record is not None:
+            self.job_error = record
+            self.fail(joberror.describe(record), linger_s=joberror.LINGER_S)
+        self.reply(ident, Kind.OK, header["rid"], first=record is not None)
 
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""

@@ -57,13 +57,21 @@ def net_faults(own: dict | None, shard_stats: dict[int, dict],
     return roles
 
 
+def unformed(cfg: SchedulerConfig, failure: str | None, job_error: dict | None) -> dict:
+    """The summary of a run that failed before the cluster formed: the settings and why."""
+    return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
+            "workers": cfg.workers, "seed": cfg.seed, "ok": False, "failure": failure,
+            "job_error": job_error}
+
+
 def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict[int, dict], *,
           failure: str | None, deaths: list[dict], rejoins: list[dict], recovery: Recovery,
-          restarts: list[dict] = (), net_faults: dict | None = None) -> dict:
+          restarts: list[dict] = (), net_faults: dict | None = None,
+          job_error: dict | None = None) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
-            "failure": failure, "steal": cfg.steal,
+            "failure": failure, "job_error": job_error, "steal": cfg.steal,
             "tasks_per_step": dealer.plan.tasks_per_step,
             "task_grain": {"adaptive": dealer.adaptive, "fine_rounds": dealer.fine_rounds,
                            "coarse_rounds": dealer.coarse_rounds},
@@ -105,16 +113,33 @@ def amend(out: str, faults, recoveries: list[dict]) -> None:
     write(out, summary)
 
 
-def lost_server(out: str) -> str | None:
-    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+def read(out: str) -> dict:
+    """summary.json as written, or {} when there is none (or it cannot be read)."""
     try:
         with open(os.path.join(out, FILE)) as f:
-            failure = json.load(f).get("failure") or ""
+            return json.load(f)
     except (OSError, ValueError):
-        return None
+        return {}
+
+
+def lost_server(out: str) -> str | None:
+    """Did the scheduler end the run because a server went silent? (summary.json says)"""
+    failure = read(out).get("failure") or ""
     if not failure.startswith("server "):
         return None
     return failure.split(" silent")[0].replace(" ", "")      # "server 1" -> "server1"
+
+
+def dead_workers(out: str) -> set[str]:
+    """The workers (role names) whose latest incarnation the run declared dead and did not
+    replace: incarnations only grow, so a worker's last event, death or rejoin, decides."""
+    s, last = read(out), {}
+    for event, alive in [(d, False) for d in s.get("deaths", [])] + \
+                        [(j, True) for j in s.get("rejoins", [])]:
+        w = event["worker"]
+        if w not in last or event["incarnation"] > last[w][0]:
+            last[w] = (event["incarnation"], alive)
+    return {f"worker{w}" for w, (_, alive) in last.items() if not alive}
 
 
 def report(out: str) -> int:

@@ -51,6 +51,10 @@ class Peer:
     ``register_again``, when set, is called when the scheduler answers ``reregister`` (it was
     restarted and does not know us yet): it registers again, and the refused request
     is sent again with the same rid, so the caller never sees the restart.
+
+    ``check``, when set, is called at least every retry interval while a reply is awaited;
+    it raises to end the wait early (a worker's: its heartbeat learnt that it was fenced,
+    that the run failed, or that the scheduler is gone), so no wait outlasts that news.
     """
 
     _rids = itertools.count(1)
@@ -65,6 +69,7 @@ class Peer:
         self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
         self.sent_at: dict[int, float] = {}              # rid -> when it was last sent
         self.register_again = None                       # () -> None: register again (see above)
+        self.check = None                                # () -> None: raises to end a wait (above)
         self.reregistered_at = 0.0
 
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
@@ -98,6 +103,8 @@ class Peer:
             memoryview(f).nbytes for f in self.requests.get(rid, ())) / RETRY_BYTES_PER_S
         resend_at = time.monotonic() + interval
         while rid not in self.arrived:
+            if self.check is not None:
+                self.check()
             now = time.monotonic()
             if now >= resend_at and rid in self.requests:
                 # Lazy Pirate: the request or its reply may be lost; ask again with the

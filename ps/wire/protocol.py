@@ -30,6 +30,11 @@ MAX_DEPTH = 16                  # deepest nesting of arrays/maps (legitimate hea
 FRAME_BYTES = 8 << 20           # what senders use: receiving one >32 MiB frame costs a fresh mmap
                                 # and page faults, measured 2-4x slower than 8 MiB frames
 
+JOB_FUNCTIONS = ("<module>", "build_model", "build_dataset", "dataset", "loss_fn", "finish")
+                                # where a JOB_ERROR may come from: the job file's top level, its
+                                # functions, and indexing or collating its dataset
+MAX_JOB_ERROR_CHARS = 4096      # a JOB_ERROR's location and error: one line each, not a traceback
+
 ALLOWED_DTYPES = WIRE_DTYPES    # what may travel in a payload (float32, float16, bfloat16 as
                                 # uint16 bits: ps.core.compress); checked before any allocation. INIT
                                 # is float32 only; a PUSH names its dtype, a PULL the one it wants
@@ -46,6 +51,7 @@ class Kind:
     DONE = "done"               # worker finished all steps; reply is deferred until every worker is done
     FINISHED = "finished"       # worker 0 has written the final parameters; the run may end
     STATUS = "status"           # anyone (the launcher) asks how the run is going
+    JOB_ERROR = "job_error"     # worker: the job's own code raised; the first one ends the run
     # data path: worker -> server
     INIT = "init"               # worker 0 sets a shard's initial parameter values
     PULL = "pull"               # read a shard's parameters (gated by the consistency model)
@@ -73,7 +79,8 @@ class Error:
     GONE = "gone"                       # a BSP version older than the shard still holds
     REREGISTER = "reregister"           # the scheduler restarted and does not know this member
                                         # yet: register again with the same role, index and inc
-    RUN_OVER = "run_over"               # a worker registered once training was over: not needed
+    RUN_OVER = "run_over"               # a worker registered once training was over: not needed;
+                                        # or any worker request once a job error failed the run
     INTERNAL = "internal"               # a bug on the receiving side; the process keeps serving
     FORBIDDEN = "forbidden"             # --secure: the sender's key is not the identity it claims
     NONFINITE = "nonfinite"             # a gradient holding NaN or Inf (server --nonfinite reject)
@@ -108,6 +115,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.DONE: {"worker": _INT, "inc": _INT},
     Kind.FINISHED: {"worker": _INT, "inc": _INT},
     Kind.STATUS: {},
+    Kind.JOB_ERROR: {"worker": _INT, "inc": _INT, "function": _STR, "location": _STR,
+                     "error": _STR},
     Kind.INIT: {"worker": _INT, "inc": _INT, "lo": _INT, "dtype": _STR, "size": _INT},
     Kind.PULL: {"worker": _INT, "inc": _INT, "step": _INT},
     Kind.PUSH: {"worker": _INT, "inc": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,

@@ -31,7 +31,7 @@ NONFINITE_POLICIES = ("reject", "skip")   # reject: error reply, nothing changes
                                           # skip: the push counts, its gradient as zero
 LOG_BURST = 10                  # refusals logged in full per window ...
 LOG_WINDOW_S = 10.0             # ... then one line per window with how many were not
-QUIET_CODES = frozenset({Error.NOT_READY, Error.FENCED, Error.TIMEOUT, Error.GONE})
+QUIET_CODES = frozenset({Error.NOT_READY, Error.FENCED, Error.TIMEOUT, Error.GONE, Error.RUN_OVER})
                                 # refusals an honest run meets (retries, dead peers): INFO
 
 
