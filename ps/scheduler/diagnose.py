@@ -15,7 +15,6 @@ pull joins both halves in one log line (``worker.waits``)::
 from __future__ import annotations
 
 import logging
-import time
 
 from ps.core.dealer import Dealer
 from ps.scheduler.membership import HEARTBEAT_INTERVAL_S

@@ -32,7 +32,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import signal
-import sys
 import time
 from collections import OrderedDict
 
@@ -44,7 +43,8 @@ from ps.reliability.journal import Journal
 from ps.reliability.scheduler_restart import Reform, Restart
 from ps.reliability.server_recovery import Recovery
 from ps.reliability.worker_failover import Failover
-from ps.scheduler import diagnose, joberror, registration, summary
+from ps.scheduler import diagnose, registration, summary
+from ps.scheduler.finishing import Finishing
 from ps.scheduler.forming import Forming
 from ps.scheduler.membership import Membership
 from ps.security import curve
@@ -62,10 +62,11 @@ STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to
 DONE_GRACE_S = 0.75        # after answering DONE, the least time to stay: 3 Lazy Pirate resends
 
 
-class Scheduler(Forming, Restart):
-    """The scheduler process. Its forming phase is in ``ps.scheduler.forming`` and its
-    restart from a journal in ``ps.reliability.scheduler_restart`` (methods it inherits);
-    this class is the event loop, training, liveness and the end of the run."""
+class Scheduler(Forming, Finishing, Restart):
+    """The scheduler process. Its forming phase is in ``ps.scheduler.forming``, the end of
+    a run in ``ps.scheduler.finishing`` and its restart from a journal in
+    ``ps.reliability.scheduler_restart`` (methods it inherits); this class is the event
+    loop, liveness and training."""
 
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -157,17 +158,6 @@ class Scheduler(Forming, Restart):
         if self.phase == "stopping":
             return f"final heartbeats from servers {sorted(set(range(cfg.servers)) - self.stopped)}"
         return diagnose.stalled_step(self.dealer, self.run)
-
-    def _summary(self) -> dict:
-        """The run's summary.json (one that failed before it formed: the settings and why)."""
-        if self.run is None:
-            return summary.unformed(self.config, self.failure, self.job_error)
-        return summary.build(
-            self.config, self.run, self.dealer, self.shard_stats, failure=self.failure,
-            deaths=self.failover.deaths, rejoins=self.failover.rejoins, recovery=self.recovery,
-            restarts=self.reform.restarts if self.reform else [], job_error=self.job_error,
-            net_faults=summary.net_faults(messages.counts(), self.shard_stats,
-                                          self.worker_net_faults))
 
     def fail(self, why: str, linger_s: float = 0.0) -> None:
         """The run cannot go on: say why, write it into the summary, and exit non-zero;
@@ -334,42 +324,6 @@ class Scheduler(Forming, Restart):
         self.reply(ident, Kind.OK, header["rid"])
         self._release_done()            # the last task dealt again may just have come back
 
-    def on_done(self, ident, header) -> None:
-        self._check_training(header)
-        if self.phase == "finishing":       # asked again of a restarted scheduler: answered
-            return self.reply(ident, Kind.OK, header["rid"], finisher=header["worker"] == self.finisher)
-        self.run.done(header["worker"])
-        self.done_waiting.append((ident, header["rid"], header["worker"]))
-        self._release_done()
-
-    def _release_done(self) -> None:
-        """Once every live worker is done and no task is left (a dead worker's tasks may
-        have been dealt again to workers already waiting here), answer their DONE; one
-        of them finishes the run."""
-        if (self.phase != "training" or not self.done_waiting or not self.run.all_done()
-                or self.dealer.unfinished()):
-            return
-        self.run.finish()
-        waiting = {w for _, _, w in self.done_waiting}
-        self.finisher = min(w for w in self.members.live("worker") if w in waiting)
-        self.journal.phase("finishing", finisher=self.finisher, t_end=self.run.t_end)
-        crash_at(self.config, "finishing")
-        for ident, rid, worker in self.done_waiting:
-            self.reply(ident, Kind.OK, rid, finisher=worker == self.finisher)
-        self.done_waiting.clear()
-        self.done_at = time.monotonic()
-        self.phase = "finishing"
-        self.deadline = time.monotonic() + self.config.timeout_s
-
-    def on_finished(self, ident, header) -> None:
-        if self.phase != "finishing" or header["worker"] != self.finisher:
-            raise ProtocolError(Error.NOT_READY, f"FINISHED from worker {header['worker']} "
-                                                 f"in phase {self.phase}")
-        self.journal.phase("stopping")
-        self.reply(ident, Kind.OK, header["rid"])
-        self.phase = "stopping"
-        self.deadline = time.monotonic() + self.config.timeout_s
-
     def _check_training(self, header) -> None:
         if self.phase == "failed":
             raise ProtocolError(Error.RUN_OVER, f"the run failed: {self.failure}")
@@ -415,15 +369,6 @@ class Scheduler(Forming, Restart):
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
-
-    def on_job_error(self, ident, header) -> None:
-        """A worker's job code raised: the first report ends the run (``ps.scheduler.joberror``)."""
-        record = joberror.admit(header, self.config.workers, self.phase, self.failure,
-                                self.members)
-        if record is not None:
-            self.job_error = record
-            self.fail(joberror.describe(record), linger_s=joberror.LINGER_S)
-        self.reply(ident, Kind.OK, header["rid"], first=record is not None)
 
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""

@@ -21,7 +21,6 @@ import errno
 import faulthandler
 import logging
 import signal
-import sys
 import time
 from collections import Counter, OrderedDict
 
