@@ -5,6 +5,8 @@
     membership    who is in the cluster, incarnations, who went silent (Paranoid Pirate)
     registration  the checks a REGISTER must pass
     forming       from the first REGISTER to every member's configuration
+    finishing     the end of a run: DONE, FINISHED, a job error, the summary
+    joberror      the checks of a worker's report that the job's own code raised
     runstate      losses, work per worker, what is done
     diagnose      what a waiting step waits for, by name
     summary       summary.json
