@@ -332,3 +332,11 @@ def test_every_task_of_an_adaptive_round_is_leased_exactly_once():
             if task is not None:
                 got.append(task.id)
     assert sorted(got) == p.ids(0) and len(p.ids(0)) == 12
+
+
+def test_a_report_may_name_only_tasks_of_rounds_dealt_as_they_were_cut():
+    p, d = adaptive()
+    d.deal(0)                                                 # coarse: ids 0 and 1
+    assert d.knows([0, 1]) and not d.knows([2])               # 2: not in a coarse step 0
+    assert not d.knows([8])                                   # step 1 is not dealt yet
+    assert not d.knows([10 * 8])                              # past the run's last step

@@ -47,6 +47,29 @@ def test_scheduler_killed_mid_step_is_restarted_from_its_journal(tmp_path, refer
 
 
 @pytest.mark.slow
+def test_a_restart_with_the_adaptive_grain_deals_each_round_as_it_was_cut(tmp_path):
+    # The other restart tests fix the grain; this one leaves it adaptive, with batches of
+    # 100 (at most 6 tasks of >= 16 samples): with no straggler every round is cut into 3
+    # tasks, one per worker, not the finest 6, and the restarted scheduler reads each
+    # journaled round's cut back (test_journal.py checks that replay itself) and ends on
+    # the oracle, every sample applied once.
+    flags = [f for f in CLUSTER if f not in ("--tasks-per-step", "6")]
+    env = {**SLOW_TASKS, "TINY_MLP_BATCH": "100"}            # 2 steps an epoch of 200
+    os.environ["TINY_MLP_BATCH"] = "100"
+    try:
+        want = oracle(JOB, STEPS)
+    finally:
+        del os.environ["TINY_MLP_BATCH"]
+    run = launch(tmp_path, *flags, "--scheduler-crash-at", "report@20", env=env)
+    assert run.rc == 0, run.stderr[-4000:]
+    summary = run.summary
+    assert len(summary["scheduler_restarts"]) == 1 and summary["tasks_per_step"] == 6
+    assert summary["task_grain"]["adaptive"] and summary["task_grain"]["fine_rounds"] == 0
+    assert [e["samples_applied"] for e in summary["per_epoch"]] == [200] * (STEPS // 2)
+    assert_params_close(run.params, want, rtol=1e-5)
+
+
+@pytest.mark.slow
 def test_scheduler_killed_by_the_launcher_records_detection_and_recovery(tmp_path, reference):
     run = launch(tmp_path, *CLUSTER, "--inject", "kill:scheduler@step=15", env=SLOW_TASKS)
     summary = check(run, reference)

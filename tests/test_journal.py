@@ -91,3 +91,26 @@ def test_a_member_known_from_the_journal_must_register_again():
     assert m.overdue(2.5) == []
     m.restore("server", 0, 6, now=0.0)                        # never back: dead as usual
     assert [x.index for x in m.overdue(100.0)] == [0, 0]
+
+
+def test_a_restart_cuts_each_dealt_round_as_the_journal_says(tmp_path):
+    # With the adaptive grain a task id names other samples in a step cut otherwise: a
+    # restarted scheduler reads each round's cut from its "dealt" record before any report.
+    from types import SimpleNamespace
+
+    from ps.core.dealer import Dealer
+    from ps.core.tasks import TaskPlan
+    from ps.reliability.scheduler_restart import Reform
+    path = str(tmp_path / "j")
+    j = Journal(path)
+    j.dealt(0, 2)
+    j.dealt(1, 8)
+    j.dealt(2, 2)
+    j.close()
+    plan = TaskPlan(num_samples=640, batch_size=64, tasks_per_step=8, shuffle=False)
+    reform = Reform(SimpleNamespace(dealer=Dealer(plan, 2, 10, adaptive=True)), 3)
+    for record in Journal(path).records:
+        reform.apply(record, plan, 0.0)
+    assert reform.dealt == {0, 1, 2}
+    assert [plan.num_tasks(step) for step in range(4)] == [2, 8, 2, 8]   # step 3: not dealt
+    assert plan.ids(2) == [16, 17] and plan.task_size(17) == 32 and plan.task_size(18) is None

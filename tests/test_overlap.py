@@ -1,4 +1,4 @@
-"""Push while backward runs (worker/overlap.py): earlier, and still exactly the oracle.
+"""Push while backward runs (worker/speedups/overlap.py): earlier, and still exactly the oracle.
 
 Unit: with a fake shard client, each shard is sent from a backward hook at the moment
 its slice of the flat gradient is final (a parameter straddling two shards holds both

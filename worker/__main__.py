@@ -150,6 +150,7 @@ def tell_scheduler(config: WorkerConfig, worker: Worker | None, exc: JobError) -
     ctx = zmq.Context() if worker is None or worker.heartbeat is None else None
     peer = Peer(ctx, config.scheduler, "scheduler") if ctx else worker.scheduler
     wid, inc = (config.worker_id, 0) if ctx else (worker.id, worker.inc)
+    peer.check = None      # this report's own answer decides; the heartbeat's verdict must not
     try:
         reply, _ = peer.request(Kind.JOB_ERROR, min(config.timeout_s, JOB_ERROR_WAIT_S),
                                 worker=wid, inc=inc, function=exc.function,

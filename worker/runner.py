@@ -131,7 +131,7 @@ class Worker:
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
         self.prefetch = Prefetch(self.shards, self.config.prefetch, self.mode, reply["steps"])
         if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
-                and not self.config.crash_at and not self.slowdown.active):   # why: worker/overlap.py
+                and not self.config.crash_at and not self.slowdown.active):   # why: worker/speedups/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
         if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start
             self.shards.init(self.flat.params_np)

@@ -12,7 +12,8 @@ Once the workers' speeds are measured, each task is dealt to the worker that wou
 finish it first, so stealing only corrects what changes; ``steal=False`` deals round-robin
 in equal shares and never steals, the static baseline.
 
-**The grain adapts** (``adaptive=True``, the default unless --tasks-per-step fixes it):
+**The grain adapts** (``adaptive=True``, the scheduler's default unless --tasks-per-step
+fixes it):
 while the workers run at one speed, each step is cut into one task per live worker (one
 forward and backward pass each, nothing to steal, no tail kept back); once their measured
 speeds differ by more than IMBALANCE, steps are cut into the plan's finest grain
@@ -103,7 +104,9 @@ class Dealer:
         """Tasks per step for the next round: the plan's finest cut while measured speeds
         differ (a straggler's share must be movable in small pieces), else one task per
         live worker. Unmeasured workers count as equal: the first rounds are coarse."""
-        live = [w for w in range(self.num_workers) if w not in self.gone] or [0]
+        live = [w for w in range(self.num_workers) if w not in self.gone]
+        if not live:                           # nobody to deal to (the run is failing)
+            return 1
         if self.steal and self._measured():
             speeds = [self.speeds[w] for w in live]
             spread = max(speeds) / max(min(speeds), 1e-12)
@@ -117,8 +120,16 @@ class Dealer:
         return self.plan.tasks_per_step if self.fine else min(len(live), self.plan.tasks_per_step)
 
     def grain_of(self, rnd: int) -> int:
-        """How many tasks each step of a dealt round was cut into (its first step's)."""
+        """How many tasks each step of a dealt round was cut into (its first step's; the
+        others of an ASP epoch were cut alike, a short last batch clipped by ``num_tasks``)."""
         return self.plan.num_tasks(self.steps_of(rnd)[0]) if self.steps_of(rnd) else 0
+
+    def knows(self, ids) -> bool:
+        """Every id names a task of a round dealt so far, as that round was cut: a report
+        can only be of tasks dealt, and a step not dealt yet has no grain to read ids by."""
+        stride = self.plan.tasks_per_step
+        return (self.plan.valid_ids(ids, self.total_steps)
+                and all(self._round_of(tid // stride) in self.dealt for tid in ids))
 
     def _owners(self, n: int) -> list[int]:
         """Who gets each of n tasks: equal round-robin until speeds are known; then each

@@ -241,7 +241,9 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="tasks a global batch is cut into (default: 4 per worker, >= 16 samples each)")
+                   help="cut every global batch into this many tasks (default: adaptive, one "
+                        "per worker while their measured speeds agree, 4 per worker of >= 16 "
+                        "samples once they differ by more than 25%%)")
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal shares, no stealing), for comparison")
     p.add_argument("--slow", action="append", default=[], metavar="W=F",

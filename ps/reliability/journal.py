@@ -108,8 +108,10 @@ class Journal:
         self.append("dead", sync=True, role=role, index=index, inc=inc, death=death)
 
     def dealt(self, rnd: int, tasks: int) -> None:
-        """Round ``rnd`` was dealt, each step cut into ``tasks`` tasks."""
-        self.append("dealt", round=rnd, tasks=tasks)
+        """Round ``rnd`` was dealt, each step cut into ``tasks`` tasks. Synced: with the
+        adaptive grain a task id names different samples in a step cut differently, so a
+        restarted scheduler must deal the round as it was dealt (one fsync a round)."""
+        self.append("dealt", sync=True, round=rnd, tasks=tasks)
 
     def report(self, header: dict) -> None:
         self.append("report", **{k: header[k] for k in REPORT_FIELDS})

@@ -77,8 +77,8 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--tasks-per-step", type=int, default=None,
                    help="cut every global batch into this many tasks (default: adaptive, one "
-                        "per worker while their speeds agree, 4 per worker of >= 16 samples "
-                        "once they differ)")
+                        "per worker while their measured speeds agree, 4 per worker of >= 16 "
+                        "samples once they differ by more than 25%%)")
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal round-robin shares, no stealing)")
     p.add_argument("--trace", action="store_true", help="write trace/scheduler.json into --out")

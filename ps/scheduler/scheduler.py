@@ -306,8 +306,8 @@ class Scheduler(Forming, Finishing, Restart):
         self._check_training(header)
         ids = check_int_list(header, "tasks", 1 << 16)
         rejected = set(check_int_list(header, "rejected", 1 << 16))
-        if not self.dealer.plan.valid_ids(ids, self.run.steps):
-            raise ProtocolError(Error.BAD_FIELD, "tasks names an id no step of the run has")
+        if not self.dealer.knows(ids):
+            raise ProtocolError(Error.BAD_FIELD, "tasks names an id no step dealt so far has")
         worker = header["worker"]
         if self.reform and self.reform.seen_report(header["inc"], header["rid"]):
             return self.reply(ident, Kind.OK, header["rid"])     # journaled before our restart
@@ -361,7 +361,7 @@ class Scheduler(Forming, Finishing, Restart):
             if len(self.byes) == self.config.servers:
                 self.exit_at = max(time.monotonic(), self.done_at + DONE_GRACE_S)   # a lost DONE answer
             return
-        stop = self.phase == "stopping"
+        stop = self.phase in ("stopping", "failed")   # failed: a job error ended the run
         self.reply(ident, Kind.OK, header["rid"], cache=False, stop=stop, fenced=self.members.fenced)
         if stop:
             self.stopped.add(index)

@@ -12,7 +12,9 @@ steal  2 workers, worker 1 slowed 3x (``--slow 1=3``), the compute-bound job of 
 
 Both systems of a pair run one after the other (A B A B ...) and each cell is the median
 of --repeats runs, so the ratio compares runs made under the same conditions; the
-absolute numbers depend on what else the machine is doing.
+absolute numbers depend on what else the machine is doing. Our runs add only what the
+measurement needs: ``--threads 1`` (as the DDP processes have) and ``--trace``, whose
+step end times give the timed window (it costs our side, not DDP's).
 """
 from __future__ import annotations
 
