@@ -19,9 +19,8 @@ from ps.faults import messages
 from ps.security import curve
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import Error, Kind
-
-from worker.heartbeat import Fenced, SchedulerLost
 from worker.config import WorkerConfig
+from worker.heartbeat import Fenced, SchedulerLost
 from worker.job import JobError
 from worker.runner import Worker
 from worker.straggler import parse_jitter

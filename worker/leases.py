@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import Kind
-
 from worker.heartbeat import as_fenced
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import Kind
-
 from worker.heartbeat import as_fenced
 
 MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the answers

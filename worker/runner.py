@@ -38,19 +38,18 @@ import numpy as np
 import torch
 import zmq
 
-from ps.wire.client import Peer, RemoteError, ShardClient, ShardInfo
 from ps.scheduler.diagnose import WAIT_LOG_S
-from ps.wire.protocol import Error, Kind
 from ps.trace import Tracer
-
+from ps.wire.client import Peer, RemoteError, ShardClient, ShardInfo
+from ps.wire.protocol import Error, Kind
 from worker.config import WorkerConfig, pick_device
 from worker.flat import FlatModel
 from worker.heartbeat import Heartbeat, as_fenced, lost_after
 from worker.job import collate, load_job
 from worker.leases import Leases
+from worker.reports import Reports
 from worker.speedups.overlap import Overlap
 from worker.speedups.prefetch import Prefetch
-from worker.reports import Reports
 from worker.straggler import CrashAt, Slowdown
 from worker.waits import describe_pull
 

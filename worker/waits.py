@@ -12,8 +12,8 @@ The same text goes into the error the worker exits with if the pull's deadline p
 """
 from __future__ import annotations
 
-from ps.wire.client import Peer, RemoteError, ShardClient
 from ps.scheduler.diagnose import describe
+from ps.wire.client import Peer, RemoteError, ShardClient
 from ps.wire.protocol import Kind
 
 ASK_TIMEOUT_S = 1.0     # a shard or scheduler that cannot answer STATS in this long is named as such

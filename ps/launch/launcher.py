@@ -27,19 +27,19 @@ from dataclasses import dataclass
 
 import zmq
 
-from ps.launch import hosts, netns
-from ps.scheduler import summary
-from ps.security import curve, keys
-from ps.reliability.checkpoint import latest_intact
-from ps.wire.client import Peer, RemoteError
 from ps.core.compress import WIRE_DTYPES
-from ps.launch.processes import ROOT, Cluster
 from ps.faults.inject import split as split_faults
 from ps.faults.inject import split_links
-from ps.scheduler.membership import DEAD_AFTER_S
-from ps.wire.protocol import Kind
+from ps.launch import hosts, netns
+from ps.launch.processes import ROOT, Cluster
 from ps.launch.statusline import StatusLine, status_line
+from ps.reliability.checkpoint import latest_intact
+from ps.scheduler import summary
+from ps.scheduler.membership import DEAD_AFTER_S
+from ps.security import curve, keys
 from ps.trace import merge as merge_traces
+from ps.wire.client import Peer, RemoteError
+from ps.wire.protocol import Kind
 
 DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
 STATUS_INTERVAL_S = 0.5          # how often the status line refreshes

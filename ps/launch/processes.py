@@ -191,7 +191,8 @@ class Cluster:
     def restart_scheduler(self) -> bool:
         """A scheduler killed by a signal (an injected kill, a crash) is started again, on the
         endpoint it had and with its journal, up to MAX_SCHEDULER_RESTARTS times; the roles
-        register again with it (ps.reliability.scheduler_restart). One that exited with a status ended the run."""
+        register again with it (ps.reliability.scheduler_restart). One that exited with a
+        status ended the run."""
         old = self.roles[0]
         if old.proc.returncode is None or old.proc.returncode >= 0 \
                 or self.scheduler_restarts >= MAX_SCHEDULER_RESTARTS:

@@ -92,7 +92,7 @@ class Journal:
         if sync:
             os.fsync(self.file.fileno())       # onto the disk: survives a power loss
 
-    # -- the records (one verb each; ps.reliability.scheduler_restart reads them back) -------------------------
+    # -- the records (one verb each; ps.reliability.scheduler_restart reads them back) ----
     def config(self, fingerprint: dict) -> None:
         self.append("config", sync=True, config=fingerprint, wall=time.time(), t0=time.monotonic())
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import logging
 
+from ps.core.tasks import TaskPlan
 from ps.reliability import checkpoint
 from ps.scheduler.runstate import RunState
-from ps.core.tasks import TaskPlan
 from ps.trace import Tracer
 
 log = logging.getLogger("ps.scheduler")

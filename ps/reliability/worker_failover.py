@@ -17,14 +17,14 @@ from __future__ import annotations
 import logging
 import time
 
-from ps.scheduler import registration
 from ps.core.dealer import Dealer
 from ps.reliability.journal import Journal
-from ps.scheduler.membership import Member, Membership
-from ps.wire.protocol import Error, ProtocolError
-from ps.scheduler.runstate import RunState
+from ps.scheduler import registration
 from ps.scheduler.config import SchedulerConfig
+from ps.scheduler.membership import Member, Membership
+from ps.scheduler.runstate import RunState
 from ps.trace import Tracer
+from ps.wire.protocol import Error, ProtocolError
 
 log = logging.getLogger("ps.scheduler")
 

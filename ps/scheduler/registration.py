@@ -14,9 +14,9 @@ from __future__ import annotations
 import re
 from math import prod
 
+from ps.core.optim import make_optimizer
 from ps.faults import messages
 from ps.reliability.checkpoint import shard_file
-from ps.core.optim import make_optimizer
 from ps.wire.protocol import Error, ProtocolError, is_int
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs")

@@ -15,17 +15,23 @@ tensor bytes: it is the control path only. A run goes through four phases:
 
 Every phase has a deadline; when one passes, the scheduler names what it is still
 waiting for and exits non-zero rather than hang; a worker's report that the job's own
-code raised ends any phase at once (``ps.scheduler.joberror``). With ``--journal`` it records its
-decisions; restarted, it replays them and *re-forms* the cluster (``ps.reliability.scheduler_restart``).
+code raised ends any phase at once (``ps.scheduler.joberror``). With ``--journal`` it
+records its decisions; restarted, it replays them and *re-forms* the cluster
+(``ps.reliability.scheduler_restart``).
 
 This module is the event loop: it receives a request, validates it, calls the code that
-decides and sends the reply. The decisions live elsewhere: the flags in
-``ps.scheduler.config``, forming the cluster in ``ps.scheduler.forming``, what a REGISTER (or a
-server's heartbeat) must say in ``ps.scheduler.registration``, dealing and stealing in
-``ps.core.dealer``, run accounting in ``ps.scheduler.runstate``, dead workers and their replacements
-in ``ps.reliability.worker_failover``, checkpoint commits and --resume in ``ps.reliability.server_recovery``, journal replay
-in ``ps.reliability.scheduler_restart``, naming what a stalled step waits for in ``ps.scheduler.diagnose``, and
-summary.json in ``ps.scheduler.summary``.
+decides and sends the reply. The decisions live elsewhere:
+
+    ps.scheduler.config                  the flags
+    ps.scheduler.forming                 forming the cluster (methods of Scheduler)
+    ps.scheduler.registration            what a REGISTER (or a server's heartbeat) must say
+    ps.core.dealer                       dealing and stealing
+    ps.scheduler.runstate                run accounting
+    ps.reliability.worker_failover       dead workers and their replacements
+    ps.reliability.server_recovery       checkpoint commits and --resume
+    ps.reliability.scheduler_restart     journal replay (methods of Scheduler)
+    ps.scheduler.diagnose                naming what a stalled step waits for
+    ps.scheduler.finishing, summary      the end of a run and summary.json
 """
 from __future__ import annotations
 
@@ -44,16 +50,16 @@ from ps.reliability.scheduler_restart import Reform, Restart
 from ps.reliability.server_recovery import Recovery
 from ps.reliability.worker_failover import Failover
 from ps.scheduler import diagnose, registration, summary
+from ps.scheduler.config import SchedulerConfig, crash_at, parse_args
 from ps.scheduler.finishing import Finishing
 from ps.scheduler.forming import Forming
 from ps.scheduler.membership import Membership
+from ps.scheduler.runstate import RunState
 from ps.security import curve
+from ps.trace import Tracer
 from ps.wire import transport, validation
 from ps.wire.protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, encode,
-                       optional_bool, optional_int, request_header)
-from ps.scheduler.runstate import RunState
-from ps.scheduler.config import SchedulerConfig, crash_at, parse_args
-from ps.trace import Tracer
+                              optional_bool, optional_int, request_header)
 
 log = logging.getLogger("ps.scheduler")
 

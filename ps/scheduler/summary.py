@@ -13,13 +13,13 @@ import json
 import os
 import sys
 
-from ps.faults import messages
-from ps.scheduler import diagnose
 from ps.core.dealer import Dealer
-from ps.wire.protocol import is_int
+from ps.faults import messages
 from ps.reliability.server_recovery import Recovery
-from ps.scheduler.runstate import RunState
+from ps.scheduler import diagnose
 from ps.scheduler.config import SchedulerConfig
+from ps.scheduler.runstate import RunState
+from ps.wire.protocol import is_int
 
 FILE = "summary.json"
 

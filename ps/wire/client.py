@@ -23,7 +23,6 @@ from ps.security import curve
 from ps.wire import transport
 from ps.wire.protocol import Error, Kind, ProtocolError, decode, encode
 
-
 RETRY_INTERVAL_S = 0.25   # a request unanswered this long is sent again (same rid) ...
 RETRY_BYTES_PER_S = 2e8   # ... plus the time its payload takes at a pessimistic 200 MB/s,
                           # so a large push is not sent twice just for being large

@@ -19,7 +19,7 @@ import zmq
 from ps.core import compress
 from ps.faults import messages
 from ps.wire.protocol import (ALLOWED_DTYPES, FRAME_BYTES, MAX_FRAME_BYTES, MAX_FRAMES, Error,
-                       ProtocolError)
+                              ProtocolError)
 
 MAX_MESSAGE_BYTES = MAX_FRAME_BYTES   # zmq's MAXMSGSIZE, which libzmq applies to each frame:
                                       # a larger frame is dropped with its connection before

@@ -33,9 +33,8 @@ import time
 
 import torch
 
-from ps.wire.client import ShardClient
 from ps.trace import Tracer
-
+from ps.wire.client import ShardClient
 from worker.flat import FlatModel
 
 
