@@ -113,7 +113,7 @@ def test_retired_members_are_never_overdue_again():
 
 
 def test_default_dead_after_s_is_the_module_constant():
-    from ps.scheduler.membership import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S
+    from ps.wire.protocol import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S
     assert Membership().dead_after_s == DEAD_AFTER_S
     assert DEAD_AFTER_S > HEARTBEAT_INTERVAL_S            # several missed beats, not one
 

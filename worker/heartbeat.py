@@ -30,9 +30,8 @@ import time
 import zmq
 
 from ps.faults import messages
-from ps.scheduler.membership import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S
 from ps.wire.client import Peer, RemoteError
-from ps.wire.protocol import Error, Kind
+from ps.wire.protocol import DEAD_AFTER_S, HEARTBEAT_INTERVAL_S, Error, Kind
 
 log = logging.getLogger("worker")
 

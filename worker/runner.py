@@ -38,10 +38,9 @@ import numpy as np
 import torch
 import zmq
 
-from ps.scheduler.diagnose import WAIT_LOG_S
 from ps.trace import Tracer
 from ps.wire.client import Peer, RemoteError, ShardClient, ShardInfo
-from ps.wire.protocol import Error, Kind
+from ps.wire.protocol import WAIT_LOG_S, Error, Kind
 from worker.config import WorkerConfig, pick_device
 from worker.flat import FlatModel
 from worker.heartbeat import Heartbeat, as_fenced, lost_after

@@ -1,7 +1,7 @@
 """What a blocked pull is waiting for, named in one log line (no silent hangs).
 
 A worker whose BSP pull for step t has waited longer than a few heartbeats
-(``ps.scheduler.diagnose.WAIT_LOG_S``) asks each shard for its counters (a shard answers STATS
+(``ps.wire.protocol.WAIT_LOG_S``) asks each shard for its counters (a shard answers STATS
 at once, even while it holds the pull back) and the scheduler who holds the tasks the
 slowest shard is missing, and logs it::
 

@@ -35,11 +35,10 @@ from ps.launch.processes import ROOT, Cluster
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
-from ps.scheduler.membership import DEAD_AFTER_S
 from ps.security import curve, keys
 from ps.trace import merge as merge_traces
 from ps.wire.client import Peer, RemoteError
-from ps.wire.protocol import Kind
+from ps.wire.protocol import DEAD_AFTER_S, Kind
 
 DEFAULT_JOB = os.path.join(ROOT, "examples", "mlp_classifier.py")
 STATUS_INTERVAL_S = 0.5          # how often the status line refreshes

@@ -226,13 +226,21 @@ class Cluster:
                 fault.pid = role.proc.pid
                 os.kill(role.proc.pid, signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
                 print(f"injected {fault.spec} at {elapsed_s:.2f} s (step {step})", file=sys.stderr)
-            elif (fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed
-                  and elapsed_s >= fault.fired_at_s + fault.duration_s):
-                fault.resumed = True
-                try:
-                    os.kill(fault.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            elif self._paused(fault) and elapsed_s >= fault.fired_at_s + fault.duration_s:
+                self._resume(fault)
+
+    @staticmethod
+    def _paused(fault) -> bool:
+        return fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed
+
+    @staticmethod
+    def _resume(fault) -> None:
+        """SIGCONT a paused role (once; it may have been killed meanwhile)."""
+        fault.resumed = True
+        try:
+            os.kill(fault.pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
 
     def find(self, name: str) -> Role | None:
         return next((r for r in self.roles if r.name == name), None)
@@ -247,12 +255,8 @@ class Cluster:
         worker's DONE and heard every server's bye, so what is left is a hang to look at,
         though the run's results are complete; ``stop`` then ends it."""
         for fault in self.faults:              # a role still paused could never exit
-            if fault.action == "pause" and fault.fired_at_s is not None and not fault.resumed:
-                fault.resumed = True
-                try:
-                    os.kill(fault.pid, signal.SIGCONT)
-                except ProcessLookupError:
-                    pass
+            if self._paused(fault):
+                self._resume(fault)
         deadline = time.monotonic() + grace_s
         for r in self.roles[1:]:
             if r.name in dead and r.proc.poll() is None and self._joined(r):

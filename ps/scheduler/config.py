@@ -15,7 +15,7 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from ps.scheduler.membership import DEAD_AFTER_S
+from ps.wire.protocol import DEAD_AFTER_S
 
 TASKS_PER_WORKER = 4       # the finest default cut: tasks per worker per step (the grain of stealing)
 MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this

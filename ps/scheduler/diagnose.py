@@ -17,12 +17,10 @@ from __future__ import annotations
 import logging
 
 from ps.core.dealer import Dealer
-from ps.scheduler.membership import HEARTBEAT_INTERVAL_S
 from ps.scheduler.runstate import RunState
+from ps.wire.protocol import WAIT_LOG_S
 
 log = logging.getLogger("ps.scheduler")
-
-WAIT_LOG_S = 4 * HEARTBEAT_INTERVAL_S   # a wait longer than a few heartbeats is logged, by name
 
 
 def holders(dealer: Dealer, run: RunState, step: int) -> list[list]:

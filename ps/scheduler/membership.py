@@ -19,10 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ps.wire.protocol import Error, ProtocolError
-
-HEARTBEAT_INTERVAL_S = 0.5     # how often workers and servers say they are alive
-DEAD_AFTER_S = 3.0             # silence after which a member is declared dead (6 missed beats)
+from ps.wire.protocol import DEAD_AFTER_S, Error, ProtocolError
 
 
 @dataclass

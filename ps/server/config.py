@@ -12,8 +12,8 @@ import logging
 import sys
 from dataclasses import dataclass
 
-from ps.scheduler.membership import HEARTBEAT_INTERVAL_S
 from ps.wire import validation
+from ps.wire.protocol import HEARTBEAT_INTERVAL_S
 
 
 @dataclass

@@ -29,13 +29,12 @@ import zmq
 from ps.core.shard import Shard
 from ps.faults import messages
 from ps.reliability import checkpoint
-from ps.scheduler.diagnose import WAIT_LOG_S
 from ps.security import curve
 from ps.server.config import ServerConfig, parse_args
 from ps.wire import transport, validation
 from ps.wire.client import Peer, RemoteError
-from ps.wire.protocol import (Error, Kind, ProtocolError, check_frames, check_int_list, decode,
-                              encode, optional_bool, request_header)
+from ps.wire.protocol import (WAIT_LOG_S, Error, Kind, ProtocolError, check_frames, check_int_list,
+                              decode, encode, optional_bool, request_header)
 
 log = logging.getLogger("ps.server")
 

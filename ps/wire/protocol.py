@@ -30,6 +30,11 @@ MAX_DEPTH = 16                  # deepest nesting of arrays/maps (legitimate hea
 FRAME_BYTES = 8 << 20           # what senders use: receiving one >32 MiB frame costs a fresh mmap
                                 # and page faults, measured 2-4x slower than 8 MiB frames
 
+# --- liveness: every role's heartbeats and deadlines agree on these -------------------
+HEARTBEAT_INTERVAL_S = 0.5      # how often workers and servers say they are alive
+DEAD_AFTER_S = 3.0              # silence after which a member is declared dead (6 missed beats)
+WAIT_LOG_S = 4 * HEARTBEAT_INTERVAL_S   # a wait longer than a few heartbeats is logged, by name
+
 JOB_FUNCTIONS = ("<module>", "build_model", "build_dataset", "dataset", "loss_fn", "finish")
                                 # where a JOB_ERROR may come from: the job file's top level, its
                                 # functions, and indexing or collating its dataset
