@@ -65,7 +65,8 @@ def test_a_job_error_names_the_function_the_line_and_keeps_the_traceback(monkeyp
     assert err.value.error.startswith("IndexError")
 
 
-@pytest.mark.parametrize("function", ["build_model", "loss_fn", "finish"])
+@pytest.mark.parametrize("function", [pytest.param("build_model", marks=pytest.mark.slow), "loss_fn",
+                                      pytest.param("finish", marks=pytest.mark.slow)])
 def test_a_job_error_stops_the_run_at_once_and_says_where(tmp_path, function):
     t0 = time.monotonic()
     run = launch(tmp_path, "--job", JOB, "--workers", "2", "--servers", "1", "--steps", "4", *FAR,
@@ -160,6 +161,7 @@ def test_the_scheduler_checks_job_error_reports_and_ends_the_run_on_the_first(tm
 
 
 @pytest.mark.timeout(90)
+@pytest.mark.slow
 def test_a_job_error_before_registering_ends_a_forming_run(tmp_path):
     # A worker started alone (no launcher) whose build_model raises: it tells the scheduler
     # with incarnation 0, and the scheduler, still forming, writes why and exits at once.

@@ -25,6 +25,7 @@ JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
 
 
+@pytest.mark.slow
 def test_a_dead_worker_still_paused_when_the_run_ends_is_stopped_and_the_run_succeeds(tmp_path):
     # Worker 2 is paused at step 10 for 60 s: declared dead after 1.5 s, its tasks dealt to
     # the others, the run ends some 3 s later with worker 2 still stopped.
