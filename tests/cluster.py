@@ -84,7 +84,12 @@ def oracle(job_path: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
     """Single-process torch training on the same global batches: the reference answer."""
     job = load_job(job_path)
     model, dataset = job.build(seed)
-    opt = torch_optimizer(model.parameters(), job.optimizer)
+    params = model.parameters()
+    if hasattr(job.module, "param_groups"):       # torch's groups, of tensors, not names
+        named = dict(model.named_parameters())
+        params = [{**g, "params": [named[n] for n in g["params"]]}
+                  for g in job.module.param_groups(model)]
+    opt = torch_optimizer(params, job.optimizer)
     plan = TaskPlan(len(dataset), job.batch_size, 1, seed=seed, shuffle=job.shuffle)
     for step in range(steps):
         batch = collate(dataset, plan.batch(step).tolist(), torch.device("cpu"))

@@ -11,6 +11,13 @@ A job file defines::
     SHUFFLE = True                          # optional; False: step k uses samples [kB, (k+1)B)
     EPOCHS = 1                              # optional; how long a plain run trains
     def finish(model): ...                  # optional; the finishing worker calls it with the final parameters
+    def param_groups(model): ...            # optional; torch-style groups whose "params" are
+                                            # parameter NAMES, each group overriding OPTIMIZER
+                                            # keys (weight_decay on 2-D weights only, say)
+
+``param_groups`` must put every parameter in exactly one group; the worker sends the
+groups as ranges of the flat vector (``flat_groups``), and every server steps each range
+it holds with its group's hyperparameters (``ps.core.optim.Grouped``).
 
 ``build`` seeds torch with the run's seed before ``build_model`` (so every worker,
 and the single-process oracle, starts from the same parameters) and again before
@@ -115,6 +122,16 @@ class Job:
         """``with job.running("loss_fn"): ...``: the job's exceptions become JobError."""
         return running(self.path, function, self.module)
 
+    def param_groups(self, model: torch.nn.Module) -> list | None:
+        """The job's ``param_groups(model)`` as ranges of the flat vector, ``[[lo, hi,
+        overrides], ...]`` covering it in ``named_parameters`` order (None without one).
+        A name missing, repeated or unknown, or an override the optimizer refuses, is a
+        job error naming it."""
+        if not hasattr(self.module, "param_groups"):
+            return None
+        with self.running("param_groups"):
+            return flat_groups(self.module.param_groups(model), model, self.optimizer)
+
 
 def load_job(path: str) -> Job:
     """Import a job file and check it defines what a job must."""
@@ -140,6 +157,44 @@ def load_job(path: str) -> Job:
         raise ValueError(f"job {path}: EPOCHS must be >= 1 (or absent)")
     return Job(path, module, optimizer, batch_size, bool(getattr(module, "SHUFFLE", True)),
                int(epochs) if epochs is not None else None, getattr(module, "finish", None))
+
+
+def flat_groups(groups, model: torch.nn.Module, optimizer: dict) -> list:
+    """Torch-style groups of parameter NAMES -> ``[[lo, hi, overrides], ...]`` ranges of the
+    flat vector (worker/flat.py's layout), neighbours of one group merged."""
+    if not (isinstance(groups, (list, tuple)) and groups
+            and all(isinstance(g, dict) and isinstance(g.get("params"), (list, tuple))
+                    for g in groups)):
+        raise ValueError("param_groups must return a list of dicts, each with a 'params' "
+                         "list of parameter names")
+    owner: dict[str, int] = {}
+    names = [name for name, _ in model.named_parameters()]
+    for k, group in enumerate(groups):
+        for name in group["params"]:
+            if name not in names:
+                raise ValueError(f"param_groups: {name!r} is not a parameter of the model")
+            if name in owner:
+                raise ValueError(f"param_groups: {name!r} is in groups {owner[name]} and {k}")
+            owner[name] = k
+        overrides = {key: value for key, value in group.items() if key != "params"}
+        try:
+            make_optimizer({**optimizer, **overrides}, 1)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"param_groups: group {k} {overrides}: {exc}") from None
+    missing = [name for name in names if name not in owner]
+    if missing:
+        raise ValueError(f"param_groups: {missing[0]!r} is in no group"
+                         + (f" (nor {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    ranges, lo = [], 0
+    for name, p in model.named_parameters():
+        k, hi = owner[name], lo + p.numel()
+        if ranges and ranges[-1][2] == k and ranges[-1][1] == lo:
+            ranges[-1][1] = hi                          # the same group as its neighbour
+        elif hi > lo:
+            ranges.append([lo, hi, k])
+        lo = hi
+    return [[a, b, {key: value for key, value in groups[k].items() if key != "params"}]
+            for a, b, k in ranges]
 
 
 def collate(dataset, indices, device: torch.device):

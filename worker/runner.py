@@ -79,6 +79,7 @@ class Worker:
         model, self.dataset = self.job.build(config.seed)
         self.model = model.to(self.device)
         self.flat = FlatModel(self.model, self.device, staged=config.staged_buffers or None)
+        self.param_groups = self.job.param_groups(self.model)   # ranges of the flat vector
         self.ctx = zmq.Context()
         self.scheduler = Peer(self.ctx, config.scheduler, "scheduler")
         self.shards: ShardClient | None = None
@@ -104,7 +105,7 @@ class Worker:
                     Kind.REGISTER, self.config.timeout_s, role="worker", worker=self.id,
                     layout=self.flat.layout, dataset_size=len(self.dataset),
                     batch_size=job.batch_size, shuffle=job.shuffle, optimizer=job.optimizer,
-                    epochs=job.epochs, seed=self.config.seed)
+                    epochs=job.epochs, seed=self.config.seed, param_groups=self.param_groups)
                 break
             except RemoteError as exc:
                 if exc.code != Error.NOT_READY or time.monotonic() > deadline:

@@ -54,14 +54,16 @@ def readable_in_place(chunks: list[np.ndarray]) -> bool:
 
 
 class Shard:
-    def __init__(self, size: int, optimizer: dict, mode: str, staleness: int, num_workers: int):
+    def __init__(self, size: int, optimizer: dict, mode: str, staleness: int, num_workers: int,
+                 segments: list | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.size = size
         self.mode = mode
         self.staleness = staleness
         self.params: np.ndarray | None = None            # (size,) float32, set by init()
-        self.optimizer = make_optimizer(optimizer, size)
+        self.optimizer = make_optimizer(optimizer, size, segments=segments)   # segments:
+                                                         # parameter groups (optim.Grouped)
         self.grad = np.zeros(size, dtype=np.float32)     # BSP: the step's sum; else scratch
         self.grad_is_prev = False                        # BSP: grad holds version - 1's params
         self.version = 0                                 # optimizer updates applied

@@ -95,7 +95,8 @@ class Forming:
                 self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
                            optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
                            workers=cfg.workers, checkpoint_every=cfg.checkpoint_every,
-                           checkpoint_dir=cfg.checkpoint_dir, restore=manifest)
+                           checkpoint_dir=cfg.checkpoint_dir, restore=manifest,
+                           param_groups=job.get("param_groups"))
             else:
                 self._welcome(ident, rid, index, member.inc, start_step=start)
         self.held.clear()

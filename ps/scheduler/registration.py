@@ -19,7 +19,8 @@ from ps.faults import messages
 from ps.reliability.checkpoint import shard_file
 from ps.wire.protocol import Error, ProtocolError, is_int
 
-JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs")
+JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs",
+              "param_groups")
 STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -76,6 +77,7 @@ def worker_job(header: dict, cfg, others) -> dict:
         make_optimizer(info["optimizer"], 1)
     except (ValueError, TypeError) as exc:
         raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
+    param_groups(info["param_groups"], info["optimizer"], size)
     if header.get("seed") != seed:
         raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
                                              f"the scheduler's {seed}")
@@ -84,6 +86,30 @@ def worker_job(header: dict, cfg, others) -> dict:
             raise ProtocolError(Error.BAD_FIELD, "this worker's job differs from the others' "
                                                  "(model layout, data set or optimizer)")
     return info
+
+
+def param_groups(groups, optimizer: dict, size: int) -> None:
+    """Check a job's parameter groups: nil, or ``[[lo, hi, overrides], ...]`` ranges of the
+    flat vector covering ``[0, size)`` in order, each overrides map valid for the optimizer
+    (the servers build one optimizer per range they hold from it)."""
+    if groups is None:
+        return
+    if not isinstance(groups, list) or not 0 < len(groups) <= size:
+        raise ProtocolError(Error.BAD_FIELD, "param_groups must be nil or a non-empty list")
+    at = 0
+    for entry in groups:
+        if not (isinstance(entry, list) and len(entry) == 3 and is_int(entry[0])
+                and is_int(entry[1]) and entry[0] == at and entry[0] < entry[1] <= size
+                and isinstance(entry[2], dict) and "name" not in entry[2]):
+            raise ProtocolError(Error.BAD_FIELD, "param_groups must be [lo, hi, overrides] "
+                                                 f"ranges covering [0, {size}) in order")
+        try:
+            make_optimizer({**optimizer, **entry[2]}, 1)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(Error.BAD_FIELD, f"param_groups {entry[2]}: {exc}") from None
+        at = entry[1]
+    if at != size:
+        raise ProtocolError(Error.BAD_FIELD, f"param_groups cover [0, {at}), not [0, {size})")
 
 
 def layout_size(layout: list) -> int:

@@ -83,7 +83,8 @@ class Server:
         self.index, self.inc = reply["shard"], reply["inc"]
         self.lo, self.hi = reply["lo"], reply["hi"]
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
-                           reply["staleness"], reply["workers"])
+                           reply["staleness"], reply["workers"],
+                           segments=segments(reply.get("param_groups"), self.lo, self.hi))
         self.checkpoint_every = reply.get("checkpoint_every") or 0
         self.checkpoint_dir = reply.get("checkpoint_dir")
         if self.checkpoint_every:
@@ -367,6 +368,15 @@ class Server:
         self.router.close(linger=0)
         curve.stop(self.auth)
         self.ctx.term()
+
+
+def segments(groups: list | None, lo: int, hi: int) -> list | None:
+    """The job's parameter groups (``[[glo, ghi, overrides], ...]`` over the flat vector)
+    cut at this shard's bounds: ``[[start, end, overrides], ...]`` over ``[0, hi - lo)``."""
+    if not groups:
+        return None
+    return [[max(glo, lo) - lo, min(ghi, hi) - lo, overrides]
+            for glo, ghi, overrides in groups if glo < hi and ghi > lo]
 
 
 def main(argv=None) -> int:

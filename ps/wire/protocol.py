@@ -35,7 +35,8 @@ HEARTBEAT_INTERVAL_S = 0.5      # how often workers and servers say they are ali
 DEAD_AFTER_S = 3.0              # silence after which a member is declared dead (6 missed beats)
 WAIT_LOG_S = 4 * HEARTBEAT_INTERVAL_S   # a wait longer than a few heartbeats is logged, by name
 
-JOB_FUNCTIONS = ("<module>", "build_model", "build_dataset", "dataset", "loss_fn", "finish")
+JOB_FUNCTIONS = ("<module>", "build_model", "build_dataset", "dataset", "loss_fn", "finish",
+                 "param_groups")
                                 # where a JOB_ERROR may come from: the job file's top level, its
                                 # functions, and indexing or collating its dataset
 MAX_JOB_ERROR_CHARS = 4096      # a JOB_ERROR's location and error: one line each, not a traceback

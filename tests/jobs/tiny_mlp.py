@@ -19,6 +19,17 @@ DELAY_S = float(os.environ.get("TINY_MLP_DELAY_S", "0"))   # fault tests: second
                                                            # over fused tasks takes theirs together
 
 
+if os.environ.get("TINY_MLP_GROUPS"):   # JSON: {"decay": overrides, "nodecay": overrides}
+    _GROUPS = json.loads(os.environ["TINY_MLP_GROUPS"])
+
+    def param_groups(model):
+        """nanoGPT's split: the 2-D weights in one group, the biases in the other."""
+        return [{"params": [n for n, p in model.named_parameters() if p.dim() >= 2],
+                 **_GROUPS["decay"]},
+                {"params": [n for n, p in model.named_parameters() if p.dim() < 2],
+                 **_GROUPS["nodecay"]}]
+
+
 def build_model():
     return nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
 
