@@ -171,3 +171,19 @@ def test_bsp_with_param_groups_equals_torch_with_the_same_groups(tmp_path, refer
         for k in plain:
             del os.environ[k]
     assert any(not np.allclose(want[k], other[k], rtol=1e-4) for k in want)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_param_groups_resume_into_another_server_count(tmp_path, reference):
+    # A grouped shard's optimizer state is laid out as an ungrouped one's (each array the
+    # segments' end to end), so a checkpoint of 2 shards resumes on 3, cut elsewhere.
+    env, want = reference
+    ckpt = ["--checkpoint-every", "10", "--checkpoint-dir", str(tmp_path / "checkpoints")]
+    first = launch(tmp_path / "a", "--job", JOB, "--steps", "20", "--servers", "2", *ckpt, env=env)
+    assert first.rc == 0, first.stderr[-3000:]
+    run = launch(tmp_path / "b", "--job", JOB, "--steps", str(STEPS), "--servers", "3", *ckpt,
+                 "--resume", env=env)
+    assert run.rc == 0, run.stderr[-3000:]
+    assert run.summary["resumed_from"]["version"] == 20
+    assert_params_close(run.params, want, rtol=1e-5)
