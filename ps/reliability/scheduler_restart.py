@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from typing import TYPE_CHECKING
 
 from ps.core.tasks import TaskPlan
 from ps.reliability import journal as journaling
@@ -34,6 +35,9 @@ from ps.scheduler.forming import plan_run
 from ps.scheduler.membership import Membership
 from ps.wire.protocol import Error, Kind, ProtocolError, is_int
 
+if TYPE_CHECKING:                  # for the annotations only: the scheduler imports us
+    from ps.scheduler.scheduler import Scheduler
+
 log = logging.getLogger("ps.scheduler")
 
 REPORTS_REMEMBERED = 8192      # (incarnation, rid) of journaled reports: a resent one is not counted twice
@@ -41,9 +45,10 @@ REPORTS_REMEMBERED = 8192      # (incarnation, rid) of journaled reports: a rese
 
 class Reform:
     """The re-forming phase of a restarted scheduler ``s``: who is still awaited, and what
-    to deal again once everyone is back."""
+    to deal again once everyone is back. It rebuilds the scheduler's state from the
+    journal, so it holds the scheduler itself (a ``Scheduler``, which mixes in ``Restart``)."""
 
-    def __init__(self, s, records: int):
+    def __init__(self, s: "Scheduler", records: int):
         self.s = s
         self.records = records
         self.dealt: set[int] = set()            # rounds dealt before the restart
