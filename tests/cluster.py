@@ -80,8 +80,24 @@ def torch_optimizer(params, config: dict) -> torch.optim.Optimizer:
             "adamw": torch.optim.AdamW}[config["name"].lower()](params, **kwargs)
 
 
-def oracle(job_path: str, steps: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Single-process torch training on the same global batches: the reference answer."""
+def oracle(job_path: str, steps: int, seed: int = 0,
+           env: dict | None = None) -> dict[str, np.ndarray]:
+    """Single-process torch training on the same global batches: the reference answer.
+    ``env``: the environment the job reads when it loads (as ``launch(..., env=)`` gives
+    the cluster's workers), set for the duration and restored after."""
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        return _train_single_process(job_path, steps, seed)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                del os.environ[k]
+            else:
+                os.environ[k] = v
+
+
+def _train_single_process(job_path: str, steps: int, seed: int) -> dict[str, np.ndarray]:
     job = load_job(job_path)
     model, dataset = job.build(seed)
     params = model.parameters()

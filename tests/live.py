@@ -196,10 +196,14 @@ class BareScheduler:
     and sees the scheduler's answers as they are. A context manager: both roles end, and
     the sockets close, when it exits."""
 
-    def __init__(self, tmp_path, workers: int, steps: int, tasks_per_step: int):
+    def __init__(self, tmp_path, workers: int, steps: int, tasks_per_step: int | None = None,
+                 dead_after_s: float = 30, out: bool = False):
+        """``tasks_per_step`` None: the adaptive grain; ``out``: summary.json in tmp_path."""
         self.tmp, self.workers = tmp_path, workers
         self.flags = ["--servers", "1", "--workers", str(workers), "--steps", str(steps),
-                      "--tasks-per-step", str(tasks_per_step), "--dead-after-s", "30"]
+                      "--dead-after-s", str(dead_after_s)]
+        self.flags += ["--tasks-per-step", str(tasks_per_step)] if tasks_per_step else []
+        self.flags += ["--out", str(tmp_path)] if out else []
         self.ctx, self.procs = zmq.Context(), []
 
     def __enter__(self) -> "BareScheduler":

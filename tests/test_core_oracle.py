@@ -87,11 +87,8 @@ def reference():
 
     def get(opt_name):
         if opt_name not in cache:
-            os.environ["TINY_MLP_OPTIMIZER"] = json.dumps(OPTIMIZERS[opt_name])
-            try:
-                cache[opt_name] = oracle(JOB, STEPS)
-            finally:
-                del os.environ["TINY_MLP_OPTIMIZER"]
+            cache[opt_name] = oracle(JOB, STEPS,
+                                     env={"TINY_MLP_OPTIMIZER": json.dumps(OPTIMIZERS[opt_name])})
         return cache[opt_name]
     return get
 

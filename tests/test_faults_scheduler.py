@@ -55,11 +55,7 @@ def test_a_restart_with_the_adaptive_grain_deals_each_round_as_it_was_cut(tmp_pa
     # the oracle, every sample applied once.
     flags = [f for f in CLUSTER if f not in ("--tasks-per-step", "6")]
     env = {**SLOW_TASKS, "TINY_MLP_BATCH": "100"}            # 2 steps an epoch of 200
-    os.environ["TINY_MLP_BATCH"] = "100"
-    try:
-        want = oracle(JOB, STEPS)
-    finally:
-        del os.environ["TINY_MLP_BATCH"]
+    want = oracle(JOB, STEPS, env={"TINY_MLP_BATCH": "100"})
     run = launch(tmp_path, *flags, "--scheduler-crash-at", "report@20", env=env)
     assert run.rc == 0, run.stderr[-4000:]
     summary = run.summary

@@ -46,11 +46,7 @@ def test_flat_model_on_cuda_uses_pinned_host_buffers():
 @pytest.mark.parametrize("workers,servers", [(1, 1), (2, 2), (3, 2)])
 def test_bsp_cuda_workers_equal_the_oracle(tmp_path, opt_name, workers, servers):
     env = {"TINY_MLP_OPTIMIZER": json.dumps(OPTIMIZERS[opt_name])}
-    os.environ.update(env)
-    try:
-        want = oracle(JOB, STEPS)                          # single-process torch on the CPU
-    finally:
-        del os.environ["TINY_MLP_OPTIMIZER"]
+    want = oracle(JOB, STEPS, env=env)                     # single-process torch on the CPU
     run = launch(tmp_path, "--job", JOB, "--device", "cuda", "--steps", str(STEPS),
                  "--workers", str(workers), "--servers", str(servers), env=env)
     assert run.rc == 0, run.stderr[-3000:]

@@ -18,10 +18,9 @@ import sys
 import time
 
 import pytest
-import zmq
 
 from cluster import JOBS, ROOT, kill_group, launch
-from live import start_role
+from live import BareScheduler, start_role
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import MAX_JOB_ERROR_CHARS, Error, Kind
 from worker.job import JobError, collate, load_job
@@ -108,30 +107,21 @@ def refused(peer: Peer, code: str, **fields) -> None:
 
 @pytest.mark.timeout(90)
 def test_the_scheduler_checks_job_error_reports_and_ends_the_run_on_the_first(tmp_path):
-    flags = ["--servers", "1", "--workers", "2", "--steps", "4", "--tasks-per-step", "2",
-             "--dead-after-s", "60", "--out", str(tmp_path)]
-    ctx, procs = zmq.Context(), []
-    try:
-        sched, endpoint = start_role(["ps.scheduler", *flags], str(tmp_path / "scheduler.ep"))
-        procs.append(sched)
-        procs.append(start_role(["ps.server", "--scheduler", endpoint, "--shard", "0"],
-                                str(tmp_path / "server.ep"))[0])
-        observer = Peer(ctx, endpoint, "observer")
+    with BareScheduler(tmp_path, workers=2, steps=4, tasks_per_step=2, dead_after_s=60,
+                       out=True) as cluster:
+        sched = cluster.proc
+        observer = Peer(cluster.ctx, cluster.endpoint, "observer")
         phase = lambda: observer.request(Kind.STATUS, 5)[0]["phase"]     # noqa: E731
-        peers = [Peer(ctx, endpoint, f"worker{w}") for w in range(2)]
+        stranger = Peer(cluster.ctx, cluster.endpoint, "worker0")
 
         # Malformed, or from nobody the run knows: refused, and the run goes on forming.
-        refused(peers[0], Error.BAD_FIELD, worker=0, inc=0, function="train_step")
-        refused(peers[0], Error.BAD_FIELD, worker=0, inc=0, error="x" * (MAX_JOB_ERROR_CHARS + 1))
-        refused(peers[0], Error.BAD_FIELD, worker=0, inc=-1)
-        refused(peers[0], Error.UNKNOWN_SENDER, worker=2, inc=0)
+        refused(stranger, Error.BAD_FIELD, worker=0, inc=0, function="train_step")
+        refused(stranger, Error.BAD_FIELD, worker=0, inc=0, error="x" * (MAX_JOB_ERROR_CHARS + 1))
+        refused(stranger, Error.BAD_FIELD, worker=0, inc=-1)
+        refused(stranger, Error.UNKNOWN_SENDER, worker=2, inc=0)
         assert phase() == "forming"
 
-        rids = [p.send(Kind.REGISTER, role="worker", worker=w, layout=[["w", [4]]],
-                       dataset_size=16, batch_size=4, shuffle=False,
-                       optimizer={"name": "sgd", "lr": 0.1}, epochs=None, seed=0)
-                for w, p in enumerate(peers)]
-        incs = [p.recv(rid, 20)[0]["inc"] for p, rid in zip(peers, rids)]
+        peers, incs = zip(*cluster.register(samples=16))     # 16 samples, batches of 4
         refused(peers[1], Error.FENCED, worker=1, inc=incs[1] + 100)          # not its incarnation
         assert phase() == "training"
 
@@ -153,11 +143,6 @@ def test_the_scheduler_checks_job_error_reports_and_ends_the_run_on_the_first(tm
         assert summary["job_error"] == {"worker": 0, "incarnation": incs[0], "function": "loss_fn",
                                         "location": "job.py:3", "error": "RuntimeError: boom"}
         assert not summary["ok"] and summary["samples"] == 0
-    finally:
-        ctx.destroy(linger=0)
-        for proc in procs:
-            kill_group(proc)
-            proc.wait(10)
 
 
 @pytest.mark.timeout(90)

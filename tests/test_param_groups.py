@@ -144,12 +144,7 @@ def test_grouped_reads_a_gradient_in_frames_across_segment_bounds():
 @pytest.fixture(scope="module")
 def reference():
     env = {"TINY_MLP_OPTIMIZER": json.dumps(ADAMW), "TINY_MLP_GROUPS": json.dumps(GROUPS)}
-    os.environ.update(env)
-    try:
-        return env, oracle(JOB, STEPS)
-    finally:
-        for k in env:
-            del os.environ[k]
+    return env, oracle(JOB, STEPS, env=env)
 
 
 @pytest.mark.timeout(120)
@@ -163,13 +158,7 @@ def test_bsp_with_param_groups_equals_torch_with_the_same_groups(tmp_path, refer
     assert run.rc == 0, run.stderr[-3000:]
     assert_params_close(run.params, want, rtol=1e-5)
     # the groups made a difference: without them (decay 0.01 everywhere) the result differs
-    plain = {k: v for k, v in env.items() if k != "TINY_MLP_GROUPS"}
-    os.environ.update(plain)
-    try:
-        other = oracle(JOB, STEPS)
-    finally:
-        for k in plain:
-            del os.environ[k]
+    other = oracle(JOB, STEPS, env={k: v for k, v in env.items() if k != "TINY_MLP_GROUPS"})
     assert any(not np.allclose(want[k], other[k], rtol=1e-4) for k in want)
 
 

@@ -13,10 +13,9 @@ import sys
 import time
 
 import pytest
-import zmq
 
-from cluster import JOBS, ROOT, check_tiny_mlp_run, kill_group, launch, oracle
-from live import start_role
+from cluster import JOBS, ROOT, check_tiny_mlp_run, launch, oracle
+from live import BareScheduler
 from ps.wire.client import Peer
 from ps.wire.protocol import Kind
 from worker.heartbeat import RESTART_ALLOWANCE_S
@@ -46,21 +45,15 @@ def test_a_dead_worker_still_paused_when_the_run_ends_is_stopped_and_the_run_suc
 @pytest.mark.timeout(120)
 def test_a_worker_whose_scheduler_is_killed_stops_by_itself(tmp_path):
     dead_after_s = 1.0
-    flags = ["--servers", "1", "--workers", "1", "--steps", "100000",
-             "--dead-after-s", str(dead_after_s)]
-    ctx, procs = zmq.Context(), []
-    try:
-        sched, endpoint = start_role(["ps.scheduler", *flags], str(tmp_path / "scheduler.ep"))
-        procs.append(sched)
-        procs.append(start_role(["ps.server", "--scheduler", endpoint, "--shard", "0"],
-                                str(tmp_path / "server.ep"))[0])
+    with BareScheduler(tmp_path, workers=1, steps=100000, dead_after_s=dead_after_s) as cluster:
+        sched, endpoint = cluster.proc, cluster.endpoint
         worker = subprocess.Popen([sys.executable, "-m", "worker", "--scheduler", endpoint,
                                    "--job", JOB, "--id", "0", "--timeout-s", "60"], cwd=ROOT,
                                   env={**os.environ, "TINY_MLP_DELAY_S": "0.02"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True)
-        procs.append(worker)
-        observer = Peer(ctx, endpoint, "observer")
+        cluster.procs.append(worker)                         # ended with the cluster
+        observer = Peer(cluster.ctx, endpoint, "observer")
         deadline = time.monotonic() + 60
         while observer.request(Kind.STATUS, 5)[0].get("step", 0) < 3:    # training
             assert worker.poll() is None and time.monotonic() < deadline, "no training progress"
@@ -75,8 +68,3 @@ def test_a_worker_whose_scheduler_is_killed_stops_by_itself(tmp_path):
         assert f"for {lost_after_s:.1f} s: it is gone" in stderr
         # Not before a restarted scheduler could have been back, nor near the 60 s timeout.
         assert lost_after_s - 0.5 < took < lost_after_s + 5, took
-    finally:
-        ctx.destroy(linger=0)
-        for proc in procs:
-            kill_group(proc)
-            proc.wait(10)

@@ -122,7 +122,8 @@ class Dealer:
     def grain_of(self, rnd: int) -> int:
         """How many tasks each step of a dealt round was cut into (its first step's; the
         others of an ASP epoch were cut alike, a short last batch clipped by ``num_tasks``)."""
-        return self.plan.num_tasks(self.steps_of(rnd)[0]) if self.steps_of(rnd) else 0
+        steps = self.steps_of(rnd)
+        return self.plan.num_tasks(steps[0]) if steps else 0
 
     def knows(self, ids) -> bool:
         """Every id names a task of a round dealt so far, as that round was cut: a report

@@ -35,6 +35,7 @@ from ps.launch.processes import ROOT, Cluster
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
+from ps.scheduler.config import TASKS_PER_STEP_HELP
 from ps.security import curve, keys
 from ps.trace import merge as merge_traces
 from ps.wire.client import Peer, RemoteError
@@ -240,9 +241,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="output directory (default: runs/<time>)")
     p.add_argument("--quiet", action="store_true", help="no live status line")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="cut every global batch into this many tasks (default: adaptive, one "
-                        "per worker while their measured speeds agree, 4 per worker of >= 16 "
-                        "samples once they differ by more than 25%%)")
+                   help=TASKS_PER_STEP_HELP)
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal shares, no stealing), for comparison")
     p.add_argument("--slow", action="append", default=[], metavar="W=F",

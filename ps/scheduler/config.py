@@ -19,6 +19,9 @@ from ps.wire.protocol import DEAD_AFTER_S
 
 TASKS_PER_WORKER = 4       # the finest default cut: tasks per worker per step (the grain of stealing)
 MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
+TASKS_PER_STEP_HELP = ("cut every global batch into this many tasks (default: adaptive, one "
+                       "per worker while their measured speeds agree, 4 per worker of >= 16 "
+                       "samples once they differ by more than 25%%)")   # also the launcher's
 
 
 @dataclass
@@ -76,9 +79,7 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
     p.add_argument("--seed", type=int, default=0, help="data order seed")
     p.add_argument("--tasks-per-step", type=int, default=None,
-                   help="cut every global batch into this many tasks (default: adaptive, one "
-                        "per worker while their measured speeds agree, 4 per worker of >= 16 "
-                        "samples once they differ by more than 25%%)")
+                   help=TASKS_PER_STEP_HELP)
     p.add_argument("--no-steal", action="store_true",
                    help="deal tasks statically (equal round-robin shares, no stealing)")
     p.add_argument("--trace", action="store_true", help="write trace/scheduler.json into --out")

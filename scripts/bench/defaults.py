@@ -36,6 +36,7 @@ WARMUP = 3                # untimed steps first: connections, page faults, the a
 STRAGGLER_STEPS = 20      # BSP steps of a stealing-pair run
 REPEATS = 3
 TARGETS = {"ddp": 1.0, "steal": 1.5}
+PAIRS = {"ddp": ("ours", "ddp"), "steal": ("steal", "static")}   # pair -> (ours, baseline)
 
 
 def sgd_job(folder: str, params: int) -> str:
@@ -59,26 +60,23 @@ def run(args) -> tuple[list[dict], str]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ps-bench-defaults-") as tmp:
         job = sgd_job(tmp, args.params)
-        pairs = {"ddp": {"ours": [], "ddp": []}, "steal": {"steal": [], "static": []}}
-        pairs = {k: v for k, v in pairs.items() if k in args.pairs}
+        pairs = {pair: {s: [] for s in PAIRS[pair]} for pair in PAIRS if pair in args.pairs}
         for rep in range(args.repeats):
-            for system in ("ours", "ddp") if "ddp" in pairs else ():
+            for system in pairs.get("ddp", ()):
                 out = os.path.join(tmp, f"{system}-{rep}")
                 r = (ours(job, args.steps, args.warmup, out, args.device) if system == "ours"
                      else baseline("ddp", job, args.steps, args.warmup, 1, out, args.device))
                 pairs["ddp"][system].append(r)
                 print(f"  [{rep + 1}/{args.repeats}] {system}: {r['samples_per_s']:,.0f} samples/s",
                       file=sys.stderr, flush=True)
-            for system in ("steal", "static") if "steal" in pairs else ():
+            for system in pairs.get("steal", ()):
                 r = straggler_run(os.path.join(tmp, f"{system}-{rep}"), workers=2,
                                   steal=system == "steal", steps=args.straggler_steps, slow=True)
                 pairs["steal"][system].append(r)
                 print(f"  [{rep + 1}/{args.repeats}] slow worker, {system}: "
                       f"{r['samples_per_s']:,.0f} samples/s", file=sys.stderr, flush=True)
-    for pair, (a, b) in (("ddp", ("ours", "ddp")), ("steal", ("steal", "static"))):
-        if pair not in pairs:
-            continue
-        ra, rb = pairs[pair][a], pairs[pair][b]
+    for pair, runs in pairs.items():
+        (a, ra), (b, rb) = runs.items()
         med_a = statistics.median(r["samples_per_s"] for r in ra)
         med_b = statistics.median(r["samples_per_s"] for r in rb)
         rows.append({"pair": pair, "a": a, "b": b, "a_samples_per_s": med_a,
@@ -123,3 +121,6 @@ def resolve(args, p) -> None:
     args.warmup = args.warmup or (1 if args.tiny else WARMUP)
     args.straggler_steps = args.straggler_steps or (3 if args.tiny else STRAGGLER_STEPS)
     args.params = args.params or (100_000 if args.tiny else MLP_PARAMS)
+    unknown = [pair for pair in args.pairs if pair not in PAIRS]
+    if unknown:
+        p.error(f"--pairs: unknown {unknown}; choose from {list(PAIRS)}")
