@@ -19,6 +19,8 @@ train       samples/s of one model, side by side: our cluster in BSP with 2 work
             tutorial's design (scripts/bench/train.py)
 scale       step time against model size (1M-100M), servers (1-4) and workers (1-4),
             and each server's memory per parameter byte (scripts/bench/scale.py)
+clip        what clipping's norm agreement adds to a BSP step: 10M and 50M parameters on
+            2 and 4 servers, with and without CLIP_GRAD_NORM (scripts/bench/clip.py)
 
 Each suite prints a markdown table and writes JSON (default bench/<suite>.json): the
 suite, the command, the machine and one row per measurement. --tiny runs a suite in a
@@ -33,7 +35,7 @@ import os
 import signal
 import sys
 
-from bench import common, defaults, modes, scale, stragglers, train, transport
+from bench import clip, common, defaults, modes, scale, stragglers, train, transport
 
 SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
                                  "vs static"),
@@ -42,7 +44,8 @@ SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs 
           "stragglers": (stragglers, "work stealing vs static dealing: a slow worker, jitter"),
           "train": (train, "samples/s: our BSP cluster vs torch DDP (gloo) vs two torch "
                            "RPC parameter servers"),
-          "scale": (scale, "step time vs model size, servers and workers; server memory")}
+          "scale": (scale, "step time vs model size, servers and workers; server memory"),
+          "clip": (clip, "the cost of clipping's norm agreement per BSP step")}
 
 
 def parse_args(argv=None):

@@ -13,15 +13,13 @@ import sys
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOBS = os.path.join(ROOT, "tests", "jobs")
 EXAMPLES = os.path.join(ROOT, "examples")
 sys.path.insert(0, ROOT)
 
-from ps.core.tasks import TaskPlan          # noqa: E402
-from worker.job import collate, load_job  # noqa: E402
+from worker import reference  # noqa: E402
 
 
 @dataclass
@@ -74,45 +72,23 @@ def kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def torch_optimizer(params, config: dict) -> torch.optim.Optimizer:
-    kwargs = {k: v for k, v in config.items() if k != "name"}
-    return {"sgd": torch.optim.SGD, "adam": torch.optim.Adam,
-            "adamw": torch.optim.AdamW}[config["name"].lower()](params, **kwargs)
-
-
-def oracle(job_path: str, steps: int, seed: int = 0,
-           env: dict | None = None) -> dict[str, np.ndarray]:
-    """Single-process torch training on the same global batches: the reference answer.
-    ``env``: the environment the job reads when it loads (as ``launch(..., env=)`` gives
-    the cluster's workers), set for the duration and restored after."""
+def oracle(job_path: str, steps: int, seed: int = 0, env: dict | None = None,
+           parts: int = 1) -> dict[str, np.ndarray]:
+    """Single-process torch training on the same global batches, with the job's recipe
+    (``worker.reference``): the reference answer. ``env``: the environment the job reads
+    when it loads (as ``launch(..., env=)`` gives the cluster's workers), set for the
+    duration and restored after. ``parts``: micro-batches per step (``worker.reference``)."""
     saved = {k: os.environ.get(k) for k in env or {}}
     os.environ.update(env or {})
     try:
-        return _train_single_process(job_path, steps, seed)
+        model, _ = reference.train(job_path, steps, seed, parts)
+        return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
     finally:
         for k, v in saved.items():
             if v is None:
                 del os.environ[k]
             else:
                 os.environ[k] = v
-
-
-def _train_single_process(job_path: str, steps: int, seed: int) -> dict[str, np.ndarray]:
-    job = load_job(job_path)
-    model, dataset = job.build(seed)
-    params = model.parameters()
-    if hasattr(job.module, "param_groups"):       # torch's groups, of tensors, not names
-        named = dict(model.named_parameters())
-        params = [{**g, "params": [named[n] for n in g["params"]]}
-                  for g in job.module.param_groups(model)]
-    opt = torch_optimizer(params, job.optimizer)
-    plan = TaskPlan(len(dataset), job.batch_size, 1, seed=seed, shuffle=job.shuffle)
-    for step in range(steps):
-        batch = collate(dataset, plan.batch(step).tolist(), torch.device("cpu"))
-        opt.zero_grad()
-        job.loss(model, batch).backward()
-        opt.step()
-    return {name: p.detach().numpy().copy() for name, p in model.named_parameters()}
 
 
 def assert_params_close(got: dict, want: dict, rtol: float) -> None:
@@ -123,7 +99,7 @@ def assert_params_close(got: dict, want: dict, rtol: float) -> None:
                                    err_msg=f"parameter {name}")
 
 
-def check_tiny_mlp_run(run: Run, reference: dict, steps: int, deaths: int | None = None) -> dict:
+def check_tiny_mlp_run(run: Run, want: dict, steps: int, deaths: int | None = None) -> dict:
     """The promises of a BSP fault test on tests/jobs/tiny_mlp.py (200 samples, batch 24:
     9 steps an epoch, the last of 8 samples): the run succeeded, every sample of every
     epoch was applied exactly once, and the parameters are the oracle's."""
@@ -135,5 +111,5 @@ def check_tiny_mlp_run(run: Run, reference: dict, steps: int, deaths: int | None
     full, rest = divmod(steps, 9)
     applied = [e["samples_applied"] for e in summary["per_epoch"]]
     assert applied == [200] * full + ([rest * 24] if rest else []), applied
-    assert_params_close(run.params, reference, rtol=1e-5)
+    assert_params_close(run.params, want, rtol=1e-5)
     return summary

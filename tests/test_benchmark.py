@@ -191,6 +191,19 @@ def test_scale_tiny(tmp_path):
     assert "**(a) model size" in stdout and "**(c) workers" in stdout
 
 
+def test_clip_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "clip.json", "clip", timeout_s=SCALE_TIMEOUT_S)
+    assert result["suite"] == "clip"
+    rows = result["rows"]
+    assert [(r["params"], r["servers"]) for r in rows] == [(100_000, 2), (100_000, 4)]
+    for row in rows:
+        assert positive(row["plain_step_s"]) and positive(row["clip_step_s"])
+        assert row["added_s"] == row["clip_step_s"] - row["plain_step_s"]
+        assert row["held_s"] > 0                              # the shards did hold their steps
+        assert all(run["held_s"] is None for run in row["plain_runs"])    # and only with clipping
+    assert "held for the norm, ms" in stdout
+
+
 def test_mlp10m_job_has_10m_parameters():
     """The train suite's MLP: a valid job (the worker's own loader), ~10M parameters, and
     the width formula the scale suite resizes it with counts what torch builds."""

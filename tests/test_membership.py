@@ -169,8 +169,8 @@ def test_is_fenced():
 NO_PAYLOAD_KINDS = sorted(set(SCHEMA) - PAYLOAD_KINDS)
 
 
-def test_only_init_and_push_carry_payload():
-    assert PAYLOAD_KINDS == {Kind.INIT, Kind.PUSH}
+def test_only_init_push_and_schedule_carry_payload():
+    assert PAYLOAD_KINDS == {Kind.INIT, Kind.PUSH, Kind.SCHEDULE}
 
 
 @pytest.mark.parametrize("kind", NO_PAYLOAD_KINDS)

@@ -467,7 +467,7 @@ def test_stats_names_the_counters():
     assert shard.stats() == {"version": 0, "pushes_applied": 0, "tasks_applied": 0,
                              "duplicates_rejected": 0,
                              "max_staleness": 0, "clocks": [0, 0], "fenced_rejected": 0,
-                             "dead": [], "step_tasks": [],
+                             "dead": [], "clipped_steps": 0, "step_tasks": [],
                              "state_bytes": {"params": 4 * SIZE, "aggregation": 4 * SIZE,
                                              "scratch": 2 * 4 * SIZE}}
 

@@ -14,10 +14,23 @@ A job file defines::
     def param_groups(model): ...            # optional; torch-style groups whose "params" are
                                             # parameter NAMES, each group overriding OPTIMIZER
                                             # keys (weight_decay on 2-D weights only, say)
+    def lr_at(step): ...                    # optional; the learning rate of update `step`
+                                            # (from 0), replacing OPTIMIZER["lr"]
+    CLIP_GRAD_NORM = 1.0                    # optional; clip_grad_norm_ to this global L2 norm
+    AUTOCAST = "bfloat16"                   # optional; the forward pass under torch.autocast
 
 ``param_groups`` must put every parameter in exactly one group; the worker sends the
 groups as ranges of the flat vector (``flat_groups``), and every server steps each range
 it holds with its group's hyperparameters (``ps.core.optim.Grouped``).
+
+``lr_at`` is a schedule: BSP's update ``step`` is the global step; an SSP or ASP shard's is
+its version (its count of updates). The servers run no job code, so each worker sends
+them the table of ``lr_at`` over the run's versions (``lr_table``) as it starts; a group
+with its own lr is scaled by ``lr_at(step) / OPTIMIZER["lr"]``, as torch's LambdaLR
+scales every group. ``CLIP_GRAD_NORM`` clips the step's whole mean gradient in BSP (the
+shards agree on its norm: ``ps.scheduler.norms``) and each push's own in SSP and ASP
+(``worker.runner``). With ``AUTOCAST`` the loss's forward pass runs in bfloat16 where
+torch allows it; the parameters, gradients and the servers' state stay float32.
 
 ``build`` seeds torch with the run's seed before ``build_model`` (so every worker,
 and the single-process oracle, starts from the same parameters) and again before
@@ -34,6 +47,7 @@ down.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import traceback
 from contextlib import contextmanager
@@ -41,6 +55,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import default_collate
 
@@ -48,6 +63,7 @@ from ps.core.optim import make_optimizer
 from ps.wire.protocol import MAX_JOB_ERROR_CHARS
 
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}   # float16 would need a loss scaler as well
 
 
 class JobError(Exception):
@@ -104,6 +120,9 @@ class Job:
     shuffle: bool
     epochs: int | None
     finish: Callable | None
+    lr_at: Callable | None = None
+    clip: float | None = None            # CLIP_GRAD_NORM
+    autocast: str | None = None          # AUTOCAST
 
     def build(self, seed: int) -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
         torch.manual_seed(seed)
@@ -115,8 +134,26 @@ class Job:
         return model, dataset
 
     def loss(self, model, batch) -> torch.Tensor:
-        with self.running("loss_fn"):
+        """The job's mean loss of a batch; its forward pass under autocast if the job asks
+        (the backward of the returned loss then runs in the dtypes autocast chose)."""
+        device = next(model.parameters()).device.type
+        with self.running("loss_fn"), torch.autocast(
+                device, dtype=AUTOCAST_DTYPES.get(self.autocast), enabled=self.autocast is not None):
             return self.module.loss_fn(model, batch)
+
+    def lr_table(self, versions: int) -> np.ndarray:
+        """``lr_at(v)`` for every version of the run, (versions,) float64: what the servers
+        are sent. A rate that is NaN, infinite or negative is a job error naming it."""
+        rates = np.empty(versions, np.float64)
+        with self.running("lr_at"):
+            for v in range(versions):
+                lr = self.lr_at(v)
+                if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr >= 0 \
+                        or math.isinf(lr):
+                    raise ValueError(f"lr_at({v}) = {lr!r}: a learning rate must be a finite "
+                                     "number >= 0")
+                rates[v] = lr
+        return rates
 
     def running(self, function: str):
         """``with job.running("loss_fn"): ...``: the job's exceptions become JobError."""
@@ -155,8 +192,21 @@ def load_job(path: str) -> Job:
     epochs = getattr(module, "EPOCHS", None)
     if epochs is not None and int(epochs) < 1:
         raise ValueError(f"job {path}: EPOCHS must be >= 1 (or absent)")
+    clip = getattr(module, "CLIP_GRAD_NORM", None)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not 0 < clip < math.inf):
+        raise ValueError(f"job {path}: CLIP_GRAD_NORM must be a finite number > 0 (or absent), "
+                         f"not {clip!r}")
+    autocast = getattr(module, "AUTOCAST", None)
+    if autocast is not None and autocast not in AUTOCAST_DTYPES:
+        raise ValueError(f"job {path}: AUTOCAST must be one of {sorted(AUTOCAST_DTYPES)} or None, "
+                         f"not {autocast!r}")
+    lr_at = getattr(module, "lr_at", None)
+    if lr_at is not None and not callable(lr_at):
+        raise ValueError(f"job {path}: lr_at must be a function of the step")
     return Job(path, module, optimizer, batch_size, bool(getattr(module, "SHUFFLE", True)),
-               int(epochs) if epochs is not None else None, getattr(module, "finish", None))
+               int(epochs) if epochs is not None else None, getattr(module, "finish", None),
+               lr_at, float(clip) if clip is not None else None, autocast)
 
 
 def flat_groups(groups, model: torch.nn.Module, optimizer: dict) -> list:

@@ -58,6 +58,18 @@ POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re
 MAX_FUSE = 1 << 16      # --fuse 0: as many tasks per pass as a lease carries
 
 
+def clip_push(grads: np.ndarray, samples: int, max_norm: float) -> float:
+    """SSP/ASP clipping: each push by its own global norm (the worker holds all of it, so no
+    agreement is needed, unlike BSP's step: ps.scheduler.norms). ``grads`` is the push's
+    gradient SUM over ``samples``; its mean's norm decides, and scaling the sum scales the
+    mean. torch's ``clip_grad_norm_`` arithmetic, in float32. Returns the coefficient."""
+    norm = float(torch.linalg.vector_norm(torch.from_numpy(grads), dtype=torch.float64)) / samples
+    coef = np.float32(max_norm) / (np.float32(norm) + np.float32(1e-6))
+    if coef < 1:
+        np.multiply(grads, coef, out=grads)
+    return float(min(coef, 1.0))
+
+
 @dataclass
 class Group:
     """Tasks whose gradients are summed in the flat buffer and pushed together."""
@@ -105,7 +117,8 @@ class Worker:
                     Kind.REGISTER, self.config.timeout_s, role="worker", worker=self.id,
                     layout=self.flat.layout, dataset_size=len(self.dataset),
                     batch_size=job.batch_size, shuffle=job.shuffle, optimizer=job.optimizer,
-                    epochs=job.epochs, seed=self.config.seed, param_groups=self.param_groups)
+                    epochs=job.epochs, seed=self.config.seed, param_groups=self.param_groups,
+                    lr_at=job.lr_at is not None, clip=job.clip)
                 break
             except RemoteError as exc:
                 if exc.code != Error.NOT_READY or time.monotonic() > deadline:
@@ -132,6 +145,8 @@ class Worker:
         if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/speedups/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
+        if reply.get("lr_versions"):   # every worker: a shard steps once any one has sent it
+            self.shards.schedule(self.job.lr_table(reply["lr_versions"]))
         if self.id == 0 and reply["start_step"] == 0:   # worker 0's build_model() is the start
             self.shards.init(self.flat.params_np)
         log.info("worker %d (incarnation %d) on %s, steps %d..%d, %s", self.id, self.inc,
@@ -231,6 +246,8 @@ class Worker:
 
     def send_push(self, step: int, group: Group, ids: list[int], ends_clock: bool) -> list:
         self.flat.grads_to_host()
+        if self.job.clip is not None and self.mode != "bsp" and group.samples:
+            clip_push(self.flat.grads_np, group.samples, self.job.clip)
         self.crash.maybe("before_push", step)
         if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,

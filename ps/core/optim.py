@@ -12,6 +12,8 @@ multiple of the shard.
     opt.step(params, sums, divide_by=samples, keep=sums)   # BSP: mean of a sum; the old
                                     # parameters left in the sum's buffer (ps.core.shard)
     opt.step(params, frames, divide_by=samples)   # grad as pieces: the received frames
+    opt.set_lr(lr_at[version])      # a schedule: the next step's learning rate
+    opt.step(params, sums, divide_by=samples, scale=clip_coef)   # a clipped mean
     snapshot = opt.state()          # {"step": 1, "exp_avg": (n,), "exp_avg_sq": (n,)}
     opt.load_state(snapshot)        # e.g. after a restart, before the next step
 
@@ -96,9 +98,15 @@ class Optimizer:
         self._g = np.empty(n, F32)                    # (chunk,) effective gradient / numerator
         self._tmp = np.empty(n, F32)                  # (chunk,) products, denominators
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps (a schedule's, ``ps.core.shard``): what
+        torch's LR schedulers do when they write a group's ``lr``."""
+        self.lr = lr
+
     def step(self, params: np.ndarray, grad: np.ndarray | list[np.ndarray], divide_by: int = 1,
-             keep: np.ndarray | None = None) -> None:
-        """Apply ``grad / divide_by`` to ``params`` in place.
+             keep: np.ndarray | None = None, scale: float = 1.0) -> None:
+        """Apply ``grad / divide_by * scale`` to ``params`` in place (``scale``: a clipping
+        coefficient, float32, applied to the mean as ``clip_grad_norm_`` multiplies it).
 
         ``grad``: an (n,) array, or a list of 1-D pieces that together make one (a push's
         frames, read where they arrived: no copy into a buffer first). It is only read,
@@ -118,14 +126,14 @@ class Optimizer:
         self._step += 1
         # The gradient is copied into scratch when it must be divided or its buffer
         # takes the old parameters (copying is exact, so the result does not change).
-        copy = divide_by != 1 or (keep is not None
-                                   and any(np.may_share_memory(keep, g) for g in pieces))
+        copy = divide_by != 1 or scale != 1 or (
+            keep is not None and any(np.may_share_memory(keep, g) for g in pieces))
         start = 0
         for piece in pieces:
             for i in range(0, piece.size, self.chunk):     # chunks never span two pieces
                 lo, hi = start + i, start + min(i + self.chunk, piece.size)
                 p = params[lo:hi]                          # (chunk,) view into the shard
-                g = self._effective_grad(p, piece[i:i + self.chunk], divide_by, copy)
+                g = self._effective_grad(p, piece[i:i + self.chunk], divide_by, copy, scale)
                 if keep is not None:
                     np.copyto(keep[lo:hi], p)              # the chunk's gradient is in g now
                 self._update(p, g, lo, hi, self._step)
@@ -172,14 +180,17 @@ class Optimizer:
                              f"float32 pieces of {self.size} floats in all")
         return grad
 
-    def _effective_grad(self, p, grad, divide_by: int, copy: bool):
+    def _effective_grad(self, p, grad, divide_by: int, copy: bool, scale: float = 1.0):
         """torch's ``g = -grad if maximize else grad; g = g + weight_decay * params``, for
-        one chunk, after ``grad / divide_by`` (the shard's mean over samples)."""
+        one chunk, after ``grad / divide_by`` (the shard's mean over samples) and ``* scale``
+        (a clipping coefficient: torch multiplies the mean gradient in place by it)."""
         if not (copy or self._l2 or self.maximize):
             return grad                               # read-only: use as is, no copy
         g, n = self._g[:p.size], p.size
         if copy:
             grad = np.divide(grad, divide_by, out=g)  # exactly the shard's old in-place mean
+            if scale != 1:
+                np.multiply(g, F32(scale), out=g)
         if self._l2 == 0:
             return np.negative(grad, out=g) if self.maximize else grad
         # wd*p + grad and wd*p - grad round exactly like torch's (+-grad) + wd*p:
@@ -330,6 +341,8 @@ class Grouped:
         self.size = int(size)
         self.bounds: list[tuple[int, int]] = []
         self.parts: list[Optimizer] = []
+        self.own_lr: list[float | None] = []          # a group's own lr, scaled by a schedule
+        self.base_lr = make_optimizer(config, 1).lr   # OPTIMIZER's (or torch's default) lr
         at = 0
         for start, end, overrides in segments:
             if start != at or not start < end <= self.size or not isinstance(overrides, dict):
@@ -339,6 +352,7 @@ class Grouped:
                 raise ValueError("a parameter group cannot change the optimizer's name")
             self.parts.append(make_optimizer({**config, **overrides}, end - start, chunk))
             self.bounds.append((start, end))
+            self.own_lr.append(overrides.get("lr"))
             at = end
         if at != self.size:
             raise ValueError(f"segments cover [0, {at}), not [0, {self.size})")
@@ -347,8 +361,14 @@ class Grouped:
         for opt in self.parts:
             opt._g, opt._tmp = widest._g, widest._tmp
 
+    def set_lr(self, lr: float) -> None:
+        """A schedule's rate: a group that sets its own lr is scaled by ``lr /
+        OPTIMIZER["lr"]`` (as torch's LambdaLR scales every group); the others take ``lr``."""
+        for opt, own in zip(self.parts, self.own_lr):
+            opt.set_lr(lr if own is None else own * (lr / self.base_lr))
+
     def step(self, params: np.ndarray, grad, divide_by: int = 1,
-             keep: np.ndarray | None = None) -> None:
+             keep: np.ndarray | None = None, scale: float = 1.0) -> None:
         """As ``Optimizer.step``, each segment with its own hyperparameters."""
         pieces = [grad] if isinstance(grad, np.ndarray) else grad
         if sum(g.size for g in pieces) != self.size or params.shape != (self.size,):
@@ -356,7 +376,7 @@ class Grouped:
         cut = _cut_pieces(pieces, self.bounds)
         for (lo, hi), opt, part in zip(self.bounds, self.parts, cut):
             opt.step(params[lo:hi], part[0] if len(part) == 1 else part, divide_by,
-                     None if keep is None else keep[lo:hi])
+                     None if keep is None else keep[lo:hi], scale)
 
     def state(self) -> dict:
         parts = [opt.state() for opt in self.parts]

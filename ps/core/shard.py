@@ -30,6 +30,15 @@ here. Invariants:
   shard, so every shard has completed step t and no task of step t is left to redo:
   a pull for version t is then answered ``gone``. Exact replay costs no extra copy.
 
+* **A learning-rate schedule** (a job's ``lr_at``) arrives as a table, one rate per
+  version (``set_schedule``); each update uses the rate of the version it starts from:
+  BSP's step ``t`` the rate of ``t``, an SSP/ASP push that of the shard's update count.
+* **Clipping to a global norm (BSP)**: the norm is that of the whole step's mean
+  gradient, across every shard, so a complete step is not applied at once: the shard
+  holds it (``norm_wait``) with its part of the squared norm (``partial_sumsq``) until
+  the server has learnt the total from the scheduler (``finish_step``). Pulls of the
+  next version wait meanwhile, as for any unfinished step.
+
 Staleness of a read at step/clock ``c`` is ``c - min(worker clocks)``: how many
 clocks of some worker's updates it may be missing. The largest is kept.
 """
@@ -55,7 +64,8 @@ def readable_in_place(chunks: list[np.ndarray]) -> bool:
 
 class Shard:
     def __init__(self, size: int, optimizer: dict, mode: str, staleness: int, num_workers: int,
-                 segments: list | None = None):
+                 segments: list | None = None, clip: float | None = None,
+                 lr_versions: int | None = None):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.size = size
@@ -80,6 +90,13 @@ class Shard:
         self.fenced: set[int] = set()                    # retired incarnations
         self.dead: set[int] = set()                      # workers whose clocks gate nobody
         self.fenced_rejected = 0
+        self.clip = clip if mode == "bsp" else None      # BSP: the global norm's bound
+        self.norm_wait: int | None = None                # BSP: the step held for its norm
+        self.norm_scratch = np.empty(min(size, CHUNK) if self.clip else 0, np.float32)
+        self.partial_sumsq = 0.0                         # its part of the squared norm
+        self.lr_versions = lr_versions                   # a schedule's length, if the job has one
+        self.lr_table: np.ndarray | None = None          # (lr_versions,) float64, once sent
+        self.clipped_steps = 0                           # steps whose gradient clipping shrank
 
     # -- initial values -------------------------------------------------------------
     def init(self, chunks: list[np.ndarray]) -> bool:
@@ -101,6 +118,26 @@ class Shard:
         self.version = version
         self.clocks = [version] * len(self.clocks)
         self.grad_is_prev = False           # version - 1 is not in a checkpoint: gone
+        self.norm_wait = None
+
+    def set_schedule(self, table: np.ndarray) -> bool:
+        """The job's learning rate for each version (``lr_at``), sent by every worker as
+        it starts; the first sets it, a later one must be the same table."""
+        if self.lr_versions is None or table.shape != (self.lr_versions,):
+            raise ProtocolError(Error.BAD_FIELD, f"this run's schedule has "
+                                                 f"{self.lr_versions or 0} rates, not {table.size}")
+        if self.lr_table is not None:
+            if not np.array_equal(self.lr_table, table):
+                raise ProtocolError(Error.BAD_FIELD, "a schedule differing from the one set")
+            return False
+        self.lr_table = table.copy()
+        return True
+
+    def _schedule(self) -> None:
+        """Before an update: the rate of the version it starts from (the last one past the
+        table's end, which a run's own pushes never reach)."""
+        if self.lr_table is not None:
+            self.optimizer.set_lr(float(self.lr_table[min(self.version, self.lr_table.size - 1)]))
 
     # -- membership -----------------------------------------------------------------
     def fence(self, worker: int, incarnation: int) -> None:
@@ -132,6 +169,7 @@ class Shard:
             self.duplicates_rejected += 1
             return False
         if samples:                         # the mean over the push's own samples
+            self._schedule()
             self.optimizer.step(self.params, self._as_float32(chunks), divide_by=samples)
             self.version += 1
         self.applied.update(tasks)
@@ -154,7 +192,7 @@ class Shard:
         if len(self.step_tasks_seen) + len(tasks) > step_tasks:
             raise ProtocolError(Error.BAD_FIELD, f"more than {step_tasks} tasks in step {step}")
         complete = len(self.step_tasks_seen.union(tasks)) == step_tasks   # the global batch
-        if first and complete and readable_in_place(chunks):
+        if first and complete and readable_in_place(chunks) and self.clip is None:
             # The whole step in one push: the update reads the received frames where they
             # are, and the aggregation buffer is only written with the kept version. Saves
             # a pass over the shard: 1.4 ms of a 5M-float push (copy 1.4 ms, update with
@@ -174,7 +212,9 @@ class Shard:
             decode_into(part, chunk, dtype) if first else add_into(part, chunk, dtype)
             offset += chunk.size
         self._count(tasks, samples, step_tasks)
-        if complete:
+        if complete and self.clip is not None:
+            self._hold_for_norm(step)
+        elif complete:
             self._step_done(self.grad)
         return True
 
@@ -186,11 +226,42 @@ class Shard:
         self.pushes_applied += 1
         self.tasks_applied += len(tasks)
 
-    def _step_done(self, grad) -> None:
+    def _hold_for_norm(self, step: int) -> None:
+        """BSP with clipping: the step is complete here; hold it, with this shard's part of
+        the squared norm of the mean gradient (float32 mean as the update computes it,
+        summed in float64), until ``finish_step`` brings the total."""
+        total = 0.0
+        for lo in range(0, self.size, CHUNK):
+            part = self.grad[lo:lo + CHUNK]
+            mean = np.divide(part, self.step_samples, out=self.norm_scratch[:part.size])
+            total += float(np.dot(mean, mean.astype(np.float64)))
+        self.norm_wait, self.partial_sumsq = step, total
+
+    def finish_step(self, step: int, total_norm: float, skip: bool = False) -> bool:
+        """BSP with clipping: the global norm of step ``step`` is known; apply the step
+        with torch's ``clip_coef = max_norm / (total_norm + 1e-6)``, clamped at 1, both in
+        float32 as torch computes them. ``skip``: the norm was not finite and the servers'
+        ``--nonfinite skip`` applies the step as a zero gradient. False: not the step held
+        (a repeated answer)."""
+        if self.norm_wait != step:
+            return False
+        if skip:
+            self.grad.fill(0)
+        coef = np.float32(self.clip) / (np.float32(total_norm) + np.float32(1e-6))
+        coef = min(coef, np.float32(1.0)) if not skip else np.float32(1.0)
+        self.clipped_steps += bool(coef < 1)
+        self.norm_wait = None
+        self._step_done(self.grad, scale=float(coef))
+        return True
+
+    def _step_done(self, grad, scale: float = 1.0) -> None:
         """BSP: the step's sum is in ``grad`` (the buffer, or one push's frames). One pass:
-        the sample-weighted mean, the update, and this version's parameters left behind
-        in the aggregation buffer (ps.core.optim, ``keep``)."""
-        self.optimizer.step(self.params, grad, divide_by=self.step_samples, keep=self.grad)
+        the sample-weighted mean (times a clipping ``scale``), the update, and this
+        version's parameters left behind in the aggregation buffer (ps.core.optim,
+        ``keep``)."""
+        self._schedule()
+        self.optimizer.step(self.params, grad, divide_by=self.step_samples, keep=self.grad,
+                            scale=scale)
         self.grad_is_prev = True
         self.step_tasks_seen.clear()
         self.step_samples = 0
@@ -216,6 +287,8 @@ class Shard:
                                                    "with samples > 0, and only then")
         if self.params is None:
             raise ProtocolError(Error.NOT_READY, "shard has no parameters yet")
+        if self.lr_versions is not None and self.lr_table is None:
+            raise ProtocolError(Error.NOT_READY, "shard has no learning-rate schedule yet")
 
     # -- pulls ----------------------------------------------------------------------
     def pull_ready(self, step: int) -> bool:
@@ -261,6 +334,11 @@ class Shard:
         """Why a read at ``step`` is not answered yet, for a log line (ps.scheduler.diagnose)."""
         if self.params is None:
             return "no initial values yet (INIT)"
+        if self.norm_wait is not None:
+            return (f"step {self.norm_wait} complete, waiting for its global gradient norm "
+                    "(NORM, from the scheduler)")
+        if self.lr_versions is not None and self.lr_table is None:
+            return "no learning-rate schedule yet (SCHEDULE)"
         if self.mode == "bsp":
             return (f"at version {self.version}, has tasks {sorted(self.step_tasks_seen)} of step "
                     f"{self.version}")
@@ -291,5 +369,6 @@ class Shard:
                 "duplicates_rejected": self.duplicates_rejected,
                 "max_staleness": self.max_staleness, "clocks": list(self.clocks),
                 "fenced_rejected": self.fenced_rejected, "dead": sorted(self.dead),
+                "clipped_steps": self.clipped_steps,          # BSP: steps clipping shrank
                 "step_tasks": sorted(self.step_tasks_seen),   # BSP: the current step's tasks in
                 "state_bytes": self.state_bytes()}            # what this shard holds, by array

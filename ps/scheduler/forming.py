@@ -28,6 +28,15 @@ from ps.wire.protocol import Error, Kind, ProtocolError
 log = logging.getLogger("ps.scheduler")
 
 
+def lr_versions(job: dict, mode: str, steps: int, tasks_per_step: int) -> int | None:
+    """How many rates a job's schedule (``lr_at``) is sent for: one per version a shard
+    can reach. BSP makes one update a step; an SSP or ASP shard one per push, and a push
+    holds at least one of a step's at most ``tasks_per_step`` tasks. None: no schedule."""
+    if not job.get("lr_at"):
+        return None
+    return steps if mode == "bsp" else steps * tasks_per_step
+
+
 def plan_run(cfg: SchedulerConfig, job: dict, steps: int,
              tasks_per_step: int) -> tuple[TaskPlan, Dealer, RunState]:
     """The task plan, the dealer and the run accounting of a run (forming, and a restarted
@@ -96,7 +105,8 @@ class Forming:
                            optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
                            workers=cfg.workers, checkpoint_every=cfg.checkpoint_every,
                            checkpoint_dir=cfg.checkpoint_dir, restore=manifest,
-                           param_groups=job.get("param_groups"))
+                           param_groups=job.get("param_groups"), clip=job.get("clip"),
+                           lr_versions=lr_versions(job, cfg.mode, steps, tasks_per_step))
             else:
                 self._welcome(ident, rid, index, member.inc, start_step=start)
         self.held.clear()
@@ -116,4 +126,6 @@ class Forming:
         self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map,
                    mode=cfg.mode, staleness=cfg.staleness, steps=self.run.steps,
                    workers=cfg.workers, seed=cfg.seed, start_step=start_step,
-                   dead_after_s=cfg.dead_after_s)
+                   dead_after_s=cfg.dead_after_s,
+                   lr_versions=lr_versions(self.workers[0], cfg.mode, self.run.steps,
+                                           self.dealer.plan.tasks_per_step))

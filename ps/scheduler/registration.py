@@ -20,7 +20,7 @@ from ps.reliability.checkpoint import shard_file
 from ps.wire.protocol import Error, ProtocolError, is_int
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs",
-              "param_groups")
+              "param_groups", "lr_at", "clip")
 STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -78,6 +78,7 @@ def worker_job(header: dict, cfg, others) -> dict:
     except (ValueError, TypeError) as exc:
         raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
     param_groups(info["param_groups"], info["optimizer"], size)
+    recipe(info)
     if header.get("seed") != seed:
         raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
                                              f"the scheduler's {seed}")
@@ -110,6 +111,22 @@ def param_groups(groups, optimizer: dict, size: int) -> None:
         at = entry[1]
     if at != size:
         raise ProtocolError(Error.BAD_FIELD, f"param_groups cover [0, {at}), not [0, {size})")
+
+
+def recipe(info: dict) -> None:
+    """A job's schedule and clipping: ``lr_at`` says whether its workers will send a table
+    of rates (a group's own lr is then scaled by ``rate / OPTIMIZER["lr"]``, so that lr
+    must not be 0); ``clip`` is nil or the global norm's bound, a finite number > 0."""
+    if info["lr_at"] is not None and not isinstance(info["lr_at"], bool):
+        raise ProtocolError(Error.BAD_FIELD, "lr_at must be a bool or nil")
+    clip = info["clip"]
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float))
+                             or not 0 < clip < float("inf")):
+        raise ProtocolError(Error.BAD_FIELD, f"clip must be nil or a finite number > 0, not {clip!r}")
+    own_lr = any("lr" in g[2] for g in info["param_groups"] or ())
+    if info["lr_at"] and own_lr and make_optimizer(info["optimizer"], 1).lr == 0:
+        raise ProtocolError(Error.BAD_FIELD, "a group with its own lr is scaled by "
+                                             "lr_at(step) / OPTIMIZER['lr'], which is 0")
 
 
 def layout_size(layout: list) -> int:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import faulthandler
 import logging
+import math
 import signal
 import time
 from collections import OrderedDict
@@ -54,6 +55,7 @@ from ps.scheduler.config import SchedulerConfig, crash_at, parse_args
 from ps.scheduler.finishing import Finishing
 from ps.scheduler.forming import Forming
 from ps.scheduler.membership import Membership
+from ps.scheduler.norms import NormExchange
 from ps.scheduler.runstate import RunState
 from ps.security import curve
 from ps.trace import Tracer
@@ -110,6 +112,7 @@ class Scheduler(Forming, Finishing, Restart):
         self.recovery = Recovery(config.checkpoint_dir, config.servers, self.tracer, self.journal)
         self.reform: Reform | None = None        # set when restarted from a journal
         self.next_stall_log = 0.0
+        self.norms = NormExchange(config.servers)   # clipping: each BSP step's global norm
 
     # -- the loop -------------------------------------------------------------------
     def serve(self) -> int:
@@ -186,7 +189,7 @@ class Scheduler(Forming, Finishing, Restart):
             handler = {Kind.REGISTER: self.on_register, Kind.HEARTBEAT: self.on_heartbeat,
                        Kind.LEASE: self.on_lease, Kind.REPORT: self.on_report,
                        Kind.DONE: self.on_done, Kind.FINISHED: self.on_finished,
-                       Kind.STATUS: self.on_status,
+                       Kind.STATUS: self.on_status, Kind.NORM: self.on_norm,
                        Kind.JOB_ERROR: self.on_job_error}.get(header["kind"])
             if handler is None:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"the scheduler does not serve {header['kind']!r}")
@@ -375,6 +378,31 @@ class Scheduler(Forming, Finishing, Restart):
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
+
+    def on_norm(self, ident, header) -> None:
+        """A shard's part of a BSP step's squared gradient norm (clipping: ps.scheduler.norms).
+        Answered once every shard's part is in, with the step's global norm. A norm that is
+        not finite follows the servers' ``--nonfinite``: skip the step, or fail the run."""
+        index, step, sumsq = header["index"], header["step"], float(header["sumsq"])
+        policy = header.get("nonfinite", "reject")
+        if self.phase not in ("training", "finishing", "reforming") or self.run is None:
+            raise ProtocolError(Error.NOT_READY, f"the cluster is {self.phase}")
+        if not 0 <= index < self.config.servers:
+            raise ProtocolError(Error.UNKNOWN_SENDER, f"unknown server {index}")
+        if not 0 <= step < self.run.steps or sumsq < 0 or policy not in validation.NONFINITE_POLICIES:
+            raise ProtocolError(Error.BAD_FIELD, f"a norm must name a step in [0, {self.run.steps}), "
+                                                 "a sum of squares >= 0 and a --nonfinite policy")
+        self.members.seen("server", index, header["inc"], time.monotonic())
+        answer = self.norms.offer(step, index, sumsq, (ident, header["rid"]))
+        if answer is None:
+            return                          # the other shards' parts are still to come
+        total = self.norms.total(step)
+        if not math.isfinite(total) and policy == "reject":
+            return self.fail(f"step {step}: the gradient's global norm is {total} (a sum of "
+                             "finite pushes overflowed): the model has diverged")
+        for who, rid in answer:
+            self.reply(who, Kind.OK, rid, norm_step=step, total_norm=total,
+                       skip=not math.isfinite(total))
 
     def on_status(self, ident, header) -> None:
         """How the run goes; asked about a ``step``, also who holds its unreported tasks."""

@@ -79,6 +79,8 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
             "max_staleness": max_staleness(shard_stats),
             "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
             "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
+            "clipped_steps": max((s.get("clipped_steps", 0) for s in shard_stats.values()),
+                                 default=0),      # BSP steps whose clipping bit (this process's)
             "deaths": deaths, "rejoins": rejoins, "scheduler_restarts": list(restarts),
             "checkpoint_committed": recovery.committed, "resumed_from": recovery.resumed_from,
             "net_faults": net_faults or {},

@@ -8,12 +8,18 @@ the consistency mode), then serves until the scheduler tells it to stop:
     PULL  -> answered now, or parked until the consistency gate opens (with a deadline)
     PUSH  -> validated, de-duplicated, applied (or summed, in BSP), acknowledged
     INIT  -> initial values, once
+    SCHEDULE -> the job's learning rate per version (lr_at), once
     STATS -> counters
 
 Every request is validated before it touches state (``ps.wire.protocol``); a bad one gets
 an ERROR reply with a reason code and is counted. The decisions live in ``ps.core.shard``,
 the flags in ``ps.server.config``; this file only receives, validates, calls the core
 and sends.
+
+With clipping (a job's ``CLIP_GRAD_NORM``), a BSP step complete here is held until the
+shards agree on its global norm: the server sends its part to the scheduler (NORM,
+resent every ``NORM_RETRY_S`` until answered; ``ps.scheduler.norms``) and applies the
+step when the total comes back.
 """
 from __future__ import annotations
 
@@ -44,6 +50,7 @@ PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a r
 BYE_FLUSH_S = 0.2                # how long the last heartbeat (bye) may take to leave at exit
 CHECKPOINT_FINISH_S = 10.0       # at exit, how long a checkpoint still being written may take
 CHECKPOINT_POLL_S = 0.05         # while one is written, how often the loop looks whether it is done
+NORM_RETRY_S = 0.25              # a NORM unanswered this long is sent again (Lazy Pirate's interval)
 
 
 class Server:
@@ -73,6 +80,10 @@ class Server:
         self.waits: dict = {}                # (worker, step) -> when its pull was first parked
         self.logged_waits: set = set()       # (worker, step) of parked pulls already logged
         self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
+        self.norm_resend_at: float | None = None         # clipping: when to send our NORM again
+        self.norm_rids: set[int] = set()                 # request ids of our recent NORMs
+        self.norm_held_at = 0.0                          # when the held step's NORM first went
+        self.norm_hold = {"steps": 0, "held_s": 0.0}     # clipping: steps held, and how long
 
     # -- life cycle -----------------------------------------------------------------
     def register(self) -> None:
@@ -84,7 +95,8 @@ class Server:
         self.lo, self.hi = reply["lo"], reply["hi"]
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
                            reply["staleness"], reply["workers"],
-                           segments=segments(reply.get("param_groups"), self.lo, self.hi))
+                           segments=segments(reply.get("param_groups"), self.lo, self.hi),
+                           clip=reply.get("clip"), lr_versions=reply.get("lr_versions"))
         self.checkpoint_every = reply.get("checkpoint_every") or 0
         self.checkpoint_dir = reply.get("checkpoint_dir")
         if self.checkpoint_every:
@@ -113,13 +125,17 @@ class Server:
             if now - last_heard > self.config.timeout_s:
                 raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
             wait_s = self.next_beat - now
+            if self.norm_resend_at is not None:
+                if now >= self.norm_resend_at:
+                    self._send_norm()
+                wait_s = min(wait_s, max(0.0, self.norm_resend_at - now))
             if self.checkpoints is not None and self.checkpoints.busy():
                 wait_s = min(wait_s, CHECKPOINT_POLL_S)
             events = dict(poller.poll(timeout=max(1, int(wait_s * 1000))))
             self._collect_checkpoint()
             if self.scheduler.sock in events:
                 last_heard = time.monotonic()
-                if self._heartbeat_reply():
+                if self._scheduler_reply():
                     self._collect_checkpoint(CHECKPOINT_FINISH_S)   # into the last counters
                     self._say_bye()
                     return
@@ -132,13 +148,22 @@ class Server:
                     self.handle(frames)
             self._expire_parked()
 
-    def _heartbeat_reply(self) -> bool:
-        """Apply what the scheduler says: incarnations to fence; whether to stop."""
+    def _scheduler_reply(self) -> bool:
+        """Apply what the scheduler says: a step's global norm (clipping); incarnations to
+        fence; whether to stop."""
         try:
             header = decode(self.scheduler.sock.recv_multipart(copy=False)[0])
             if header["kind"] == Kind.ERROR and header.get("code") == Error.REREGISTER:
                 if header["rid"] > self.registered_rid:   # not one sent before we registered again
                     self.register_again()
+                    if self.norm_resend_at is not None:
+                        self.norm_resend_at = 0.0          # and our NORM again, at once
+                return False
+            if "norm_step" in header:
+                self._on_norm(header)
+                return False
+            if header["kind"] == Kind.ERROR and header["rid"] in self.norm_rids:
+                log.warning("the scheduler refused our norm: %s; sending it again", header["reason"])
                 return False
             if header["kind"] == Kind.ERROR:
                 raise RuntimeError(f"the scheduler refused our heartbeat: {header['reason']}")
@@ -182,7 +207,8 @@ class Server:
             check_frames(header["kind"], frames[2:])
             curve.check_sender(frames[1], header)
             handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
-                       Kind.INIT: self.on_init, Kind.STATS: self.on_stats}.get(header["kind"])
+                       Kind.INIT: self.on_init, Kind.STATS: self.on_stats,
+                       Kind.SCHEDULE: self.on_schedule}.get(header["kind"])
             if handler is None:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"a server does not serve {header['kind']!r}")
             handler(ident, header, frames[2:])
@@ -203,6 +229,12 @@ class Server:
         fresh = self.shard.init(chunks)
         self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
         self._answer_parked()
+
+    def on_schedule(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        self.shard.check_live(header["inc"])
+        fresh = self.shard.set_schedule(validation.lr_table(payload, header["versions"]))
+        self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
 
     def on_pull(self, ident, header, payload) -> None:
         self._check_worker(header)
@@ -239,14 +271,49 @@ class Server:
         version = self.shard.version
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
                                   header["step_tasks"], chunks, header["inc"], ends_clock)
-        if (self.checkpoint_every and self.shard.mode == "bsp" and self.shard.version != version
-                and self.shard.version % self.checkpoint_every == 0):
-            self.write_checkpoint()
+        self._stepped(version)
+        if self.shard.norm_wait is not None and self.norm_resend_at is None:
+            self.norm_held_at = time.perf_counter()
+            self._send_norm()             # the step is complete here: agree on its norm
         answer = encode(Kind.OK, header["rid"], applied=applied, version=self.shard.version)
         self.push_replies[key] = answer
         if len(self.push_replies) > PUSH_REPLY_CACHE:
             self.push_replies.popitem(last=False)
         self.reply(ident, answer)
+        self._answer_parked()
+
+    def _stepped(self, version: int) -> None:
+        """After an update may have happened (the shard was at ``version``): a BSP
+        checkpoint when one is due."""
+        if (self.checkpoint_every and self.shard.mode == "bsp" and self.shard.version != version
+                and self.shard.version % self.checkpoint_every == 0):
+            self.write_checkpoint()
+
+    def _send_norm(self) -> None:
+        """Our part of the held step's squared norm, to the scheduler (ps.scheduler.norms)."""
+        rid = self.scheduler.send(Kind.NORM, want_reply=False, index=self.index, inc=self.inc,
+                                  step=self.shard.norm_wait, sumsq=self.shard.partial_sumsq,
+                                  nonfinite=self.config.nonfinite)
+        self.norm_rids = {rid} | {r for r in self.norm_rids if r > rid - 64}   # recent ones
+        self.norm_resend_at = time.monotonic() + NORM_RETRY_S
+
+    def _on_norm(self, header) -> None:
+        """The held step's global norm: apply the step, clipped (or a repeat: nothing)."""
+        step, total, skip = header["norm_step"], header.get("total_norm"), header.get("skip")
+        if not (isinstance(step, int) and isinstance(total, (int, float))
+                and isinstance(skip, bool)):
+            raise ProtocolError(Error.BAD_FIELD, "a norm reply needs norm_step, total_norm, skip")
+        if self.shard.norm_wait != step:
+            return
+        self._release_params()
+        version = self.shard.version
+        self.shard.finish_step(step, float(total), skip)
+        self.norm_hold["steps"] += 1
+        self.norm_hold["held_s"] += time.perf_counter() - self.norm_held_at
+        if skip:
+            self.errors["nonfinite_skipped"] += 1
+        self.norm_resend_at = None
+        self._stepped(version)
         self._answer_parked()
 
     def on_stats(self, ident, header, payload) -> None:
@@ -360,6 +427,9 @@ class Server:
         stats = self.shard.stats() if self.shard else {}
         stats["errors"], stats["copies"] = dict(self.errors), dict(self.copies)
         stats["checkpoint"] = self.last_checkpoint
+        if self.shard is not None and self.shard.clip is not None:
+            stats["norm_hold"] = {"steps": self.norm_hold["steps"],
+                                  "held_s": round(self.norm_hold["held_s"], 6)}
         stats.update(messages.fields())          # --inject drop/dup/delay: what fired
         return stats
 

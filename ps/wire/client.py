@@ -197,6 +197,15 @@ class ShardClient:
         for p, rid in zip(self.peers, rids):
             p.recv(rid, self.timeout_s, "init")
 
+    def schedule(self, rates: np.ndarray) -> None:
+        """Send every shard the job's learning rate of each version ((n,) float64, the
+        job's ``lr_at``); idempotent on the server, like INIT."""
+        rates = np.ascontiguousarray(rates, dtype="<f8")
+        rids = [p.send(Kind.SCHEDULE, transport.split(rates), worker=self.worker, inc=self.inc,
+                       versions=rates.size) for p in self.peers]
+        for p, rid in zip(self.peers, rids):
+            p.recv(rid, self.timeout_s, "schedule")
+
     def pull_send(self, step: int) -> tuple[int, list[int]]:
         """Send a pull to every shard and return at once: ``(step, rids)`` for
         ``pull_into(..., pending=)``. The replies are received by zmq's I/O thread in

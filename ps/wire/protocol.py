@@ -36,7 +36,7 @@ DEAD_AFTER_S = 3.0              # silence after which a member is declared dead 
 WAIT_LOG_S = 4 * HEARTBEAT_INTERVAL_S   # a wait longer than a few heartbeats is logged, by name
 
 JOB_FUNCTIONS = ("<module>", "build_model", "build_dataset", "dataset", "loss_fn", "finish",
-                 "param_groups")
+                 "param_groups", "lr_at")
                                 # where a JOB_ERROR may come from: the job file's top level, its
                                 # functions, and indexing or collating its dataset
 MAX_JOB_ERROR_CHARS = 4096      # a JOB_ERROR's location and error: one line each, not a traceback
@@ -58,10 +58,13 @@ class Kind:
     FINISHED = "finished"       # worker 0 has written the final parameters; the run may end
     STATUS = "status"           # anyone (the launcher) asks how the run is going
     JOB_ERROR = "job_error"     # worker: the job's own code raised; the first one ends the run
+    NORM = "norm"               # server: its part of a BSP step's squared gradient norm (clipping);
+                                # the reply, once every shard has sent its part, is the total
     # data path: worker -> server
     INIT = "init"               # worker 0 sets a shard's initial parameter values
     PULL = "pull"               # read a shard's parameters (gated by the consistency model)
     PUSH = "push"               # send a gradient sum for some tasks
+    SCHEDULE = "schedule"       # the job's learning rate for every version (lr_at): float64 frames
     STATS = "stats"             # a shard's counters
     # replies
     OK = "ok"
@@ -127,6 +130,8 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.PULL: {"worker": _INT, "inc": _INT, "step": _INT},
     Kind.PUSH: {"worker": _INT, "inc": _INT, "step": _INT, "tasks": _LIST, "samples": _INT,
                 "step_tasks": _INT, "lo": _INT, "dtype": _STR, "size": _INT},
+    Kind.NORM: {"index": _INT, "inc": _INT, "step": _INT, "sumsq": _NUM},
+    Kind.SCHEDULE: {"worker": _INT, "inc": _INT, "versions": _INT},
     Kind.STATS: {},
     Kind.OK: {},
     Kind.ERROR: {"code": _STR, "reason": _STR},
@@ -134,7 +139,7 @@ SCHEMA: dict[str, dict[str, tuple]] = {
 
 
 # Kinds that carry tensor payload frames; every other request must have none.
-PAYLOAD_KINDS = frozenset({Kind.INIT, Kind.PUSH})
+PAYLOAD_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.SCHEDULE})
 
 
 def check_frames(kind: str, payload: list) -> None:

@@ -14,6 +14,9 @@ needs the shard's state, and runs before anything is applied:
                 is non-finite after decoding iff it was before), so a float32 gradient
                 beyond float16's 65504 arrives as inf and is refused like a NaN
 
+A SCHEDULE (a job's learning rates, one per version) is checked whole by ``lr_table``:
+its bytes, and every rate a finite number >= 0.
+
 then dedupe and fencing (``ps.core.shard``). ``RefusalLog`` logs refusals at a bounded
 rate, so a peer sending garbage in a loop cannot flood the log or slow the loop.
 """
@@ -25,7 +28,7 @@ from collections import Counter
 
 import numpy as np
 
-from ps.wire.protocol import ALLOWED_DTYPES, Error, ProtocolError
+from ps.wire.protocol import ALLOWED_DTYPES, MAX_FRAME_BYTES, MAX_FRAMES, Error, ProtocolError
 
 NONFINITE_POLICIES = ("reject", "skip")   # reject: error reply, nothing changes;
                                           # skip: the push counts, its gradient as zero
@@ -65,6 +68,23 @@ def check_window(step: int, clocks: list[int], mode: str, staleness: int) -> Non
         raise ProtocolError(Error.BAD_FIELD, f"push for clock {step}, beyond the staleness "
                                              f"window (clocks up to {max(clocks, default=0)}, "
                                              f"s = {staleness})")
+
+
+def lr_table(frames: list, versions: int) -> np.ndarray:
+    """A SCHEDULE's payload: ``versions`` little-endian float64 rates, the job's ``lr_at``
+    of each version, every one finite and >= 0. Returns them as one (versions,) array."""
+    sizes = [memoryview(f.buffer if hasattr(f, "buffer") else f).nbytes for f in frames]
+    if (len(frames) > MAX_FRAMES or any(n > MAX_FRAME_BYTES or n % 8 for n in sizes)
+            or sum(sizes) != 8 * versions or versions < 1):
+        raise ProtocolError(Error.BAD_PAYLOAD, f"a schedule of {versions} rates needs "
+                                               f"{8 * versions} bytes of float64, got {sum(sizes)}")
+    table = np.concatenate([np.frombuffer(f.buffer if hasattr(f, "buffer") else f, "<f8")
+                            for f in frames])
+    bad = np.flatnonzero(~(np.isfinite(table) & (table >= 0)))
+    if bad.size:
+        raise ProtocolError(Error.BAD_FIELD, f"learning rate {table[bad[0]]!r} of version "
+                                             f"{bad[0]}: a rate must be finite and >= 0")
+    return table
 
 
 def finite(chunks: list[np.ndarray]) -> bool:

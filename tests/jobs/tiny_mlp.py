@@ -5,6 +5,7 @@ file serves every optimizer the oracle tests cover; every worker inherits the
 launcher's environment, so all of them see the same setting.
 """
 import json
+import math
 import os
 import time
 
@@ -28,6 +29,23 @@ if os.environ.get("TINY_MLP_GROUPS"):   # JSON: {"decay": overrides, "nodecay": 
                  **_GROUPS["decay"]},
                 {"params": [n for n, p in model.named_parameters() if p.dim() < 2],
                  **_GROUPS["nodecay"]}]
+
+
+if os.environ.get("TINY_MLP_CLIP"):     # clip_grad_norm_'s bound (the recipe tests)
+    CLIP_GRAD_NORM = float(os.environ["TINY_MLP_CLIP"])
+
+if os.environ.get("TINY_MLP_SCHEDULE"):  # JSON [warmup, decay_steps, min_ratio]: warmup + cosine
+    _WARMUP, _DECAY, _MIN = json.loads(os.environ["TINY_MLP_SCHEDULE"])
+
+    def lr_at(step):
+        """nanoGPT's get_lr: linear warmup, cosine decay to min_ratio * lr, then flat."""
+        top = OPTIMIZER["lr"]
+        if step < _WARMUP:
+            return top * (step + 1) / (_WARMUP + 1)
+        if step > _DECAY:
+            return top * _MIN
+        ratio = (step - _WARMUP) / max(1, _DECAY - _WARMUP)
+        return top * _MIN + 0.5 * (1 + math.cos(math.pi * ratio)) * (top - top * _MIN)
 
 
 def build_model():
