@@ -17,6 +17,7 @@ from cluster import ROOT, launch
      ("--scheduler", "--job", "--id", "--device", "--seed", "--crash-at")),
     ("ps.launch", "scripts/start_cluster.sh",
      ("--job", "--servers", "--workers", "--mode", "--inject", "--respawn", "--netns")),
+    ("worker.reference", "python -m worker.reference", ("--job", "--steps", "--parts", "--out")),
 ])
 def test_help(module, usage, flags):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True,

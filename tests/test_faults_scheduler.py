@@ -47,6 +47,24 @@ def test_scheduler_killed_mid_step_is_restarted_from_its_journal(tmp_path, refer
 
 
 @pytest.mark.slow
+def test_a_restart_while_the_shards_agree_on_a_norm_loses_no_step(tmp_path):
+    # With clipping each step waits on the scheduler for its global norm (NORM): killed at
+    # step 20, it leaves shards holding a complete step and resending their parts; the
+    # restarted scheduler answers them once they have registered again, and the run ends
+    # on the single-process loop that clips (and follows the same schedule).
+    env = {**SLOW_TASKS, "TINY_MLP_CLIP": "0.6", "TINY_MLP_SCHEDULE": "[4, 30, 0.1]",
+           "TINY_MLP_OPTIMIZER": '{"name": "adamw", "lr": 0.02}'}
+    want = oracle(JOB, STEPS, env={k: v for k, v in env.items() if k != "TINY_MLP_DELAY_S"})
+    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "report@20", env=env)
+    summary = check(run, want)
+    assert 0 < summary["clipped_steps"] < STEPS
+    # A step was held across the restart: 60 holds take ~0.08 s in all without one, and
+    # the restart (detection, a new process, everyone registering again) ~0.5 s more.
+    assert all(s["norm_hold"]["steps"] == STEPS and s["norm_hold"]["held_s"] > 0.3
+               for s in summary["shards"]), summary["shards"]
+
+
+@pytest.mark.slow
 def test_a_restart_with_the_adaptive_grain_deals_each_round_as_it_was_cut(tmp_path):
     # The other restart tests fix the grain; this one leaves it adaptive, with batches of
     # 100 (at most 6 tasks of >= 16 samples): with no straggler every round is cut into 3

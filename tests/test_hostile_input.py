@@ -108,6 +108,17 @@ def attacks(ranges, marker):
                                        "x": msgpack.ExtType(1, boom)})], Error.BAD_HEADER),
         ("pickle-payload-object", push(lo, n, payload=boom, dtype="object"), Error.BAD_DTYPE),
         ("pickle-payload-float32", push(lo, n, payload=boom), Error.BAD_PAYLOAD),
+        # a learning-rate schedule: the wrong bytes, a NaN rate, one this run does not have
+        ("schedule-short", [encode("schedule", 1, worker=0, inc=INC, versions=4),
+                            np.zeros(3, "<f8").tobytes()], Error.BAD_PAYLOAD),
+        ("schedule-nan", [encode("schedule", 1, worker=0, inc=INC, versions=2),
+                          np.array([0.1, np.nan], "<f8").tobytes()], Error.BAD_FIELD),
+        ("schedule-unasked", [encode("schedule", 1, worker=0, inc=INC, versions=1),
+                              np.array([0.1], "<f8").tobytes()], Error.BAD_FIELD),
+        ("schedule-pickle", [encode("schedule", 1, worker=0, inc=INC, versions=1), boom[:8]],
+         Error.BAD_FIELD),
+        ("norm-to-a-server", [encode("norm", 1, index=0, inc=INC, step=0, sumsq=1.0)],
+         Error.UNKNOWN_KIND),
     ]
     for name, bad in (("nan", np.nan), ("inf", np.inf), ("-inf", -np.inf)):
         grad = good.copy()

@@ -166,6 +166,59 @@ def test_the_exchange_answers_every_shard_once_all_parts_are_in_and_repeats_alik
     assert 7 not in norms.totals and len(norms.totals) == KEEP_TOTALS
 
 
+@pytest.fixture
+def scheduler():
+    """A scheduler of 2 servers in its training phase, its replies recorded, not sent."""
+    from ps.scheduler.config import SchedulerConfig
+    from ps.scheduler.runstate import RunState
+    from ps.scheduler.scheduler import Scheduler
+    sched = Scheduler(SchedulerConfig(servers=2))
+    sched.phase, sched.run = "training", RunState(10, 1, 10)
+    incs = [sched.members.join("server", k, now=0.0).inc for k in range(2)]
+    sched.sent = []
+    sched.reply = lambda ident, kind, rid, **fields: sched.sent.append((ident, rid, fields))
+    yield sched, incs
+    sched.close()
+
+
+def norm(index, inc, step=3, sumsq=1.0, **more):
+    from ps.wire.protocol import Kind, decode, encode
+    return decode(encode(Kind.NORM, 10 + index, index=index, inc=inc, step=step, sumsq=sumsq,
+                         **more))
+
+
+@pytest.mark.parametrize("change", [{"step": 10}, {"step": -1}, {"sumsq": -1.0}, {"index": 2},
+                                    {"nonfinite": "ignore"}])
+def test_the_scheduler_refuses_a_bad_norm_and_keeps_nothing(scheduler, change):
+    sched, incs = scheduler
+    header = norm(0, incs[0], **{k: v for k, v in change.items() if k != "index"})
+    header.update({k: v for k, v in change.items() if k == "index"})
+    with pytest.raises(ProtocolError) as err:
+        sched.on_norm(b"s0", header)
+    assert err.value.code in (Error.BAD_FIELD, Error.UNKNOWN_SENDER)
+    assert sched.norms.parts == {} and sched.sent == []
+
+
+def test_the_scheduler_answers_both_shards_with_the_total(scheduler):
+    sched, incs = scheduler
+    sched.on_norm(b"s1", norm(1, incs[1], sumsq=16.0))
+    assert sched.sent == []                                  # held until shard 0's part
+    sched.on_norm(b"s0", norm(0, incs[0], sumsq=9.0))
+    assert sorted(sched.sent) == [(b"s0", 10, {"norm_step": 3, "total_norm": 5.0, "skip": False}),
+                                  (b"s1", 11, {"norm_step": 3, "total_norm": 5.0, "skip": False})]
+
+
+@pytest.mark.parametrize("policy", ["skip", "reject"])
+def test_a_norm_that_is_not_finite_follows_nonfinite(scheduler, policy):
+    sched, incs = scheduler
+    sched.on_norm(b"s0", norm(0, incs[0], sumsq=float("inf"), nonfinite=policy))
+    sched.on_norm(b"s1", norm(1, incs[1], sumsq=1.0, nonfinite=policy))
+    if policy == "skip":                                     # every shard: a zero gradient
+        assert [f["skip"] for _, _, f in sched.sent] == [True, True] and sched.failure is None
+    else:                                                    # the run stops, naming the step
+        assert sched.sent == [] and "step 3: the gradient's global norm is inf" in sched.failure
+
+
 def bsp_shards(bounds, clip, config=ADAMW):
     shards = [Shard(hi - lo, config, "bsp", 0, 2, clip=clip) for lo, hi in bounds]
     for s in shards:

@@ -228,13 +228,16 @@ class Shard:
 
     def _hold_for_norm(self, step: int) -> None:
         """BSP with clipping: the step is complete here; hold it, with this shard's part of
-        the squared norm of the mean gradient (float32 mean as the update computes it,
-        summed in float64), until ``finish_step`` brings the total."""
+        the squared norm of the mean gradient (the float32 mean the update computes,
+        squared, summed in float64), until ``finish_step`` brings the total."""
         total = 0.0
         for lo in range(0, self.size, CHUNK):
             part = self.grad[lo:lo + CHUNK]
             mean = np.divide(part, self.step_samples, out=self.norm_scratch[:part.size])
-            total += float(np.dot(mean, mean.astype(np.float64)))
+            # Squares in float32, summed in float64 (numpy's own loop: np.dot would call
+            # BLAS, whose threads spin and, on a machine as busy as the workers make it,
+            # stalled this pass for up to a second, measured: scripts/bench/clip.py).
+            total += float(np.multiply(mean, mean, out=mean).sum(dtype=np.float64))
         self.norm_wait, self.partial_sumsq = step, total
 
     def finish_step(self, step: int, total_norm: float, skip: bool = False) -> bool:

@@ -8,6 +8,7 @@
     finishing     the end of a run: DONE, FINISHED, a job error, the summary
     joberror      the checks of a worker's report that the job's own code raised
     runstate      losses, work per worker, what is done
+    norms         clipping: the shards' parts of a BSP step's gradient norm, summed
     diagnose      what a waiting step waits for, by name
     summary       summary.json
 """

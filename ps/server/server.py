@@ -305,11 +305,11 @@ class Server:
             raise ProtocolError(Error.BAD_FIELD, "a norm reply needs norm_step, total_norm, skip")
         if self.shard.norm_wait != step:
             return
+        self.norm_hold["steps"] += 1          # held from our NORM until here: the exchange
+        self.norm_hold["held_s"] += time.perf_counter() - self.norm_held_at
         self._release_params()
         version = self.shard.version
         self.shard.finish_step(step, float(total), skip)
-        self.norm_hold["steps"] += 1
-        self.norm_hold["held_s"] += time.perf_counter() - self.norm_held_at
         if skip:
             self.errors["nonfinite_skipped"] += 1
         self.norm_resend_at = None
