@@ -399,3 +399,24 @@ def test_ssp_and_asp_follow_the_schedule_by_version(tmp_path, mode):
                    "--workers", "2", "--servers", "2", "--steps", "9", env=env)
     assert moved.rc == 0, moved.stderr[-3000:]
     assert any(not np.allclose(moved.params[k], start[k]) for k in start)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["ssp", "asp"])
+def test_ssp_and_asp_clip_each_push_by_its_own_norm(tmp_path, mode):
+    # Plain SGD, every push clipped to a norm of 1e-4: each update moves the parameters by
+    # at most lr * 1e-4, so after 9 steps of 3 pushes each no parameter can have moved
+    # 0.05 * 27 * 1e-4; unclipped, the same run moves them by far more.
+    env = {"TINY_MLP_OPTIMIZER": '{"name": "sgd", "lr": 0.05}', "TINY_MLP_CLIP": "1e-4"}
+    flags = ["--job", JOB, "--mode", mode, "--staleness", "1", "--workers", "3",
+             "--servers", "2", "--steps", "9", "--tasks-per-step", "3"]
+    run = launch(tmp_path / "clip", *flags, env=env)
+    assert run.rc == 0, run.stderr[-3000:]
+    start = oracle(JOB, 0, env=env)
+    moved = max(float(np.abs(run.params[k] - start[k]).max()) for k in start)
+    assert 0 < moved <= 0.05 * 27 * 1e-4 * 1.01
+    free = launch(tmp_path / "free", *flags, env={k: v for k, v in env.items()
+                                                   if k != "TINY_MLP_CLIP"})
+    assert free.rc == 0, free.stderr[-3000:]
+    assert max(float(np.abs(free.params[k] - start[k]).max()) for k in start) > 1e-2

@@ -72,7 +72,7 @@ def test_a_lost_report_of_a_task_done_while_waiting_for_done_is_sent_again():
     scheduler.start()
     worker = Worker.__new__(Worker)          # only what wait_for_all uses: no model, no job
     worker.config = WorkerConfig(f"tcp://127.0.0.1:{scheduler.port}", "unused", timeout_s=2.0)
-    worker.id, worker.inc, worker.heartbeat = 0, 1, None
+    worker.id, worker.inc, worker.heartbeat, worker.mode = 0, 1, None, "bsp"
     worker.scheduler = Peer(ctx, worker.config.scheduler, "scheduler")
     worker.reports = Reports(worker.scheduler, 0, 1, worker.config.timeout_s)
     # The task's push is beside the point: only its report goes out.

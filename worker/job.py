@@ -18,6 +18,8 @@ A job file defines::
                                             # (from 0), replacing OPTIMIZER["lr"]
     CLIP_GRAD_NORM = 1.0                    # optional; clip_grad_norm_ to this global L2 norm
     AUTOCAST = "bfloat16"                   # optional; the forward pass under torch.autocast
+    OUTER_OPTIMIZER = {...}                 # optional; --mode diloco: the servers' optimizer
+                                            # (default DEFAULT_OUTER: Nesterov SGD, lr 0.7)
 
 ``param_groups`` must put every parameter in exactly one group; the worker sends the
 groups as ranges of the flat vector (``flat_groups``), and every server steps each range
@@ -64,6 +66,7 @@ from ps.wire.protocol import MAX_JOB_ERROR_CHARS
 
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}   # float16 would need a loss scaler as well
+DEFAULT_OUTER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}   # DiLoCo's
 
 
 class JobError(Exception):
@@ -123,6 +126,7 @@ class Job:
     lr_at: Callable | None = None
     clip: float | None = None            # CLIP_GRAD_NORM
     autocast: str | None = None          # AUTOCAST
+    outer_optimizer: dict | None = None  # OUTER_OPTIMIZER (DiLoCo), DEFAULT_OUTER if absent
 
     def build(self, seed: int) -> tuple[torch.nn.Module, torch.utils.data.Dataset]:
         torch.manual_seed(seed)
@@ -204,9 +208,14 @@ def load_job(path: str) -> Job:
     lr_at = getattr(module, "lr_at", None)
     if lr_at is not None and not callable(lr_at):
         raise ValueError(f"job {path}: lr_at must be a function of the step")
+    outer = dict(getattr(module, "OUTER_OPTIMIZER", DEFAULT_OUTER))
+    try:
+        make_optimizer(outer, 1)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"job {path}: OUTER_OPTIMIZER {outer}: {exc}") from None
     return Job(path, module, optimizer, batch_size, bool(getattr(module, "SHUFFLE", True)),
                int(epochs) if epochs is not None else None, getattr(module, "finish", None),
-               lr_at, float(clip) if clip is not None else None, autocast)
+               lr_at, float(clip) if clip is not None else None, autocast, outer)
 
 
 def flat_groups(groups, model: torch.nn.Module, optimizer: dict) -> list:

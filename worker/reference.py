@@ -93,6 +93,64 @@ def train(job: Job | str, steps: int, seed: int = 0, parts: int = 1, progress: b
     return model, losses
 
 
+def train_diloco(job: Job | str, steps: int, inner_steps: int, workers: int, seed: int = 0,
+                 progress: bool = False):
+    """Synchronous DiLoCo in one process, as ``--mode diloco`` runs it: ``workers`` model
+    copies, each with its own inner optimizer (the job's OPTIMIZER, groups, ``lr_at``,
+    clipping), each round every copy starts from the global parameters and takes
+    ``inner_steps`` steps on its part j of each global batch (the batch cut into
+    ``workers`` contiguous parts); the sample-weighted mean of ``global - copy`` is the
+    gradient of one step of the outer optimizer (``OUTER_OPTIMIZER``) on the global
+    parameters. Returns (the global model, per-round mean losses)."""
+    job = load_job(job) if isinstance(job, str) else job
+    model, dataset = job.build(seed)
+    copies = [job.build(seed)[0] for _ in range(workers)]
+    inner = []
+    for copy in copies:
+        groups = groups_of(job, copy)
+        inner.append(([g.get("lr") for g in groups], torch_optimizer(groups, job.optimizer)))
+    outer = torch_optimizer(model.parameters(), job.outer_optimizer)
+    plan = TaskPlan(len(dataset), job.batch_size, workers, seed=seed, shuffle=job.shuffle)
+    params = list(model.parameters())
+    losses, t0 = [], time.monotonic()
+    for start in range(0, steps, inner_steps):
+        rnd_steps = range(start, min(start + inner_steps, steps))
+        deltas = [torch.zeros_like(p) for p in params]
+        total, loss_sum = 0, 0.0
+        for k, (copy, (own_lr, opt)) in enumerate(zip(copies, inner)):
+            with torch.no_grad():
+                for p, q in zip(params, copy.parameters()):
+                    q.copy_(p)
+            mine = [p for g in opt.param_groups for p in g["params"]]
+            n_k = 0
+            for step in rnd_steps:
+                parts = plan.tasks(step)
+                if k >= len(parts):                      # a batch smaller than the workers
+                    continue
+                samples = list(parts[k].samples)
+                opt.zero_grad()
+                loss = job.loss(copy, collate(dataset, samples, torch.device("cpu")))
+                loss.backward()
+                if job.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(mine, job.clip)
+                set_lr(opt, job, step, own_lr)
+                opt.step()
+                n_k += len(samples)
+                loss_sum += float(loss.detach()) * len(samples)
+            with torch.no_grad():                        # the shards' sum of n_k (θ - θ_k)
+                for d, p, q in zip(deltas, params, copy.parameters()):
+                    d.add_((p - q).mul_(n_k))
+            total += n_k
+        outer.zero_grad()
+        for p, d in zip(params, deltas):
+            p.grad = d.div_(total)                       # the sample-weighted mean
+        outer.step()
+        losses.append(loss_sum / total)
+        if progress:
+            print(f"round {len(losses)}  loss {losses[-1]:.4f}", file=sys.stderr, flush=True)
+    return model, losses
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m worker.reference",
                                 description="Train a job in one process, as a BSP run on the "

@@ -17,8 +17,9 @@ MAX_UNCONFIRMED_REPORTS = 32   # past this many unanswered reports, wait for the
 
 
 class Reports:
-    def __init__(self, scheduler: Peer, worker: int, inc: int, timeout_s: float):
+    def __init__(self, scheduler: Peer, worker: int, inc: int, timeout_s: float, shards=None):
         self.scheduler = scheduler
+        self.shards = shards               # a ShardClient: its byte counters ride on each report
         self.worker, self.inc = worker, inc
         self.timeout_s = timeout_s
         self.rids: list[int] = []          # reports not yet answered
@@ -28,9 +29,15 @@ class Reports:
         self.rids.append(self.scheduler.send(
             Kind.REPORT, worker=self.worker, inc=self.inc, step=step, tasks=ids,
             rejected=rejected, loss_sum=loss_sum, samples=samples, compute_s=compute_s,
-            wait_s=wait_s))
+            wait_s=wait_s, **self.bytes()))
         if len(self.rids) > MAX_UNCONFIRMED_REPORTS:
             self.collect()
+
+    def bytes(self) -> dict:
+        """This incarnation's payload bytes so far: ``bytes_pushed``, ``bytes_pulled``."""
+        if self.shards is None:
+            return {}
+        return {"bytes_pushed": self.shards.wire_pushed, "bytes_pulled": self.shards.wire_pulled}
 
     def collect(self) -> None:
         """Wait until every report is answered (resending any whose answer is late)."""

@@ -42,6 +42,7 @@ from ps.trace import Tracer
 from ps.wire.client import Peer, RemoteError, ShardClient, ShardInfo
 from ps.wire.protocol import WAIT_LOG_S, Error, Kind
 from worker.config import WorkerConfig, pick_device
+from worker.diloco import LocalSteps
 from worker.flat import FlatModel
 from worker.heartbeat import Heartbeat, as_fenced, lost_after
 from worker.job import collate, load_job
@@ -107,6 +108,7 @@ class Worker:
         self.last_report = time.perf_counter()
         self.reports: Reports | None = None
         self.prefetch: Prefetch | None = None   # the next step's pull, sent ahead
+        self.local: LocalSteps | None = None    # --mode diloco: the inner loop
 
     def register(self) -> dict:
         job = self.job
@@ -118,7 +120,7 @@ class Worker:
                     layout=self.flat.layout, dataset_size=len(self.dataset),
                     batch_size=job.batch_size, shuffle=job.shuffle, optimizer=job.optimizer,
                     epochs=job.epochs, seed=self.config.seed, param_groups=self.param_groups,
-                    lr_at=job.lr_at is not None, clip=job.clip)
+                    lr_at=job.lr_at is not None, clip=job.clip, outer_optimizer=job.outer_optimizer)
                 break
             except RemoteError as exc:
                 if exc.code != Error.NOT_READY or time.monotonic() > deadline:
@@ -140,8 +142,11 @@ class Worker:
         self.heartbeat.start()
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
-        self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s)
-        self.prefetch = Prefetch(self.shards, self.config.prefetch, self.mode, reply["steps"])
+        self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s, self.shards)
+        # DiLoCo's shards are BSP shards whose versions are rounds: pulls behave as in BSP.
+        self.prefetch = Prefetch(self.shards, self.config.prefetch,
+                                 "bsp" if self.mode == "diloco" else self.mode, reply["steps"])
+        self.local = LocalSteps(self, reply["inner_steps"]) if self.mode == "diloco" else None
         if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/speedups/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
@@ -246,7 +251,7 @@ class Worker:
 
     def send_push(self, step: int, group: Group, ids: list[int], ends_clock: bool) -> list:
         self.flat.grads_to_host()
-        if self.job.clip is not None and self.mode != "bsp" and group.samples:
+        if self.job.clip is not None and self.mode in ("ssp", "asp") and group.samples:
             clip_push(self.flat.grads_np, group.samples, self.job.clip)
         self.crash.maybe("before_push", step)
         if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
@@ -286,6 +291,8 @@ class Worker:
 
     def redo_waiting(self, step: int) -> None:
         """While blocked: take every task still leasable for ``step`` (-1: any) and do it."""
+        if self.mode == "diloco":            # a dead worker's part of a round: its trajectory
+            return self.local.redo(step)
         while True:
             reply, _ = self.request(Kind.LEASE, step=step)
             if reply["task"] is None:
@@ -344,6 +351,9 @@ class Worker:
     def train(self, start_step: int, steps: int) -> None:
         if self.mode == "asp":
             self.train_asp()
+        elif self.mode == "diloco":          # steps are rounds: worker/diloco.py
+            for rnd in range(start_step, steps):
+                self.local.round(rnd)
         else:
             for step in range(start_step, steps):
                 self.train_step(step)
@@ -382,7 +392,7 @@ class Worker:
             self.model.eval()
             with torch.no_grad(), self.job.running("finish"):
                 self.job.finish(self.model)
-        self.request(Kind.FINISHED)
+        self.request(Kind.FINISHED, **self.reports.bytes())     # the final pull's bytes too
 
     def request(self, kind: str, **fields) -> tuple[dict, list]:
         """A request to the scheduler on our own behalf (FENCED becomes ``Fenced``)."""

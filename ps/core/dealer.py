@@ -54,7 +54,8 @@ def steal_count(left: int, thief_speed: float, owner_speed: float) -> int:
 
 class Dealer:
     def __init__(self, plan: TaskPlan, num_workers: int, total_steps: int,
-                 per_epoch: bool = False, steal: bool = True, adaptive: bool = False):
+                 per_epoch: bool = False, steal: bool = True, adaptive: bool = False,
+                 steps_per_round: int = 1):
         self.plan = plan
         self.adaptive = adaptive               # choose each round's grain (see the docstring)
         self.fine = False                      # adaptive: the last round was cut finely
@@ -62,6 +63,9 @@ class Dealer:
         self.num_workers = num_workers
         self.total_steps = total_steps
         self.per_epoch = per_epoch             # ASP: a round is an epoch, not a step
+        self.steps_per_round = plan.steps_per_epoch if per_epoch else steps_per_round
+        # DiLoCo: a round is H steps, and part j of each is worker j's (its own trajectory)
+        self.by_part = not per_epoch and steps_per_round > 1
         self.steal = steal
         self.deques: dict[int, list[deque]] = {}     # round -> one deque of Tasks per worker
         self.dealt: set[int] = set()                 # rounds dealt (emptied rounds leave deques)
@@ -77,14 +81,17 @@ class Dealer:
     # -- rounds ---------------------------------------------------------------------
     @property
     def rounds(self) -> int:
-        spe = self.plan.steps_per_epoch
-        return -(-self.total_steps // spe) if self.per_epoch else self.total_steps
+        return -(-self.total_steps // self.steps_per_round)
 
     def steps_of(self, rnd: int) -> range:
-        if not self.per_epoch:
-            return range(rnd, rnd + 1)
-        spe = self.plan.steps_per_epoch
-        return range(rnd * spe, min((rnd + 1) * spe, self.total_steps))
+        """The steps of round ``rnd``: one (BSP, SSP), an epoch (ASP), H (DiLoCo); the
+        last round may be short."""
+        spr = self.steps_per_round
+        return range(rnd * spr, min((rnd + 1) * spr, self.total_steps))
+
+    def round_tasks(self, rnd: int) -> int:
+        """Tasks in round ``rnd``: what a BSP (or DiLoCo) shard waits for before it steps."""
+        return sum(self.plan.num_tasks(step) for step in self.steps_of(rnd))
 
     def deal(self, rnd: int) -> None:
         """Deal a round's tasks into the workers' deques (once per round)."""
@@ -97,7 +104,8 @@ class Dealer:
                 self.plan.set_grain(step, grain)
         tasks = [t for step in self.steps_of(rnd) for t in self.plan.tasks(step)]
         self.deques[rnd] = [deque() for _ in range(self.num_workers)]
-        for task, worker in zip(tasks, self._owners(len(tasks))):
+        owners = self._parts(tasks) if self.by_part else self._owners(len(tasks))
+        for task, worker in zip(tasks, owners):
             self.deques[rnd][worker].append(task)
 
     def _grain(self) -> int:
@@ -130,7 +138,7 @@ class Dealer:
         can only be of tasks dealt, and a step not dealt yet has no grain to read ids by."""
         stride = self.plan.tasks_per_step
         return (self.plan.valid_ids(ids, self.total_steps)
-                and all(self._round_of(tid // stride) in self.dealt for tid in ids))
+                and all(self.round_of(tid // stride) in self.dealt for tid in ids))
 
     def _owners(self, n: int) -> list[int]:
         """Who gets each of n tasks: equal round-robin until speeds are known; then each
@@ -150,6 +158,13 @@ class Dealer:
             assigned[i] += 1
             owners.append(live[i])
         return self._probe(owners, live)
+
+    def _parts(self, tasks: list[Task]) -> list[int]:
+        """DiLoCo: part j of every step to worker j (a dead one's to a live one)."""
+        live = [w for w in range(self.num_workers) if w not in self.gone]
+        stride = self.plan.tasks_per_step
+        return [t.id % stride if t.id % stride in live else live[t.id % stride % len(live)]
+                for t in tasks] if live else []
 
     def _probe(self, owners: list[int], live: list[int]) -> list[int]:
         """A worker measured slow is dealt nothing, and a worker dealt nothing is never
@@ -227,7 +242,7 @@ class Dealer:
         in one pass."""
         if first.id in self.redo:
             return []
-        rnd = self._round_of(first.step)
+        rnd = self.round_of(first.step)
         mine = self.deques.get(rnd, [()] * self.num_workers)[worker]
         keep = 1 if self.steal and mine and (ahead or self._tail_wanted(worker, rnd, mine[-1])) else 0
         more = []
@@ -249,7 +264,7 @@ class Dealer:
         for v, dq in enumerate(self.deques.get(rnd, ())):
             left[v] += sum(len(t.samples) for t in dq)
         for v, task in self.leases.values():
-            if self._round_of(task.step) == rnd:
+            if self.round_of(task.step) == rnd:
                 left[v] += len(task.samples)
         x = len(last.samples)
         mine = left[worker] / self._speed(worker)
@@ -294,7 +309,7 @@ class Dealer:
         for i, task in enumerate(sorted(redo, key=lambda t: t.id, reverse=True)):
             del self.leases[task.id]
             self.redo.add(task.id)
-            self._round_deques(self._round_of(task.step))[live[i % len(live)]].appendleft(task)
+            self._round_deques(self.round_of(task.step))[live[i % len(live)]].appendleft(task)
         for rnd, deques in self.deques.items():
             for i, task in enumerate(list(deques[dead])):
                 deques[live[i % len(live)]].append(task)
@@ -307,8 +322,8 @@ class Dealer:
         self.speeds[worker] = None
         self.starved[worker] = 0
 
-    def _round_of(self, step: int) -> int:
-        return step // self.plan.steps_per_epoch if self.per_epoch else step
+    def round_of(self, step: int) -> int:
+        return step // self.steps_per_round
 
     def _round_deques(self, rnd: int) -> list[deque]:
         if rnd not in self.deques:           # an emptied round: open it again for the redo

@@ -35,7 +35,7 @@ from ps.launch.processes import ROOT, Cluster
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
-from ps.scheduler.config import TASKS_PER_STEP_HELP
+from ps.scheduler.config import DEFAULT_INNER_STEPS, MODES, TASKS_PER_STEP_HELP
 from ps.security import curve, keys
 from ps.trace import merge as merge_traces
 from ps.wire.client import Peer, RemoteError
@@ -130,7 +130,7 @@ def launch(args) -> int:
     network = place = None
     if args.netns:
         try:
-            network = netns.Network(role_names(args))
+            network = netns.Network(role_names(args), args.link_mbps, args.link_delay_ms)
         except (netns.Unavailable, RuntimeError) as exc:
             print(exc, file=sys.stderr)
             return 2
@@ -229,7 +229,10 @@ def parse_args(argv=None):
     p.add_argument("--job", default=DEFAULT_JOB, help="job file (default: examples/mlp_classifier.py)")
     p.add_argument("--servers", type=int, default=2, help="servers (shards) S (default: 2)")
     p.add_argument("--workers", type=int, default=2, help="workers M (default: 2)")
-    p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
+    p.add_argument("--mode", choices=MODES, default="bsp",
+                   help="consistency model; diloco: H local steps a round, then one outer step")
+    p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
+                   help="diloco: local optimizer steps each worker takes per round (default %(default)s)")
     p.add_argument("--staleness", type=int, default=None,
                    help="SSP staleness bound s (default: 2 with --mode ssp, else 0)")
     steps = p.add_mutually_exclusive_group()
@@ -284,6 +287,10 @@ def parse_args(argv=None):
     p.add_argument("--netns", action="store_true",
                    help="run every role in its own network namespace with its own address on a "
                         "virtual bridge (root only); link faults (partition, cut, flap) need it")
+    p.add_argument("--link-mbps", type=float, default=None, metavar="N",
+                   help="with --netns: shape every role's link to N Mbit/s each way (tc tbf)")
+    p.add_argument("--link-delay-ms", type=float, default=0.0, metavar="D",
+                   help="with --link-mbps: add D ms of delay to every link, each way (tc netem)")
     p.add_argument("--hosts", default=None, metavar="FILE",
                    help="start the roles on the hosts of FILE over ssh (docs/multihost.md)")
     p.add_argument("--grad-dtype", choices=WIRE_DTYPES, default="float32",
@@ -322,6 +329,12 @@ def parse_args(argv=None):
         p.error(str(exc))
     if links and not args.netns:
         p.error("--inject partition/cut/flap need --netns (every role in its own network namespace)")
+    if (args.link_mbps or args.link_delay_ms) and not args.netns:
+        p.error("--link-mbps and --link-delay-ms shape the namespaces' links: they need --netns")
+    if (args.link_mbps is not None and args.link_mbps <= 0) or args.link_delay_ms < 0:
+        p.error("--link-mbps must be > 0 and --link-delay-ms >= 0")
+    if args.link_delay_ms and not args.link_mbps:
+        p.error("--link-delay-ms comes with --link-mbps")
     roles = role_names(args)
     for fault in links:
         if fault.target not in roles or (fault.dst and fault.dst not in roles):
@@ -347,8 +360,8 @@ def parse_args(argv=None):
         p.error("--slow W=F needs 0 <= W < workers and F >= 1")
     if args.staleness is None:
         args.staleness = 2 if args.mode == "ssp" else 0
-    if args.staleness < 0:
-        p.error("--staleness must be >= 0")
+    if args.staleness < 0 or args.inner_steps < 1:
+        p.error("--staleness must be >= 0 and --inner-steps >= 1")
     if not os.path.isfile(args.job):
         p.error(f"job file {args.job!r} does not exist")
     args.job = os.path.abspath(args.job)

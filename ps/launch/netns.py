@@ -10,6 +10,11 @@ the network between them can be cut: this is how the launcher injects link fault
                        |-- veth ps<id>h1 <-> eth0 in ps-<id>-server0    10.77.N.3
                        '-- ...                          ps-<id>-worker1    10.77.N.k
 
+``--link-mbps N`` (``--link-delay-ms D``) shapes every role's link both ways with the
+kernel's token bucket (``tc ... tbf``; netem's delay under it): its namespace's ``eth0``
+limits what it sends, the host-side veth what it receives. Two roles talking cross two
+links, so a transfer gets N Mbit/s and 2D of one-way delay.
+
 A partition takes the role's host-side veth down (both directions stop; TCP
 connections stay open and retransmit once it is up again); a one-way cut adds a
 blackhole route to the receiver's address in the sender's namespace.
@@ -99,6 +104,30 @@ def setup_commands(plan: Plan) -> list[list[str]]:
     return cmds
 
 
+SHAPE_BURST_BYTES = 64 * 1024    # tbf's bucket: a few 9 KB jumbo-free frames; small enough
+                                 # that a burst cannot outrun the rate by much
+SHAPE_LATENCY_MS = 200           # tbf's queue: how long a packet may wait before it is dropped
+
+
+def shape_commands(plan: Plan, mbps: float, delay_ms: float = 0.0) -> list[list[str]]:
+    """Per role, both directions: a token bucket of ``mbps`` (and a ``delay_ms`` netem
+    delay above it) on its namespace's eth0 (what it sends) and on its host-side veth
+    (what it receives)."""
+    cmds = []
+    for role in plan.roles:
+        for dev in (["ip", "netns", "exec", plan.namespace(role), "tc"], "eth0"), (["tc"], plan.veth(role)):
+            tc, name = dev
+            tbf = ["tbf", "rate", f"{mbps}mbit", "burst", str(SHAPE_BURST_BYTES),
+                   "latency", f"{SHAPE_LATENCY_MS}ms"]
+            if delay_ms:
+                cmds += [[*tc, "qdisc", "add", "dev", name, "root", "handle", "1:", "netem",
+                          "delay", f"{delay_ms}ms"],
+                         [*tc, "qdisc", "add", "dev", name, "parent", "1:1", "handle", "10:", *tbf]]
+            else:
+                cmds.append([*tc, "qdisc", "add", "dev", name, "root", *tbf])
+    return cmds
+
+
 def teardown_commands(plan: Plan) -> list[list[str]]:
     """Deleting the host end of a veth deletes both ends at once (deleting a namespace
     would too, but asynchronously); then the namespaces, then the bridge."""
@@ -185,9 +214,10 @@ def reap_stale() -> list[str]:
 class Network:
     """One run's namespaces and bridge: ``up`` creates them, ``down`` removes them."""
 
-    def __init__(self, roles: list[str]):
+    def __init__(self, roles: list[str], link_mbps: float | None = None, link_delay_ms: float = 0.0):
         check_available()
         reap_stale()
+        self.link_mbps, self.link_delay_ms = link_mbps, link_delay_ms
         self.plan = new_plan(roles, used_subnets(run(["ip", "-4", "-o", "addr"])))
         self.record = os.path.join(RUN_DIR, self.plan.run_id)
         self.created = False
@@ -199,6 +229,9 @@ class Network:
         self.created = True
         for cmd in setup_commands(self.plan):
             run(cmd)
+        if self.link_mbps:                      # the veths exist now: shape them
+            for cmd in shape_commands(self.plan, self.link_mbps, self.link_delay_ms):
+                run(cmd)
 
     def down(self) -> None:
         if not self.created:

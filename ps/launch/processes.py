@@ -117,6 +117,7 @@ class Cluster:
                 ["--endpoint-file", ep_file(name)] if known is None else
                 ["--advertise", known] * name.startswith("server"))
         sched_argv = ["--servers", str(a.servers), "--workers", str(a.workers), "--mode", a.mode,
+                      "--inner-steps", str(a.inner_steps),
                       "--staleness", str(a.staleness), "--seed", str(a.seed),
                       *where("scheduler"), "--out", a.out, *common]
         for flag, value in (("--steps", a.steps), ("--epochs", a.epochs),

@@ -19,6 +19,7 @@ from ps.wire.protocol import DEAD_AFTER_S
 
 TASKS_PER_WORKER = 4       # the finest default cut: tasks per worker per step (the grain of stealing)
 MIN_TASK_SAMPLES = 16      # default tasks are never smaller than this
+DEFAULT_INNER_STEPS = 8    # diloco: local steps per round (DiLoCo's H)
 TASKS_PER_STEP_HELP = ("cut every global batch into this many tasks (default: adaptive, one "
                        "per worker while their measured speeds agree, 4 per worker of >= 16 "
                        "samples once they differ by more than 25%%)")   # also the launcher's
@@ -28,8 +29,9 @@ TASKS_PER_STEP_HELP = ("cut every global batch into this many tasks (default: ad
 class SchedulerConfig:
     servers: int = 2
     workers: int = 2
-    mode: str = "bsp"
+    mode: str = "bsp"                    # bsp, ssp, asp, or diloco (ps.core.dealer: rounds)
     staleness: int = 0
+    inner_steps: int = DEFAULT_INNER_STEPS   # diloco: H, a worker's local steps per round
     steps: int | None = None             # total global steps; default: epochs x steps per epoch
     epochs: int | None = None            # default: the job's EPOCHS, else 1
     seed: int = 0
@@ -49,6 +51,7 @@ class SchedulerConfig:
     secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security.curve)
 
 
+MODES = ("bsp", "ssp", "asp", "diloco")
 CRASH_POINTS = ("register@K", "report@N", "finishing")   # --crash-at: the K-th REGISTER while
                                 # forming; the first REPORT of step N, journaled, not yet answered;
                                 # once every worker is done, the phase journaled, DONE not answered
@@ -73,7 +76,10 @@ def parse_args(argv=None) -> SchedulerConfig:
                                 description="Run the scheduler of a parameter-server cluster.")
     p.add_argument("--servers", type=int, default=2, help="number of servers (shards) S")
     p.add_argument("--workers", type=int, default=2, help="number of workers M")
-    p.add_argument("--mode", choices=("bsp", "ssp", "asp"), default="bsp", help="consistency model")
+    p.add_argument("--mode", choices=MODES, default="bsp",
+                   help="consistency model; diloco: H local steps a round, then one outer step")
+    p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
+                   help="diloco: local optimizer steps each worker takes per round (default %(default)s)")
     p.add_argument("--staleness", type=int, default=0, help="SSP staleness bound s (clocks)")
     p.add_argument("--steps", type=int, default=None, help="global steps to train")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
@@ -106,14 +112,16 @@ def parse_args(argv=None) -> SchedulerConfig:
     a = p.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s scheduler %(levelname)s %(message)s")
-    if a.servers < 1 or a.workers < 1 or a.staleness < 0:
-        p.error("--servers and --workers must be >= 1 and --staleness >= 0")
+    if a.servers < 1 or a.workers < 1 or a.staleness < 0 or a.inner_steps < 1:
+        p.error("--servers, --workers and --inner-steps must be >= 1 and --staleness >= 0")
     if (a.checkpoint_every or a.resume) and not (a.checkpoint_dir or a.out):
         p.error("checkpoints need --checkpoint-dir (or --out)")
-    if a.checkpoint_every and a.mode != "bsp":
-        p.error("coordinated checkpoints need --mode bsp (SSP and ASP shards are never at one version)")
+    if (a.checkpoint_every or a.resume) and a.mode != "bsp":
+        p.error("coordinated checkpoints need --mode bsp (SSP and ASP shards are never at one "
+                "version; diloco's are not supported yet)")
     return SchedulerConfig(
-        servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness, steps=a.steps,
+        servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness,
+        inner_steps=a.inner_steps, steps=a.steps,
         epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
         trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
         dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,

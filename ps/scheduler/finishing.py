@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from ps.faults import messages
-from ps.scheduler import joberror, summary
+from ps.scheduler import joberror, registration, summary
 from ps.scheduler.config import crash_at
 from ps.wire.protocol import Error, Kind, ProtocolError
 
@@ -51,6 +51,7 @@ class Finishing:
         if self.phase != "finishing" or header["worker"] != self.finisher:
             raise ProtocolError(Error.NOT_READY, f"FINISHED from worker {header['worker']} "
                                                  f"in phase {self.phase}")
+        self.run.note_bytes(header["worker"], header["inc"], *registration.bytes_moved(header))
         self.journal.phase("stopping")
         self.reply(ident, Kind.OK, header["rid"])
         self.phase = "stopping"

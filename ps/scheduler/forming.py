@@ -32,9 +32,19 @@ def lr_versions(job: dict, mode: str, steps: int, tasks_per_step: int) -> int | 
     """How many rates a job's schedule (``lr_at``) is sent for: one per version a shard
     can reach. BSP makes one update a step; an SSP or ASP shard one per push, and a push
     holds at least one of a step's at most ``tasks_per_step`` tasks. None: no schedule."""
-    if not job.get("lr_at"):
+    if not job.get("lr_at") or mode == "diloco":      # DiLoCo: the workers' inner recipe
         return None
     return steps if mode == "bsp" else steps * tasks_per_step
+
+
+def server_optimizer(cfg: SchedulerConfig, job: dict, steps: int, tasks_per_step: int) -> dict:
+    """What a server's REGISTER reply says of its optimizer. DiLoCo: the outer optimizer,
+    on a BSP shard whose versions are rounds (the inner recipe runs on the workers)."""
+    if cfg.mode == "diloco":
+        return {"optimizer": job["outer_optimizer"], "param_groups": None, "clip": None,
+                "lr_versions": None}
+    return {"optimizer": job["optimizer"], "param_groups": job.get("param_groups"),
+            "clip": job.get("clip"), "lr_versions": lr_versions(job, cfg.mode, steps, tasks_per_step)}
 
 
 def plan_run(cfg: SchedulerConfig, job: dict, steps: int,
@@ -43,9 +53,20 @@ def plan_run(cfg: SchedulerConfig, job: dict, steps: int,
     scheduler's replay)."""
     plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
                     seed=cfg.seed, shuffle=bool(job["shuffle"]))
+    if cfg.mode == "diloco":      # rounds of H steps, part j of each step worker j's, no stealing
+        dealer = Dealer(plan, cfg.workers, steps, steal=False, steps_per_round=cfg.inner_steps)
+        return plan, dealer, RunState(dealer.rounds, cfg.workers, plan.steps_per_epoch)
     dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal,
                     adaptive=cfg.tasks_per_step is None)
     return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
+
+
+def tasks_per_step_of(cfg: SchedulerConfig, job: dict) -> int:
+    """The finest cut of a step: --tasks-per-step, or the adaptive grain's; in DiLoCo one
+    part per worker (worker j trains on part j of every step of its round)."""
+    if cfg.mode == "diloco":
+        return cfg.workers
+    return cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
 
 
 class Forming:
@@ -78,7 +99,7 @@ class Forming:
         cfg, job = self.config, self.workers[0]
         specs = sharding.layout([(name, shape) for name, shape in job["layout"]])
         ranges = sharding.cut(sharding.total_size(specs), cfg.servers)
-        tasks_per_step = cfg.tasks_per_step or default_tasks_per_step(job["batch_size"], cfg.workers)
+        tasks_per_step = tasks_per_step_of(cfg, job)
         steps = cfg.steps or (cfg.epochs or job["epochs"] or 1) * steps_per_epoch(
             job["dataset_size"], job["batch_size"])
         plan, self.dealer, self.run = plan_run(cfg, job, steps, tasks_per_step)
@@ -102,11 +123,11 @@ class Forming:
             if role == "server":
                 lo, hi = ranges[index]
                 self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
-                           optimizer=job["optimizer"], mode=cfg.mode, staleness=cfg.staleness,
-                           workers=cfg.workers, checkpoint_every=cfg.checkpoint_every,
+                           mode="bsp" if cfg.mode == "diloco" else cfg.mode,
+                           staleness=cfg.staleness, workers=cfg.workers,
+                           checkpoint_every=cfg.checkpoint_every,
                            checkpoint_dir=cfg.checkpoint_dir, restore=manifest,
-                           param_groups=job.get("param_groups"), clip=job.get("clip"),
-                           lr_versions=lr_versions(job, cfg.mode, steps, tasks_per_step))
+                           **server_optimizer(cfg, job, steps, tasks_per_step))
             else:
                 self._welcome(ident, rid, index, member.inc, start_step=start)
         self.held.clear()
@@ -126,6 +147,6 @@ class Forming:
         self.reply(ident, Kind.OK, rid, worker=worker, inc=inc, shards=self.shard_map,
                    mode=cfg.mode, staleness=cfg.staleness, steps=self.run.steps,
                    workers=cfg.workers, seed=cfg.seed, start_step=start_step,
-                   dead_after_s=cfg.dead_after_s,
+                   dead_after_s=cfg.dead_after_s, inner_steps=cfg.inner_steps,
                    lr_versions=lr_versions(self.workers[0], cfg.mode, self.run.steps,
                                            self.dealer.plan.tasks_per_step))

@@ -17,10 +17,10 @@ from math import prod
 from ps.core.optim import make_optimizer
 from ps.faults import messages
 from ps.reliability.checkpoint import shard_file
-from ps.wire.protocol import Error, ProtocolError, is_int
+from ps.wire.protocol import Error, ProtocolError, is_int, optional_int
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs",
-              "param_groups", "lr_at", "clip")
+              "param_groups", "lr_at", "clip", "outer_optimizer")
 STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -73,10 +73,13 @@ def worker_job(header: dict, cfg, others) -> dict:
     if size < cfg.servers:
         raise ProtocolError(Error.BAD_FIELD, f"a model of {size} parameters cannot be cut into "
                                              f"{cfg.servers} shards")
-    try:
-        make_optimizer(info["optimizer"], 1)
-    except (ValueError, TypeError) as exc:
-        raise ProtocolError(Error.BAD_FIELD, f"optimizer {info['optimizer']}: {exc}") from None
+    for field in ("optimizer", "outer_optimizer"):      # outer: DiLoCo's, on the servers
+        if field == "outer_optimizer" and info[field] is None:
+            continue
+        try:
+            make_optimizer(info[field], 1)
+        except (ValueError, TypeError) as exc:
+            raise ProtocolError(Error.BAD_FIELD, f"{field} {info[field]}: {exc}") from None
     param_groups(info["param_groups"], info["optimizer"], size)
     recipe(info)
     if header.get("seed") != seed:
@@ -185,6 +188,13 @@ def net_faults(counts) -> dict:
         raise ProtocolError(Error.BAD_FIELD, f"net_faults must map {', '.join(messages.COUNTERS)} "
                                              "to non-negative ints")
     return counts
+
+
+def bytes_moved(header: dict) -> tuple[int, int]:
+    """A REPORT's or FINISHED's payload byte counters, (pushed, pulled): optional
+    non-negative ints, the worker incarnation's totals so far (the summary's bytes)."""
+    return (optional_int(header, "bytes_pushed", 0, 0, 1 << 62),
+            optional_int(header, "bytes_pulled", 0, 0, 1 << 62))
 
 
 def _count(value) -> bool:

@@ -33,6 +33,8 @@ class RunState:
         self.counted: set[int] = set()       # task ids whose samples are in the tally
         self.t_start: float | None = None
         self.t_end: float | None = None
+        self.moved: dict[tuple[int, int], tuple[int, int]] = {}   # (worker, inc) -> payload
+                                                     # bytes (pushed, pulled) it last reported
 
     def started(self) -> bool:
         """The first lease starts the run's clock; True that once (the scheduler journals it)."""
@@ -52,6 +54,16 @@ class RunState:
         if samples:
             self.loss_sum[step] += loss_sum
             self.loss_samples[step] += samples
+
+    def note_bytes(self, worker: int, inc: int, pushed: int, pulled: int) -> None:
+        """A worker incarnation's byte counters (cumulative: the largest is kept)."""
+        old = self.moved.get((worker, inc), (0, 0))
+        self.moved[(worker, inc)] = (max(old[0], pushed), max(old[1], pulled))
+
+    def bytes_moved(self, worker: int) -> tuple[int, int]:
+        """(pushed, pulled) payload bytes of ``worker``, its incarnations summed."""
+        mine = [v for (w, _), v in self.moved.items() if w == worker]
+        return sum(p for p, _ in mine), sum(q for _, q in mine)
 
     def count_tasks(self, plan, ids, rejected=()) -> None:
         """Count tasks by id (``plan``, a TaskPlan, says their step and samples; the ids
@@ -125,11 +137,14 @@ class RunState:
         minus its compute time: waiting on transfers, gates, leases and the others."""
         elapsed = self.elapsed()
         per_worker = [{"worker": i, **asdict(w), "stolen_by": stolen_by[i],
-                       "stolen_from": stolen_from[i], "idle_s": max(0.0, elapsed - w.compute_s)}
+                       "stolen_from": stolen_from[i], "idle_s": max(0.0, elapsed - w.compute_s),
+                       "bytes_pushed": self.bytes_moved(i)[0], "bytes_pulled": self.bytes_moved(i)[1]}
                       for i, w in enumerate(self.workers)]
         return {"steps": self.steps, "epochs": self.steps / self.steps_per_epoch,
                 "samples": self.samples(), "final_loss": self.last_loss(),
                 "wall_s": elapsed,
                 "samples_per_s": self.samples() / elapsed if elapsed > 0 else 0.0,
                 "losses": self.losses(), "per_worker": per_worker,
+                "bytes_pushed": sum(w["bytes_pushed"] for w in per_worker),
+                "bytes_pulled": sum(w["bytes_pulled"] for w in per_worker),
                 "per_epoch": [self.epochs[e] for e in sorted(self.epochs)]}

@@ -280,16 +280,26 @@ class Scheduler(Forming, Finishing, Restart):
         more = self.dealer.take_more(worker, task, fuse, ahead) if fused else []
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
                    more=[t.to_wire() for t in more],
-                   step_tasks=self.dealer.plan.num_tasks(task.step) if task else 0,
+                   step_tasks=self._step_tasks(task),
                    redo=bool(task and task.id in self.dealer.redo),
                    left=self.dealer.own_left(worker, rounds))
+
+    def _step_tasks(self, task) -> int:
+        """How many tasks the shards wait for before applying ``task``'s push: its step's,
+        or in DiLoCo its round's (the task names its inner step)."""
+        if task is None:
+            return 0
+        if self.config.mode == "diloco":
+            return self.dealer.round_tasks(self.dealer.round_of(task.step))
+        return self.dealer.plan.num_tasks(task.step)
 
     def _lease_step(self, worker: int, step: int, ahead: bool):
         """BSP: a task of ``step``, SSP: of clock ``step`` or older; (task, victim, rounds)."""
         if not 0 <= step < self.run.steps:
             raise ProtocolError(Error.BAD_FIELD, f"step {step} outside [-1, {self.run.steps})")
         self._deal(step)
-        rounds = [step] if self.config.mode == "bsp" else sorted(r for r in self.dealer.deques if r <= step)
+        rounds = ([step] if self.config.mode in ("bsp", "diloco")
+                  else sorted(r for r in self.dealer.deques if r <= step))
         task, victim = self.dealer.take(worker, rounds, rounds, ahead)
         self.failover.leased(worker, step)
         return task, victim, rounds
@@ -315,6 +325,7 @@ class Scheduler(Forming, Finishing, Restart):
         self._check_training(header)
         ids = check_int_list(header, "tasks", 1 << 16)
         rejected = set(check_int_list(header, "rejected", 1 << 16))
+        moved = registration.bytes_moved(header)
         if not self.dealer.knows(ids):
             raise ProtocolError(Error.BAD_FIELD, "tasks names an id no step dealt so far has")
         worker = header["worker"]
@@ -329,6 +340,7 @@ class Scheduler(Forming, Finishing, Restart):
             self.dealer.note_speed(worker, samples / compute_s)
         self.run.report(worker, header["step"], len(ids), samples, float(header["loss_sum"]),
                         compute_s, float(header["wait_s"]))
+        self.run.note_bytes(worker, header["inc"], *moved)
         self.deadline = time.monotonic() + self.config.timeout_s
         self.reply(ident, Kind.OK, header["rid"])
         self._release_done()            # the last task dealt again may just have come back

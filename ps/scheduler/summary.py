@@ -69,6 +69,21 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
           restarts: list[dict] = (), net_faults: dict | None = None,
           job_error: dict | None = None) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
+    return {**fields(cfg, run, dealer, shard_stats, failure, deaths, rejoins, recovery,
+                     restarts, net_faults, job_error), **rounds(cfg, dealer)}
+
+
+def rounds(cfg: SchedulerConfig, dealer: Dealer) -> dict:
+    """DiLoCo: a run's steps are inner steps, taken in ``rounds`` of ``inner_steps`` (the
+    run accounting counts rounds: each one a BSP version of the shards)."""
+    if cfg.mode != "diloco":
+        return {}
+    return {"steps": dealer.total_steps, "rounds": dealer.rounds, "inner_steps": cfg.inner_steps,
+            "epochs": dealer.total_steps / dealer.plan.steps_per_epoch}
+
+
+def fields(cfg, run, dealer, shard_stats, failure, deaths, rejoins, recovery, restarts,
+           net_faults, job_error) -> dict:
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
             "workers": cfg.workers, "seed": cfg.seed, "ok": failure is None,
             "failure": failure, "job_error": job_error, "steal": cfg.steal,

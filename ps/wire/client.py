@@ -187,6 +187,8 @@ class ShardClient:
         self.grad_dtype, self.param_dtype = grad_dtype, param_dtype
         self.peers = [Peer(ctx, s.endpoint, f"server{s.index}") for s in shards]
         self.pulled_bytes = 0           # bytes written into the flat buffer by pulls (one copy each)
+        self.wire_pulled = 0            # payload bytes received in pull replies, as sent (any dtype)
+        self.wire_pushed = 0            # payload bytes of pushes sent (a Lazy Pirate resend not counted)
         self.ahead: tuple[int, list[int]] | None = None   # the last pull sent by push(then_pull=)
 
     def init(self, flat: np.ndarray) -> None:
@@ -236,6 +238,7 @@ class ShardClient:
             raise
         chunks = [transport.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
                   for (header, frames), s in zip(replies, self.shards)]
+        self.wire_pulled += sum(c.nbytes for shard_chunks in chunks for c in shard_chunks)
         for shard_chunks, s in zip(chunks, self.shards):
             # The one unavoidable copy: frame -> model storage (decoding float16/bfloat16
             # to float32 in the same pass).
@@ -272,6 +275,7 @@ class ShardClient:
             # float32: views of the gradient buffer; float16/bfloat16: a fresh half-size
             # encoding of this shard's slice, which the message keeps alive until sent
             frames = transport.split(compress.encode(grad[s.lo:s.hi], self.grad_dtype)) if samples else []
+            self.wire_pushed += sum(memoryview(f).nbytes for f in frames)
             sent.append((p, p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step,
                                    tasks=tasks, samples=samples, step_tasks=step_tasks,
                                    ends_clock=ends_clock, lo=s.lo, dtype=self.grad_dtype,
