@@ -19,6 +19,9 @@ train       samples/s of one model, side by side: our cluster in BSP with 2 work
             tutorial's design (scripts/bench/train.py)
 scale       step time against model size (1M-100M), servers (1-4) and workers (1-4),
             and each server's memory per parameter byte (scripts/bench/scale.py)
+diloco      DiLoCo against BSP: bytes per sample at H = 8 and 32, and wall time and
+            validation loss of the GPT example on links shaped to 1000 and 100 Mbit/s
+            (scripts/bench/diloco.py)
 clip        what clipping's norm agreement adds to a BSP step: 10M and 50M parameters on
             2 and 4 servers, with and without CLIP_GRAD_NORM (scripts/bench/clip.py)
 
@@ -35,7 +38,7 @@ import os
 import signal
 import sys
 
-from bench import clip, common, defaults, modes, scale, stragglers, train, transport
+from bench import clip, common, defaults, diloco, modes, scale, stragglers, train, transport
 
 SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
                                  "vs static"),
@@ -45,7 +48,8 @@ SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs 
           "train": (train, "samples/s: our BSP cluster vs torch DDP (gloo) vs two torch "
                            "RPC parameter servers"),
           "scale": (scale, "step time vs model size, servers and workers; server memory"),
-          "clip": (clip, "the cost of clipping's norm agreement per BSP step")}
+          "clip": (clip, "the cost of clipping's norm agreement per BSP step"),
+          "diloco": (diloco, "DiLoCo vs BSP: bytes per sample, time and loss on shaped links")}
 
 
 def parse_args(argv=None):

@@ -204,6 +204,19 @@ def test_clip_tiny(tmp_path):
     assert "held for the norm, ms" in stdout
 
 
+def test_diloco_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "diloco.json", "diloco", timeout_s=SCALE_TIMEOUT_S)
+    rows = result["rows"]
+    moved = {(r["mode"], r["inner_steps"]): r["bytes_per_sample"] for r in rows
+             if r["part"] == "bytes"}
+    assert set(moved) == {("bsp", 1), ("diloco", 8), ("diloco", 32)}
+    assert moved[("bsp", 1)] / moved[("diloco", 8)] >= 8 / 1.2    # counted, not assumed
+    links = [r for r in rows if r["part"] == "links"]
+    assert [(r["mbps"], r["mode"]) for r in links] == [(None, "bsp"), (None, "diloco")]
+    assert all(math.isfinite(r["validation_loss"]) and r["wall_s"] > 0 for r in links)
+    assert "**links**" in stdout and "fewer than BSP" in stdout
+
+
 def test_mlp10m_job_has_10m_parameters():
     """The train suite's MLP: a valid job (the worker's own loader), ~10M parameters, and
     the width formula the scale suite resizes it with counts what torch builds."""

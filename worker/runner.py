@@ -213,16 +213,21 @@ class Worker:
         with self.tracer.span("pull", "wait", step=step, prefetched=pending is not None):
             while True:
                 self.check_heartbeat()
+                pending = pending or self.shards.pull_send(step)
                 try:
                     self.shards.pull_into(self.flat.params_np, step, timeout_s=POLL_S,
-                                          pending=pending)
+                                          pending=pending, keep_on_timeout=True)
                     break
                 except (TimeoutError, RemoteError) as exc:
                     # A pull the server parked past its --timeout-s is answered TIMEOUT
                     # (possible for one sent ahead, behind a push): ask again, like ours.
+                    # Our own wait running out is not the pull's: it stays asked (Lazy
+                    # Pirate resends it if lost), so a reply on a slow link is not asked
+                    # for twice.
                     if isinstance(exc, RemoteError) and exc.code != Error.TIMEOUT:
                         raise
-                    pending = None                     # abandoned; ask again, fresh
+                    if isinstance(exc, RemoteError):
+                        pending = None                 # answered TIMEOUT: ask again, fresh
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"worker {self.id}: step {step} still unreadable after "
                                            f"{self.config.timeout_s:.0f} s; {waiting}") from None

@@ -82,6 +82,8 @@ class Server:
         self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
         self.norm_resend_at: float | None = None         # clipping: when to send our NORM again
         self.norm_rids: set[int] = set()                 # request ids of our recent NORMs
+        self.replying: dict[int, tuple] = {}             # worker -> (inc, rid, tracker) of the
+                                                         # last pull answered: still leaving?
         self.norm_held_at = 0.0                          # when the held step's NORM first went
         self.norm_hold = {"steps": 0, "held_s": 0.0}     # clipping: steps held, and how long
 
@@ -240,6 +242,14 @@ class Server:
         self._check_worker(header)
         validation.check_pull(header)
         self.shard.check_live(header["inc"])
+        last = self.replying.get(header["worker"])
+        if last and last[:2] == (header["inc"], header["rid"]) and not last[2].done:
+            # A Lazy Pirate resend of a pull whose answer is still leaving (zmq's tracker):
+            # not lost, only slow. Answering again would queue the shard a second time
+            # behind it: on a slow link (4 MB at 20 Mbit/s: 1.6 s) the resends, every
+            # 0.25 s, would fill it faster than it drains.
+            self.copies["pull_resends_ignored"] += 1
+            return
         if self.shard.pull_ready(header["step"]):
             self._answer_pull(ident, header)
         else:
@@ -337,7 +347,9 @@ class Server:
         # float32: zero-copy from the parameter buffer, which must not change until zmq's I/O
         # thread has sent it (_release_params). float16/bfloat16: a fresh encoded buffer.
         frames, live = transport.pull_frames(params, dtype)
-        tracker = self.reply(ident, head, frames, track=live)
+        tracker = self.reply(ident, head, frames, track=True)
+        if tracker is not None:
+            self.replying[header["worker"]] = (header["inc"], header["rid"], tracker)
         if live and tracker is not None and not tracker.done:
             self.in_flight.append(tracker)
 

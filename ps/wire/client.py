@@ -25,7 +25,10 @@ from ps.wire.protocol import Error, Kind, ProtocolError, decode, encode
 
 RETRY_INTERVAL_S = 0.25   # a request unanswered this long is sent again (same rid) ...
 RETRY_BYTES_PER_S = 2e8   # ... plus the time its payload takes at a pessimistic 200 MB/s,
-                          # so a large push is not sent twice just for being large
+                          # so a large push is not sent twice just for being large; and a
+                          # request with payload is never resent while its last copy is still
+                          # leaving (zmq's MessageTracker): on a slow link (a 4 MB push at 20
+                          # Mbit/s takes 1.6 s) resends would queue faster than the link drains
 
 
 class RemoteError(RuntimeError):
@@ -67,6 +70,8 @@ class Peer:
         self.arrived: dict[int, tuple[dict, list]] = {}  # replies that came while we waited for others
         self.requests: dict[int, list] = {}              # rid -> the frames sent, to resend
         self.sent_at: dict[int, float] = {}              # rid -> when it was last sent
+        self.leaving: dict[int, zmq.MessageTracker] = {}  # rid -> its last copy's tracker
+                                                          # (requests with payload frames)
         self.register_again = None                       # () -> None: register again (see above)
         self.check = None                                # () -> None: raises to end a wait (above)
         self.reregistered_at = 0.0
@@ -74,8 +79,10 @@ class Peer:
     def send(self, kind: str, frames=(), want_reply: bool = True, **fields) -> int:
         rid = next(self._rids)
         message = [encode(kind, rid, **fields), *frames]
-        self.sock.send_multipart(message, copy=False)
+        tracker = self.sock.send_multipart(message, copy=False, track=bool(frames) and want_reply)
         if want_reply:
+            if frames:
+                self.leaving[rid] = tracker
             self.outstanding.add(rid)
             self.requests[rid] = message        # kept for a Lazy Pirate resend
             self.sent_at[rid] = time.monotonic()
@@ -92,8 +99,13 @@ class Peer:
             self.register_again()
             self.reregistered_at = time.monotonic()
         if rid in self.requests:
-            self.sock.send_multipart(self.requests[rid], copy=False)
-            self.sent_at[rid] = time.monotonic()
+            self._resend(rid)
+
+    def _resend(self, rid: int) -> None:
+        tracker = self.sock.send_multipart(self.requests[rid], copy=False, track=rid in self.leaving)
+        if rid in self.leaving:
+            self.leaving[rid] = tracker
+        self.sent_at[rid] = time.monotonic()
 
     def recv(self, rid: int, timeout_s: float, what: str = "") -> tuple[dict, list]:
         """Wait for the reply to ``rid``; raise TimeoutError naming what we waited for."""
@@ -108,8 +120,9 @@ class Peer:
             if now >= resend_at and rid in self.requests:
                 # Lazy Pirate: the request or its reply may be lost; ask again with the
                 # same rid (handlers are idempotent by rid, so a repeat is harmless).
-                self.sock.send_multipart(self.requests[rid], copy=False)
-                self.sent_at[rid] = now
+                # Not while its last copy is still leaving: that one is not lost, only slow.
+                if self.leaving.get(rid) is None or self.leaving[rid].done:
+                    self._resend(rid)
                 resend_at = now + interval
             left_ms = int(max(0.0, min(deadline, resend_at) - now) * 1000)
             if not self.sock.poll(left_ms) and time.monotonic() >= deadline:
@@ -133,6 +146,7 @@ class Peer:
         self.outstanding.discard(rid)
         self.requests.pop(rid, None)
         self.sent_at.pop(rid, None)
+        self.leaving.pop(rid, None)
         header, frames = self.arrived.pop(rid)
         if header["kind"] == Kind.ERROR:
             raise RemoteError(self.name, header["code"], header["reason"])
@@ -151,7 +165,13 @@ class Peer:
         self.outstanding.discard(rid)
         self.requests.pop(rid, None)
         self.sent_at.pop(rid, None)
+        self.leaving.pop(rid, None)
         self.arrived.pop(rid, None)
+
+    def keep(self, rid: int, reply: tuple[dict, list]) -> None:
+        """Put back a reply ``recv`` returned, unused: the next ``recv(rid)`` returns it."""
+        self.outstanding.add(rid)
+        self.arrived[rid] = reply
 
     def close(self) -> None:
         self.sock.close(linger=0)
@@ -220,7 +240,8 @@ class ShardClient:
             p.abandon(rid)
 
     def pull_into(self, flat: np.ndarray, step: int, timeout_s: float | None = None,
-                  pending: tuple[int, list[int]] | None = None) -> list[int]:
+                  pending: tuple[int, list[int]] | None = None,
+                  keep_on_timeout: bool = False) -> list[int]:
         """Fill ``flat`` with the shards' parameters for ``step``; return their versions.
 
         Each server answers once its consistency gate allows (BSP: it has version
@@ -228,12 +249,23 @@ class ShardClient:
         All or nothing: ``flat`` is written only once every shard has answered, so a
         timed-out pull never leaves a mix of versions in the model (nor does a
         prefetch: ``pending``, a ``pull_send`` of this step, is waited for here).
+        ``keep_on_timeout``: a TimeoutError leaves ``pending``'s requests outstanding, for
+        the caller to wait on again (a reply still on its way is not asked for twice).
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         step, rids = pending if pending is not None else self.pull_send(step)
+        replies = []
         try:
-            replies = [p.recv(rid, timeout_s, f"pull of step {step}") for p, rid in zip(self.peers, rids)]
-        except BaseException:                 # a timeout or an error reply: the other shards'
+            for p, rid in zip(self.peers, rids):
+                replies.append(p.recv(rid, timeout_s, f"pull of step {step}"))
+        except TimeoutError:
+            if not keep_on_timeout:
+                self.abandon((step, rids))
+                raise
+            for p, rid, reply in zip(self.peers, rids, replies):
+                p.keep(rid, reply)            # received, unused: there for the next wait
+            raise
+        except BaseException:                 # an error reply: the other shards'
             self.abandon((step, rids))        # replies are not kept for nobody
             raise
         chunks = [transport.check_payload(frames, header.get("dtype", ""), s.hi - s.lo)
