@@ -75,10 +75,8 @@ def run_diloco(out, workers, servers, env=ADAMW, *flags, steps=STEPS, inner=H):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("workers,servers", [(2, 2), pytest.param(1, 1, marks=pytest.mark.slow),
-                                             pytest.param(3, 1, marks=pytest.mark.slow),
-                                             pytest.param(1, 3, marks=pytest.mark.slow),
-                                             pytest.param(3, 3, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("workers,servers", [(2, 2), pytest.param(3, 1, marks=pytest.mark.slow),
+                                             pytest.param(1, 3, marks=pytest.mark.slow)])
 def test_sync_diloco_equals_the_single_process_simulation(tmp_path, workers, servers):
     run = run_diloco(tmp_path, workers, servers)
     assert_params_close(run.params, diloco_oracle(ADAMW, workers), rtol=1e-5)

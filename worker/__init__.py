@@ -1,6 +1,7 @@
 """Workers: the torch side of the cluster (``python -m worker``).
 
     runner      the worker loop: lease, pull, compute, push, report (Worker.train_step)
+    diloco      --mode diloco: H inner steps a round, then one pseudo-gradient push
     job         the job file's contract: the model, data, loss and recipe a worker takes from it
     flat        the model's parameters and gradients as flat buffers (zero-copy views)
     leases      task leases from the scheduler, asked ahead while computing

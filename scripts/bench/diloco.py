@@ -11,8 +11,9 @@ links   4 workers x 2 servers, LINK_STEPS steps, each role in its network namesp
         (the job's ``validation_loss``: equal steps, so equal samples), BSP against
         DiLoCo at H = 8. Needs root for the namespaces; without, only the unshaped row.
 
-Only synchronous DiLoCo exists so far; its outer optimizer is the job's default (Nesterov
-SGD, lr 0.7, momentum 0.9) and its inner one the job's recipe.
+Only synchronous DiLoCo exists so far; its outer optimizer is the example's
+OUTER_OPTIMIZER (plain averaging, lr 1: see examples/gpt.py for what DiLoCo's default,
+Nesterov with lr 0.7 and momentum 0.9, gives) and its inner one the job's recipe.
 """
 from __future__ import annotations
 
