@@ -6,8 +6,6 @@ the shaped link, so it cannot be faster than ``2 x bytes x 8 / N``; it should no
 slower either, or the cluster wastes the link (a reply asked for again while it is still
 on its way, say). As root with network namespaces; skipped otherwise.
 """
-import os
-
 import pytest
 
 from cluster import launch

@@ -112,7 +112,7 @@ def train_diloco(job: Job | str, steps: int, inner_steps: int, workers: int, see
     outer = torch_optimizer(model.parameters(), job.outer_optimizer)
     plan = TaskPlan(len(dataset), job.batch_size, workers, seed=seed, shuffle=job.shuffle)
     params = list(model.parameters())
-    losses, t0 = [], time.monotonic()
+    losses = []
     for start in range(0, steps, inner_steps):
         rnd_steps = range(start, min(start + inner_steps, steps))
         deltas = [torch.zeros_like(p) for p in params]

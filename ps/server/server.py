@@ -17,9 +17,9 @@ the flags in ``ps.server.config``; this file only receives, validates, calls the
 and sends.
 
 With clipping (a job's ``CLIP_GRAD_NORM``), a BSP step complete here is held until the
-shards agree on its global norm: the server sends its part to the scheduler (NORM,
-resent every ``NORM_RETRY_S`` until answered; ``ps.scheduler.norms``) and applies the
-step when the total comes back.
+shards agree on its global norm: the server sends its part to the scheduler
+(``ps.server.norm``, ``ps.scheduler.norms``) and applies the step when the total comes
+back.
 """
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ from ps.faults import messages
 from ps.reliability import checkpoint
 from ps.security import curve
 from ps.server.config import ServerConfig, parse_args
+from ps.server.norm import NormExchange
 from ps.wire import transport, validation
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import (WAIT_LOG_S, Error, Kind, ProtocolError, check_frames, check_int_list,
@@ -50,7 +51,6 @@ PUSH_REPLY_CACHE = 4096          # replies remembered by (incarnation, rid): a r
 BYE_FLUSH_S = 0.2                # how long the last heartbeat (bye) may take to leave at exit
 CHECKPOINT_FINISH_S = 10.0       # at exit, how long a checkpoint still being written may take
 CHECKPOINT_POLL_S = 0.05         # while one is written, how often the loop looks whether it is done
-NORM_RETRY_S = 0.25              # a NORM unanswered this long is sent again (Lazy Pirate's interval)
 
 
 class Server:
@@ -80,12 +80,9 @@ class Server:
         self.waits: dict = {}                # (worker, step) -> when its pull was first parked
         self.logged_waits: set = set()       # (worker, step) of parked pulls already logged
         self.refusals = validation.RefusalLog(log)       # bad input logged at a bounded rate
-        self.norm_resend_at: float | None = None         # clipping: when to send our NORM again
-        self.norm_rids: set[int] = set()                 # request ids of our recent NORMs
+        self.norms: NormExchange | None = None           # clipping's agreement, once registered
         self.replying: dict[int, tuple] = {}             # worker -> (inc, rid, tracker) of the
                                                          # last pull answered: still leaving?
-        self.norm_held_at = 0.0                          # when the held step's NORM first went
-        self.norm_hold = {"steps": 0, "held_s": 0.0}     # clipping: steps held, and how long
 
     # -- life cycle -----------------------------------------------------------------
     def register(self) -> None:
@@ -99,6 +96,8 @@ class Server:
                            reply["staleness"], reply["workers"],
                            segments=segments(reply.get("param_groups"), self.lo, self.hi),
                            clip=reply.get("clip"), lr_versions=reply.get("lr_versions"))
+        if self.shard.clip is not None:
+            self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
         self.checkpoint_every = reply.get("checkpoint_every") or 0
         self.checkpoint_dir = reply.get("checkpoint_dir")
         if self.checkpoint_every:
@@ -127,10 +126,9 @@ class Server:
             if now - last_heard > self.config.timeout_s:
                 raise TimeoutError(f"scheduler silent for {self.config.timeout_s:.0f} s; giving up")
             wait_s = self.next_beat - now
-            if self.norm_resend_at is not None:
-                if now >= self.norm_resend_at:
-                    self._send_norm()
-                wait_s = min(wait_s, max(0.0, self.norm_resend_at - now))
+            norm_s = self.norms.due(self.shard, now) if self.norms else None
+            if norm_s is not None:
+                wait_s = min(wait_s, norm_s)
             if self.checkpoints is not None and self.checkpoints.busy():
                 wait_s = min(wait_s, CHECKPOINT_POLL_S)
             events = dict(poller.poll(timeout=max(1, int(wait_s * 1000))))
@@ -158,13 +156,13 @@ class Server:
             if header["kind"] == Kind.ERROR and header.get("code") == Error.REREGISTER:
                 if header["rid"] > self.registered_rid:   # not one sent before we registered again
                     self.register_again()
-                    if self.norm_resend_at is not None:
-                        self.norm_resend_at = 0.0          # and our NORM again, at once
+                    if self.norms and self.norms.resend_at is not None:
+                        self.norms.resend_at = 0.0         # and our NORM again, at once
                 return False
             if "norm_step" in header:
                 self._on_norm(header)
                 return False
-            if header["kind"] == Kind.ERROR and header["rid"] in self.norm_rids:
+            if header["kind"] == Kind.ERROR and self.norms and header["rid"] in self.norms.rids:
                 log.warning("the scheduler refused our norm: %s; sending it again", header["reason"])
                 return False
             if header["kind"] == Kind.ERROR:
@@ -282,9 +280,8 @@ class Server:
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
                                   header["step_tasks"], chunks, header["inc"], ends_clock)
         self._stepped(version)
-        if self.shard.norm_wait is not None and self.norm_resend_at is None:
-            self.norm_held_at = time.perf_counter()
-            self._send_norm()             # the step is complete here: agree on its norm
+        if self.norms:
+            self.norms.start(self.shard)  # a step complete here: agree on its norm
         answer = encode(Kind.OK, header["rid"], applied=applied, version=self.shard.version)
         self.push_replies[key] = answer
         if len(self.push_replies) > PUSH_REPLY_CACHE:
@@ -299,30 +296,16 @@ class Server:
                 and self.shard.version % self.checkpoint_every == 0):
             self.write_checkpoint()
 
-    def _send_norm(self) -> None:
-        """Our part of the held step's squared norm, to the scheduler (ps.scheduler.norms)."""
-        rid = self.scheduler.send(Kind.NORM, want_reply=False, index=self.index, inc=self.inc,
-                                  step=self.shard.norm_wait, sumsq=self.shard.partial_sumsq,
-                                  nonfinite=self.config.nonfinite)
-        self.norm_rids = {rid} | {r for r in self.norm_rids if r > rid - 64}   # recent ones
-        self.norm_resend_at = time.monotonic() + NORM_RETRY_S
-
     def _on_norm(self, header) -> None:
-        """The held step's global norm: apply the step, clipped (or a repeat: nothing)."""
-        step, total, skip = header["norm_step"], header.get("total_norm"), header.get("skip")
-        if not (isinstance(step, int) and isinstance(total, (int, float))
-                and isinstance(skip, bool)):
-            raise ProtocolError(Error.BAD_FIELD, "a norm reply needs norm_step, total_norm, skip")
-        if self.shard.norm_wait != step:
-            return
-        self.norm_hold["steps"] += 1          # held from our NORM until here: the exchange
-        self.norm_hold["held_s"] += time.perf_counter() - self.norm_held_at
+        """The held step's global norm (``ps.server.norm``): apply the step, clipped."""
+        held = self.norms.answer(header, self.shard) if self.norms else None
+        if held is None:
+            return                        # a repeat of an answer already applied
         self._release_params()
         version = self.shard.version
-        self.shard.finish_step(step, float(total), skip)
-        if skip:
+        self.shard.finish_step(*held)
+        if held[2]:
             self.errors["nonfinite_skipped"] += 1
-        self.norm_resend_at = None
         self._stepped(version)
         self._answer_parked()
 
@@ -439,9 +422,8 @@ class Server:
         stats = self.shard.stats() if self.shard else {}
         stats["errors"], stats["copies"] = dict(self.errors), dict(self.copies)
         stats["checkpoint"] = self.last_checkpoint
-        if self.shard is not None and self.shard.clip is not None:
-            stats["norm_hold"] = {"steps": self.norm_hold["steps"],
-                                  "held_s": round(self.norm_hold["held_s"], 6)}
+        if self.norms is not None:
+            stats["norm_hold"] = self.norms.stats()
         stats.update(messages.fields())          # --inject drop/dup/delay: what fired
         return stats
 
