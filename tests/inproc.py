@@ -31,7 +31,7 @@ class InProcessServer:
         s = self.server
         s.index, s.inc, s.lo, s.hi = 0, 1, 0, size
         s.shard = Shard(size, optimizer or {"name": "sgd", "lr": 0.1}, mode, 0, 1)
-        s.checkpoint_every, s.checkpoint_dir = 0, None
+        s.checkpoints = None                     # no --checkpoint-every
         self.ctx = zmq.Context()
         self.client = ShardClient(self.ctx, [ShardInfo(0, s.endpoint, 0, size)], worker=0,
                                   timeout_s=5.0, incarnation=7, grad_dtype=grad_dtype,

@@ -298,12 +298,12 @@ def test_a_server_s_event_loop_goes_on_while_its_checkpoint_is_written(tmp_path,
     # it, nor the heartbeats: the server answers at once and reports the checkpoint
     # when the write is done.
     from inproc import InProcessServer
+    from ps.server.checkpoints import Checkpoints
     release = held_writes
     srv = InProcessServer(1000)
     try:
         s = srv.server
-        s.checkpoint_every, s.checkpoint_dir = 1, str(tmp_path)
-        s.checkpoints = checkpoint.ShardWriter(str(tmp_path), 0, 0, 1000)
+        s.checkpoints = Checkpoints(1, str(tmp_path), 0, 0, 1000, s.errors)   # every version
         srv.init(np.zeros(1000, np.float32))
         server = threading.Thread(target=srv.serve_one)
         server.start()

@@ -23,7 +23,6 @@ back.
 """
 from __future__ import annotations
 
-import errno
 import faulthandler
 import logging
 import signal
@@ -35,6 +34,7 @@ import zmq
 from ps.core.shard import Shard
 from ps.faults import messages
 from ps.reliability import checkpoint
+from ps.server.checkpoints import Checkpoints
 from ps.security import curve
 from ps.server.config import ServerConfig, parse_args
 from ps.server.norm import NormExchange
@@ -68,8 +68,7 @@ class Server:
         self.shard: Shard | None = None
         self.index = -1
         self.inc = 0                         # our incarnation, from the scheduler
-        self.last_checkpoint: dict | None = None   # what this shard last wrote (for the manifest)
-        self.checkpoints: checkpoint.ShardWriter | None = None   # writes them off the event loop
+        self.checkpoints: Checkpoints | None = None   # --checkpoint-every: ps.server.checkpoints
         self.next_beat = 0.0                 # when the next heartbeat is due
         self.parked: list[tuple] = []        # pulls waiting for the gate: (deadline, ident, header)
         self.in_flight: list = []            # zmq trackers of replies sending from the shard's arrays
@@ -98,11 +97,10 @@ class Server:
                            clip=reply.get("clip"), lr_versions=reply.get("lr_versions"))
         if self.shard.clip is not None:
             self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
-        self.checkpoint_every = reply.get("checkpoint_every") or 0
-        self.checkpoint_dir = reply.get("checkpoint_dir")
-        if self.checkpoint_every:
-            self.checkpoints = checkpoint.ShardWriter(self.checkpoint_dir, self.index, self.lo,
-                                                      self.hi)
+        if reply.get("checkpoint_every"):
+            self.checkpoints = Checkpoints(reply["checkpoint_every"], reply.get("checkpoint_dir"),
+                                           self.index, self.lo, self.hi, self.errors,
+                                           self.config.fail_checkpoints, self.config.crash_at)
         if reply.get("restore"):
             manifest = reply["restore"]
             params, state = checkpoint.load_range(manifest, self.lo, self.hi)
@@ -292,9 +290,8 @@ class Server:
     def _stepped(self, version: int) -> None:
         """After an update may have happened (the shard was at ``version``): a BSP
         checkpoint when one is due."""
-        if (self.checkpoint_every and self.shard.mode == "bsp" and self.shard.version != version
-                and self.shard.version % self.checkpoint_every == 0):
-            self.write_checkpoint()
+        if self.checkpoints is not None:
+            self.checkpoints.after_update(self.shard, version)
 
     def _on_norm(self, header) -> None:
         """The held step's global norm (``ps.server.norm``): apply the step, clipped."""
@@ -383,45 +380,16 @@ class Server:
             log.warning("reply to a vanished peer dropped: %s", exc)
             return None
 
-    def write_checkpoint(self) -> None:
-        """This shard's part of a coordinated checkpoint (the scheduler commits it once
-        every shard has written the same version): a snapshot of the parameters and the
-        optimizer state, written off the event loop (``checkpoint.ShardWriter``), so the
-        heartbeats go on however large the shard. A failed write (a full disk) is logged
-        and counted; training goes on with the previous checkpoint."""
-        version = self.shard.version
-        if self.config.fail_checkpoints:                          # fault hook: a full disk
-            return self._checkpoint_failed(version, OSError(errno.ENOSPC, "no space left on "
-                                                                          "device (injected)"))
-        if self.checkpoints.busy():       # before any copy: one write at a time
-            log.warning("shard %d: checkpoint of version %d skipped, the previous one is still "
-                        "being written", self.index, version)
-            return
-        crash = self.config.crash_at == f"checkpoint@{version}"              # fault hook
-        self.checkpoints.start(version, self.shard.params.copy(), self.shard.optimizer.state(),
-                               crash_before_rename=crash)   # copies: training goes on
-
     def _collect_checkpoint(self, wait_s: float = 0.0) -> None:
-        """A finished write: report it at the next heartbeat, which goes out now (the
-        scheduler commits the manifest once every shard has)."""
-        outcome = self.checkpoints.done(wait_s) if self.checkpoints is not None else None
-        if outcome is None:
-            return
-        version, report, error = outcome
-        if error is not None:
-            return self._checkpoint_failed(version, error)
-        self.last_checkpoint = report
-        self.next_beat = 0.0
-
-    def _checkpoint_failed(self, version: int, error: Exception) -> None:
-        self.errors["checkpoint_failed"] += 1
-        log.error("shard %d could not write its checkpoint of version %d: %s; training goes on",
-                  self.index, version, error)
+        """A finished checkpoint write: report it at the next heartbeat, which goes out now
+        (the scheduler commits the manifest once every shard has)."""
+        if self.checkpoints is not None and self.checkpoints.collect(wait_s):
+            self.next_beat = 0.0
 
     def stats(self) -> dict:
         stats = self.shard.stats() if self.shard else {}
         stats["errors"], stats["copies"] = dict(self.errors), dict(self.copies)
-        stats["checkpoint"] = self.last_checkpoint
+        stats["checkpoint"] = self.checkpoints.last if self.checkpoints else None
         if self.norms is not None:
             stats["norm_hold"] = self.norms.stats()
         stats.update(messages.fields())          # --inject drop/dup/delay: what fired
