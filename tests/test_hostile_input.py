@@ -102,6 +102,7 @@ def attacks(ranges, marker):
         ("negative-step", push(lo, n, step=-1), Error.BAD_FIELD),
         ("bool-step", push(lo, n, step=True), Error.BAD_FIELD),
         ("samples-without-tasks", push(lo, n, tasks=[]), Error.BAD_FIELD),
+        ("string-last", push(lo, n, last="yes"), Error.BAD_FIELD),
         # pickles: a header, an extension value, a payload under any dtype
         ("pickle-header", [boom], Error.BAD_HEADER),
         ("pickle-ext", [msgpack.packb({"v": 1, "kind": "stats", "rid": 1,

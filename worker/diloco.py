@@ -19,13 +19,25 @@ The parts are the scheduler's tasks: part j of every step of round r is dealt to
 (``ps.core.dealer``, ``by_part``). Tasks of a dead worker's round dealt again (``redo``)
 are its own trajectory: from θ_r, with a fresh inner optimizer, pushed on their own.
 ``worker.reference.train_diloco`` is the single-process simulation a run must equal.
+
+``--async`` (Liu et al. 2024, "Asynchronous Local-SGD"): no round waits for the others.
+A worker's c-th round (its clock c) leases its inner steps from a pool of the run's
+parts (as ASP leases tasks; stealing moves them), pulls θ through SSP's gate (no worker
+more than ``--staleness`` rounds behind), trains one inner step per part and pushes its
+pseudo-gradient, which the shards apply on arrival as 1/M of a round, with SGD momentum
+applied once every M pushes (``ps.core.optim.DelayedSGD``). How many inner steps a round
+has is the scheduler's choice: H scaled by the worker's measured speed (Dynamic Local
+Updates, ``Dealer.local_steps``), so a slow worker's rounds take as long as the others'.
+A worker with no round left says so (``last``): its clock gates nobody from then on.
 """
 from __future__ import annotations
+
+import time
 
 import torch
 
 from ps.wire.client import RemoteError
-from ps.wire.protocol import Error
+from ps.wire.protocol import Error, Kind
 from worker import reference
 from worker.job import collate
 
@@ -33,13 +45,36 @@ from worker.job import collate
 class LocalSteps:
     """A worker's inner loop (``worker.runner.Worker`` calls ``round`` for each round)."""
 
-    def __init__(self, worker, inner_steps: int):
+    def __init__(self, worker, inner_steps: int, asynchronous: bool = False):
         self.w = worker
         self.groups = reference.groups_of(worker.job, worker.model)
         self.own_lr = [g.get("lr") for g in self.groups]    # before torch fills in defaults
         self.opt = reference.torch_optimizer(self.groups, worker.job.optimizer)
         self.start = torch.empty_like(worker.flat.params)   # (n,) θ_r, where params live
         self.inner_steps = inner_steps                        # H: a task's round is step // H
+        self.asynchronous = asynchronous
+        self.clock = 0                                        # async: rounds pushed so far
+        self.ended = False                                    # async: ``last`` pushed
+
+    # -- async ------------------------------------------------------------------------
+    def run_async(self) -> None:
+        """Round after round, each as long as the scheduler leases (its inner steps), until
+        the pool is empty; then tell the shards this worker's clock gates nobody."""
+        while self._round_async():
+            pass
+        self.ended = True
+        self.w.shards.push(self.w.flat.grads_np, self.clock, [], 0, 1, last=True)
+
+    def _round_async(self) -> bool:
+        """One async round: lease its inner steps, pull through the gate, train, push."""
+        reply, _ = self.w.request(Kind.LEASE, step=-1, ahead=False, or_next=False, fuse=1)
+        if reply["task"] is None:
+            return False
+        tasks = [reply["task"], *reply.get("more", [])]
+        self.w.pull(self.clock)
+        self._trajectory(self.clock, tasks, 1, self.opt, one_per_task=True)
+        self.clock += 1
+        return True
 
     def round(self, rnd: int) -> None:
         """Train round ``rnd``: lease this worker's parts, pull θ_r (while the previous
@@ -57,6 +92,10 @@ class LocalSteps:
         """While blocked on round ``rnd + 1``'s parameters, or (``rnd`` -1) waiting for
         DONE: parts of round ``rnd`` (-1: of any round) dealt again (their worker died)."""
         if rnd < -1:
+            return
+        if self.asynchronous:                # tasks of a dead worker: rounds of our own
+            while self.ended and self._round_async():
+                pass
             return
         own, redo, counts = self._lease(rnd)
         for r in sorted(counts):
@@ -89,16 +128,20 @@ class LocalSteps:
             tasks, n, again = self.w.leases.next(rnd)
         return own, redo, counts
 
-    def _trajectory(self, rnd: int, tasks: list, step_tasks: int, opt) -> None:
-        """From θ_r (in the model now): one inner step per global step of the tasks, then
-        push the pseudo-gradient."""
+    def _trajectory(self, rnd: int, tasks: list, step_tasks: int, opt,
+                    one_per_task: bool = False) -> None:
+        """From θ_r (in the model now): one inner step per global step of the tasks (async:
+        per task), then push the pseudo-gradient."""
         from worker.runner import Group      # here: worker.runner imports this module
         w, job = self.w, self.w.job
         self.start.copy_(w.flat.params)
         group = Group(step_tasks=step_tasks)
         params = [p for g in opt.param_groups for p in g["params"]]
-        for step in sorted({t[1] for t in tasks}):           # parts of one step: one batch
-            samples = [i for t in tasks if t[1] == step for i in t[2]]
+        batches = ([[t] for t in sorted(tasks, key=lambda t: (t[1], t[0]))] if one_per_task else
+                   [[t for t in tasks if t[1] == s] for s in sorted({t[1] for t in tasks})])
+        for batch_tasks in batches:                          # parts of one step: one batch
+            step, t0 = batch_tasks[0][1], time.perf_counter()
+            samples = [i for t in batch_tasks for i in t[2]]
             w.flat.zero_grad()
             with job.running("dataset"):
                 batch = collate(w.dataset, samples, w.device)
@@ -111,9 +154,17 @@ class LocalSteps:
             opt.step()
             group.loss_sum += float(loss.detach()) * len(samples)
             group.samples += len(samples)
+            took = time.perf_counter() - t0
+            w.slowdown.after(batch_tasks[0][0], took)        # --slow: a straggler's factor
+            group.compute_s += time.perf_counter() - t0      # the scheduler's speed measure
         group.tasks = tasks
         # Δ = θ_r - θ_k into the flat gradient buffer, times the samples: the shards sum
-        # the pushes and divide by the round's samples, a sample-weighted mean.
+        # the pushes and divide by the round's samples, a sample-weighted mean (async:
+        # each push its own samples' mean, over M).
         torch.sub(self.start, w.flat.params, out=w.flat.grads)
         w.flat.grads.mul_(group.samples)
-        w.push(rnd, group)
+        if self.asynchronous:                # reported as of the (nominal) round of its steps
+            w.push(rnd, group, report_step=max(t[1] for t in tasks) // self.inner_steps,
+                   last=self.ended)
+        else:
+            w.push(rnd, group)

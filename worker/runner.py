@@ -109,6 +109,7 @@ class Worker:
         self.reports: Reports | None = None
         self.prefetch: Prefetch | None = None   # the next step's pull, sent ahead
         self.local: LocalSteps | None = None    # --mode diloco: the inner loop
+        self.diloco_async = False               # --mode diloco --async
 
     def register(self) -> dict:
         job = self.job
@@ -143,10 +144,13 @@ class Worker:
         self.leases = Leases(self.scheduler, self.id, self.inc, self.config.timeout_s,
                              self.config.fuse or MAX_FUSE)   # the scheduler never fuses in ASP
         self.reports = Reports(self.scheduler, self.id, self.inc, self.config.timeout_s, self.shards)
-        # DiLoCo's shards are BSP shards whose versions are rounds: pulls behave as in BSP.
-        self.prefetch = Prefetch(self.shards, self.config.prefetch,
-                                 "bsp" if self.mode == "diloco" else self.mode, reply["steps"])
-        self.local = LocalSteps(self, reply["inner_steps"]) if self.mode == "diloco" else None
+        # DiLoCo's shards are BSP shards whose versions are rounds: pulls behave as in BSP;
+        # async, SSP shards whose clocks are this worker's rounds.
+        self.diloco_async = bool(reply.get("diloco_async"))
+        shard_mode = ("ssp" if self.diloco_async else "bsp") if self.mode == "diloco" else self.mode
+        self.prefetch = Prefetch(self.shards, self.config.prefetch, shard_mode, reply["steps"])
+        self.local = (LocalSteps(self, reply["inner_steps"], self.diloco_async)
+                      if self.mode == "diloco" else None)
         if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/speedups/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
@@ -240,21 +244,26 @@ class Worker:
         self.flat.after_pull()
         self.held = step
 
-    def push(self, step: int, group: Group, ends_clock: bool = True) -> None:
-        """Push a group's gradient sum (an empty group: an SSP clock tick), then report it.
-        A group already pushed from backward hooks (``replies``) is only reported."""
+    def push(self, step: int, group: Group, ends_clock: bool = True,
+             report_step: int | None = None, last: bool = False) -> None:
+        """Push a group's gradient sum (an empty group: an SSP clock tick), then report it
+        (as of ``report_step``, if not ``step``: async DiLoCo pushes its own clock and
+        reports the round its tasks are of). A group already pushed from backward hooks
+        (``replies``) is only reported. ``last``: see ``ShardClient.push``."""
         ids = [t[0] for t in group.tasks]
         replies = group.replies if group.replies is not None else \
-            self.send_push(step, group, ids, ends_clock)
+            self.send_push(step, group, ids, ends_clock, last)
         # Rejected: no shard took it (all had it already). A push some shards refused and
         # others took is the second half of a dead worker's partial push: applied now.
         rejected = ids if not any(r.get("applied", True) for r in replies) else []
         now = time.perf_counter()
-        self.reports.send(step, ids, rejected, group.loss_sum, group.samples, group.compute_s,
+        self.reports.send(step if report_step is None else report_step, ids, rejected,
+                          group.loss_sum, group.samples, group.compute_s,
                           max(0.0, now - self.last_report - group.compute_s))
         self.last_report = now
 
-    def send_push(self, step: int, group: Group, ids: list[int], ends_clock: bool) -> list:
+    def send_push(self, step: int, group: Group, ids: list[int], ends_clock: bool,
+                  last: bool = False) -> list:
         self.flat.grads_to_host()
         if self.job.clip is not None and self.mode in ("ssp", "asp") and group.samples:
             clip_push(self.flat.grads_np, group.samples, self.job.clip)
@@ -266,7 +275,7 @@ class Worker:
         then = self.prefetch.behind(step, ends_clock)
         with self.tracer.span("push", "wait", step=step, tasks=len(ids)):
             replies = self.shards.push(self.flat.grads_np, step, ids, group.samples,
-                                       group.step_tasks, ends_clock, then_pull=then)
+                                       group.step_tasks, ends_clock, then_pull=then, last=last)
         self.prefetch.sent_behind(then)
         self.crash.maybe("after_push", step)
         return replies
@@ -356,6 +365,8 @@ class Worker:
     def train(self, start_step: int, steps: int) -> None:
         if self.mode == "asp":
             self.train_asp()
+        elif self.mode == "diloco" and self.diloco_async:   # worker/diloco.py
+            self.local.run_async()
         elif self.mode == "diloco":          # steps are rounds: worker/diloco.py
             for rnd in range(start_step, steps):
                 self.local.round(rnd)

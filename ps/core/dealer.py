@@ -187,6 +187,18 @@ class Dealer:
         old = self.speeds[worker]
         self.speeds[worker] = samples_per_s if old is None else old + SPEED_ALPHA * (samples_per_s - old)
 
+    def local_steps(self, worker: int, inner_steps: int) -> int:
+        """Async DiLoCo's Dynamic Local Updates (Liu et al. 2024): a round of ``inner_steps``
+        H, scaled by this worker's measured speed over the fastest live worker's, at least
+        1. A slow worker's round then takes about as long as a fast one's, so it neither
+        holds the others at the staleness gate nor pushes a pseudo-gradient many rounds
+        old. H while any live worker is unmeasured."""
+        live = [w for w in range(self.num_workers) if w not in self.gone]
+        speeds = [self.speeds[w] for w in live]
+        if worker not in live or None in speeds:
+            return inner_steps
+        return max(1, min(inner_steps, round(inner_steps * self.speeds[worker] / max(speeds))))
+
     # -- leases ---------------------------------------------------------------------
     def take(self, worker: int, own_rounds, steal_rounds,
              ahead: bool = False) -> tuple[Task | None, int | None]:
@@ -230,8 +242,10 @@ class Dealer:
                 return None                # the last one: wait until we are idle
         return None
 
-    def take_more(self, worker: int, first: Task, fuse: int, ahead: bool = False) -> list[Task]:
-        """Lease up to ``fuse - 1`` more tasks of ``first``'s step behind it from the front
+    def take_more(self, worker: int, first: Task, fuse: int, ahead: bool = False,
+                  any_step: bool = False) -> list[Task]:
+        """Lease up to ``fuse - 1`` more tasks of ``first``'s step (``any_step``: of its
+        round; async DiLoCo's round of inner steps) behind it from the front
         of the same deque, for the worker to compute together with it in one pass (one
         forward and backward over all their samples: on a CPU, four passes of 32 samples
         cost about twice one pass of 128). A task dealt again is never among them (it is
@@ -247,7 +261,7 @@ class Dealer:
         keep = 1 if self.steal and mine and (ahead or self._tail_wanted(worker, rnd, mine[-1])) else 0
         more = []
         while (len(more) < fuse - 1 and len(mine) > keep and mine[0].id not in self.redo
-               and mine[0].step == first.step):
+               and (any_step or mine[0].step == first.step)):
             more.append(self._lease(worker, rnd, mine.popleft()))
         return more
 

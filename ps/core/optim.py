@@ -236,6 +236,46 @@ class SGD(Optimizer):
         return np.add(g, tmp, out=tmp)
 
 
+class DelayedSGD(Optimizer):
+    """SGD whose momentum is applied once every ``every`` steps: async DiLoCo's outer
+    step ("Delayed Nesterov", Liu et al. 2024), where each step is one worker's push.
+
+    Each step applies its gradient at once, ``p -= lr * g``, and adds it to ``pending``.
+    Every ``every``-th step the momentum takes the pending sum and is applied:
+    ``m = momentum * m + pending``, ``p -= lr * momentum * m`` (Nesterov: the new buffer)
+    or ``p -= lr * momentum * m_old`` (heavy ball: the buffer before), then pending = 0.
+    Over ``every`` steps that is exactly one step of ``SGD(momentum, nesterov)`` on their
+    sum: ``p -= lr * (sum + momentum * m)``. So when each of M workers' pushes carries 1/M
+    of a round (``ps.core.shard``, ``pushes_per_round``) and ``every`` = M, M pushes in
+    a row move the parameters as one synchronous round does; ``every`` = 1 is torch's
+    SGD (to rounding: two roundings where torch has one). What changes is in between:
+    the momentum, built from stale pseudo-gradients, is not re-applied on every one."""
+
+    def __init__(self, size, lr, momentum=0.0, nesterov=False, every=1, chunk=CHUNK):
+        super().__init__(size, chunk)
+        self.lr, self.momentum, self.nesterov, self.every = lr, momentum, nesterov, every
+        if momentum != 0:
+            self._buffers["momentum_buffer"] = np.zeros(self.size, F32)
+            self._buffers["pending"] = np.zeros(self.size, F32)
+
+    def _update(self, p, g, lo, hi, step):
+        tmp = self._tmp[:hi - lo]
+        _add_scaled_(p, g, -self.lr, tmp)             # the gradient, applied at once
+        if self.momentum == 0:
+            return
+        pending, buf = self._buffers["pending"][lo:hi], self._buffers["momentum_buffer"][lo:hi]
+        np.add(pending, g, out=pending)
+        if step % self.every:
+            return
+        if not self.nesterov:                         # heavy ball: the buffer before
+            _add_scaled_(p, buf, -self.lr * self.momentum, tmp)
+        np.multiply(buf, _f32(self.momentum), out=buf)
+        np.add(buf, pending, out=buf)                 # m = momentum * m + pending
+        if self.nesterov:
+            _add_scaled_(p, buf, -self.lr * self.momentum, tmp)
+        pending.fill(0)
+
+
 class Adam(Optimizer):
     """torch.optim.Adam (L2 weight decay folded into the gradient) and, with
     ``decoupled_weight_decay``, torch.optim.AdamW (parameters shrunk directly)."""
@@ -305,6 +345,18 @@ def _sgd(size, chunk, lr=None, momentum=0.0, dampening=0.0, weight_decay=0.0,
     if nesterov and (momentum <= 0 or dampening != 0):
         raise ValueError("nesterov requires momentum > 0 and dampening == 0")
     return SGD(size, lr, momentum, dampening, weight_decay, nesterov, maximize, chunk)
+
+
+def _delayed_sgd(size, chunk, lr=None, momentum=0.0, nesterov=False, every=1):
+    if lr is None:
+        raise ValueError("delayed_sgd requires lr")
+    lr, momentum = _check_number("lr", lr), _check_number("momentum", momentum)
+    nesterov = _check_bool("nesterov", nesterov)
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov requires momentum > 0")
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"every must be a positive int, got {every!r}")
+    return DelayedSGD(size, lr, momentum, nesterov, int(every), chunk)
 
 
 def _adam(size, chunk, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
@@ -418,6 +470,7 @@ def _cut_pieces(pieces: list[np.ndarray], bounds: list[tuple[int, int]]) -> list
 _ADAM_KEYS = {"lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"}
 _FACTORIES = {
     "sgd": (_sgd, {"lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"}),
+    "delayed_sgd": (_delayed_sgd, {"lr", "momentum", "nesterov", "every"}),
     "adam": (_adam, _ADAM_KEYS),
     "adamw": (_adamw, _ADAM_KEYS),
 }

@@ -18,6 +18,10 @@ here. Invariants:
   moves its worker's clock to ``step + 1``. A pull at clock ``c`` is answered once
   every worker's clock is at least ``c - s``: no read misses more than s clocks.
 * **ASP**: pushes applied on arrival, pulls answered at once.
+* **Async DiLoCo** is SSP (or ASP) whose clocks are a worker's rounds and whose pushes
+  are pseudo-gradients: each is applied as ``1 / pushes_per_round`` of a round's mean
+  (the mean over its own samples, divided by the workers M), so M pushes of equal
+  samples move the shard as one synchronous round's mean does.
 * **Fencing**: a worker incarnation declared dead is retired; its pushes and pulls are
   refused, and (SSP) its clock no longer holds anyone back, until a new incarnation
   of that worker pushes.
@@ -65,7 +69,7 @@ def readable_in_place(chunks: list[np.ndarray]) -> bool:
 class Shard:
     def __init__(self, size: int, optimizer: dict, mode: str, staleness: int, num_workers: int,
                  segments: list | None = None, clip: float | None = None,
-                 lr_versions: int | None = None):
+                 lr_versions: int | None = None, pushes_per_round: int = 1):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.size = size
@@ -97,6 +101,8 @@ class Shard:
         self.lr_versions = lr_versions                   # a schedule's length, if the job has one
         self.lr_table: np.ndarray | None = None          # (lr_versions,) float64, once sent
         self.clipped_steps = 0                           # steps whose gradient clipping shrank
+        self.pushes_per_round = pushes_per_round         # SSP/ASP: a push is this share of
+                                                         # an update (async DiLoCo: M)
 
     # -- initial values -------------------------------------------------------------
     def init(self, chunks: list[np.ndarray]) -> bool:
@@ -153,12 +159,15 @@ class Shard:
 
     # -- pushes ---------------------------------------------------------------------
     def push(self, worker: int, step: int, tasks: list[int], samples: int, step_tasks: int,
-             chunks: list[np.ndarray], incarnation: int = 0, ends_clock: bool = True) -> bool:
+             chunks: list[np.ndarray], incarnation: int = 0, ends_clock: bool = True,
+             last: bool = False) -> bool:
         """Apply (or, in BSP, aggregate) one push. Returns False for a rejected duplicate.
 
         ``chunks`` are read-only views of the received frames, in order, together
         ``size`` floats (or empty when ``samples`` is 0: an SSP clock tick).
         ``ends_clock`` False: the push does not finish the sender's clock ``step``.
+        ``last`` (SSP): the sender has no round of its own left (async DiLoCo's workers end
+        at different clocks): from now on its clock holds nobody back, as a dead one's.
         """
         self._check(worker, tasks, samples, chunks)
         self.check_live(incarnation)
@@ -170,12 +179,15 @@ class Shard:
             return False
         if samples:                         # the mean over the push's own samples
             self._schedule()
-            self.optimizer.step(self.params, self._as_float32(chunks), divide_by=samples)
+            self.optimizer.step(self.params, self._as_float32(chunks),
+                                divide_by=samples * self.pushes_per_round)
             self.version += 1
         self.applied.update(tasks)
         self.tasks_applied += len(tasks)
         if ends_clock:                      # a task dealt again is pushed mid-clock, alone
             self.clocks[worker] = max(self.clocks[worker], step + 1)
+        if last:
+            self.dead.add(worker)
         self.pushes_applied += 1
         return True
 

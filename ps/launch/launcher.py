@@ -233,8 +233,14 @@ def parse_args(argv=None):
                    help="consistency model; diloco: H local steps a round, then one outer step")
     p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
                    help="diloco: local optimizer steps each worker takes per round (default %(default)s)")
+    p.add_argument("--async", dest="diloco_async", action="store_true",
+                   help="diloco: apply each worker's push on arrival (bounded by --staleness, "
+                        "in rounds), a slow worker taking fewer local steps")
+    p.add_argument("--momentum-every", type=int, default=None, metavar="N",
+                   help="async diloco: apply the outer momentum once every N pushes "
+                        "(Delayed Nesterov; default: the workers M)")
     p.add_argument("--staleness", type=int, default=None,
-                   help="SSP staleness bound s (default: 2 with --mode ssp, else 0)")
+                   help="SSP staleness bound s (default: 2 with --mode ssp or async diloco, else 0)")
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, default=None, help="global steps to train")
     steps.add_argument("--epochs", type=int, default=None, help="epochs (default: the job's EPOCHS, else 1)")
@@ -359,7 +365,11 @@ def parse_args(argv=None):
     if any(not 0 <= w < args.workers or f < 1 for w, f in args.slow.items()):
         p.error("--slow W=F needs 0 <= W < workers and F >= 1")
     if args.staleness is None:
-        args.staleness = 2 if args.mode == "ssp" else 0
+        args.staleness = 2 if args.mode == "ssp" or args.diloco_async else 0
+    if (args.diloco_async or args.momentum_every is not None) and args.mode != "diloco":
+        p.error("--async and --momentum-every belong to --mode diloco")
+    if args.momentum_every is not None and args.momentum_every < 1:
+        p.error("--momentum-every must be >= 1")
     if args.staleness < 0 or args.inner_steps < 1:
         p.error("--staleness must be >= 0 and --inner-steps >= 1")
     if not os.path.isfile(args.job):

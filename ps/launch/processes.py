@@ -125,6 +125,9 @@ class Cluster:
             if value is not None:
                 sched_argv += [flag, str(value)]
         sched_argv += ["--no-steal"] * a.no_steal + ["--trace"] * a.trace
+        sched_argv += ["--async"] * a.diloco_async
+        if a.momentum_every is not None:
+            sched_argv += ["--momentum-every", str(a.momentum_every)]
         sched_argv += ["--dead-after-s", str(a.dead_after_s)]
         sched_argv += ["--checkpoint-every", str(a.checkpoint_every), "--checkpoint-dir", a.checkpoint_dir]
         sched_argv += ["--resume"] * a.resume

@@ -155,7 +155,7 @@ class Reform:
                 dealer.redo.add(task.id)
                 dealer.deques[rnd][live[i % len(live)]].append(task)
             redealt += len(todo)
-        if s.config.mode == "asp":
+        if s.config.mode == "asp" or s.config.diloco_async:     # epochs dealt from a pool
             s.next_round = max(self.dealt, default=-1) + 1
         return redealt
 

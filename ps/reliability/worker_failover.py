@@ -91,7 +91,8 @@ class Failover:
         dealer.revive(index)
         run.revive(index)
         live_steps = [self.lease_step.get(w, 0) for w in self.members.live("worker") if w != index]
-        start = -1 if self.config.mode == "asp" else min(live_steps, default=0)
+        pooled = self.config.mode == "asp" or self.config.diloco_async
+        start = -1 if pooled else min(live_steps, default=0)
         self.lease_step[index] = start
         log.warning("worker %d rejoins as incarnation %d at step %d", index, member.inc, start)
         self.tracer.instant("rejoin", "fault", worker=index, inc=member.inc, step=start)

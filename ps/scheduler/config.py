@@ -32,6 +32,8 @@ class SchedulerConfig:
     mode: str = "bsp"                    # bsp, ssp, asp, or diloco (ps.core.dealer: rounds)
     staleness: int = 0
     inner_steps: int = DEFAULT_INNER_STEPS   # diloco: H, a worker's local steps per round
+    diloco_async: bool = False           # diloco: pushes applied on arrival (worker/diloco.py)
+    momentum_every: int | None = None    # async diloco: the outer momentum every N pushes (M)
     steps: int | None = None             # total global steps; default: epochs x steps per epoch
     epochs: int | None = None            # default: the job's EPOCHS, else 1
     seed: int = 0
@@ -80,6 +82,12 @@ def parse_args(argv=None) -> SchedulerConfig:
                    help="consistency model; diloco: H local steps a round, then one outer step")
     p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
                    help="diloco: local optimizer steps each worker takes per round (default %(default)s)")
+    p.add_argument("--async", dest="diloco_async", action="store_true",
+                   help="diloco: apply each worker's push on arrival (bounded by --staleness, "
+                        "in rounds), a slow worker taking fewer local steps")
+    p.add_argument("--momentum-every", type=int, default=None, metavar="N",
+                   help="async diloco: apply the outer momentum once every N pushes "
+                        "(Delayed Nesterov; default: the workers M)")
     p.add_argument("--staleness", type=int, default=0, help="SSP staleness bound s (clocks)")
     p.add_argument("--steps", type=int, default=None, help="global steps to train")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")
@@ -114,6 +122,10 @@ def parse_args(argv=None) -> SchedulerConfig:
                         format="%(asctime)s scheduler %(levelname)s %(message)s")
     if a.servers < 1 or a.workers < 1 or a.staleness < 0 or a.inner_steps < 1:
         p.error("--servers, --workers and --inner-steps must be >= 1 and --staleness >= 0")
+    if (a.diloco_async or a.momentum_every is not None) and a.mode != "diloco":
+        p.error("--async and --momentum-every belong to --mode diloco")
+    if a.momentum_every is not None and a.momentum_every < 1:
+        p.error("--momentum-every must be >= 1")
     if (a.checkpoint_every or a.resume) and not (a.checkpoint_dir or a.out):
         p.error("checkpoints need --checkpoint-dir (or --out)")
     if (a.checkpoint_every or a.resume) and a.mode != "bsp":
@@ -121,7 +133,8 @@ def parse_args(argv=None) -> SchedulerConfig:
                 "version; diloco's are not supported yet)")
     return SchedulerConfig(
         servers=a.servers, workers=a.workers, mode=a.mode, staleness=a.staleness,
-        inner_steps=a.inner_steps, steps=a.steps,
+        inner_steps=a.inner_steps, diloco_async=a.diloco_async,
+        momentum_every=a.momentum_every, steps=a.steps,
         epochs=a.epochs, seed=a.seed, tasks_per_step=a.tasks_per_step, steal=not a.no_steal,
         trace=a.trace, bind=a.bind, endpoint_file=a.endpoint_file, out=a.out, timeout_s=a.timeout_s,
         dead_after_s=a.dead_after_s, checkpoint_every=a.checkpoint_every,

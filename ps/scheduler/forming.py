@@ -39,10 +39,12 @@ def lr_versions(job: dict, mode: str, steps: int, tasks_per_step: int) -> int | 
 
 def server_optimizer(cfg: SchedulerConfig, job: dict, steps: int, tasks_per_step: int) -> dict:
     """What a server's REGISTER reply says of its optimizer. DiLoCo: the outer optimizer,
-    on a BSP shard whose versions are rounds (the inner recipe runs on the workers)."""
+    on a BSP shard whose versions are rounds (the inner recipe runs on the workers); async,
+    on an SSP shard that takes each push as 1/M of a round, with SGD's momentum delayed."""
     if cfg.mode == "diloco":
-        return {"optimizer": job["outer_optimizer"], "param_groups": None, "clip": None,
-                "lr_versions": None}
+        return {"optimizer": registration.outer_optimizer(cfg, job["outer_optimizer"]), "param_groups": None,
+                "clip": None, "lr_versions": None,
+                "pushes_per_round": cfg.workers if cfg.diloco_async else 1}
     return {"optimizer": job["optimizer"], "param_groups": job.get("param_groups"),
             "clip": job.get("clip"), "lr_versions": lr_versions(job, cfg.mode, steps, tasks_per_step)}
 
@@ -53,12 +55,23 @@ def plan_run(cfg: SchedulerConfig, job: dict, steps: int,
     scheduler's replay)."""
     plan = TaskPlan(job["dataset_size"], job["batch_size"], tasks_per_step,
                     seed=cfg.seed, shuffle=bool(job["shuffle"]))
+    if cfg.mode == "diloco" and cfg.diloco_async:   # a pool, as ASP's; rounds: leases
+        dealer = Dealer(plan, cfg.workers, steps, per_epoch=True, steal=cfg.steal)
+        return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
     if cfg.mode == "diloco":      # rounds of H steps, part j of each step worker j's, no stealing
         dealer = Dealer(plan, cfg.workers, steps, steal=False, steps_per_round=cfg.inner_steps)
         return plan, dealer, RunState(dealer.rounds, cfg.workers, plan.steps_per_epoch)
     dealer = Dealer(plan, cfg.workers, steps, per_epoch=cfg.mode == "asp", steal=cfg.steal,
                     adaptive=cfg.tasks_per_step is None)
     return plan, dealer, RunState(steps, cfg.workers, plan.steps_per_epoch)
+
+
+def shard_mode(cfg: SchedulerConfig) -> str:
+    """The servers' consistency: DiLoCo's shards are BSP shards whose versions are rounds;
+    async DiLoCo's are SSP shards whose clocks are each worker's rounds."""
+    if cfg.mode != "diloco":
+        return cfg.mode
+    return "ssp" if cfg.diloco_async else "bsp"
 
 
 def tasks_per_step_of(cfg: SchedulerConfig, job: dict) -> int:
@@ -123,7 +136,7 @@ class Forming:
             if role == "server":
                 lo, hi = ranges[index]
                 self.reply(ident, Kind.OK, rid, shard=index, inc=member.inc, lo=lo, hi=hi,
-                           mode="bsp" if cfg.mode == "diloco" else cfg.mode,
+                           mode=shard_mode(cfg),
                            staleness=cfg.staleness, workers=cfg.workers,
                            checkpoint_every=cfg.checkpoint_every,
                            checkpoint_dir=cfg.checkpoint_dir, restore=manifest,
@@ -148,5 +161,6 @@ class Forming:
                    mode=cfg.mode, staleness=cfg.staleness, steps=self.run.steps,
                    workers=cfg.workers, seed=cfg.seed, start_step=start_step,
                    dead_after_s=cfg.dead_after_s, inner_steps=cfg.inner_steps,
+                   diloco_async=cfg.diloco_async,
                    lr_versions=lr_versions(self.workers[0], cfg.mode, self.run.steps,
                                            self.dealer.plan.tasks_per_step))

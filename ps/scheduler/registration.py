@@ -25,6 +25,25 @@ STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejec
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
+def outer_optimizer(cfg, outer: dict) -> dict:
+    """The servers' optimizer in DiLoCo: the job's OUTER_OPTIMIZER; async, SGD becomes
+    ``delayed_sgd``, its momentum applied once every ``--momentum-every`` pushes (default
+    M: a round's worth, ``ps.core.optim.DelayedSGD``). Other optimizers step per push."""
+    if not (getattr(cfg, "diloco_async", False) and isinstance(outer, dict)
+            and str(outer.get("name", "")).lower() == "sgd"):
+        return outer
+    if outer.get("dampening", 0) or outer.get("weight_decay", 0) or outer.get("maximize"):
+        raise ValueError("async DiLoCo delays SGD's momentum and has no dampening, "
+                         "weight_decay or maximize: leave them out of OUTER_OPTIMIZER")
+    unknown = sorted(set(outer) - {"name", "lr", "momentum", "nesterov", "dampening",
+                                   "weight_decay", "maximize"})
+    if unknown:
+        raise ValueError(f"unknown argument(s) {unknown} for sgd")
+    return {"name": "delayed_sgd", "lr": outer.get("lr"), "momentum": outer.get("momentum", 0.0),
+            "nesterov": outer.get("nesterov", False),
+            "every": cfg.momentum_every or cfg.workers}
+
+
 def pick_index(wanted, taken: dict, count: int, what: str) -> int:
     """The index a role asked for (launchers pin them), else the lowest free one."""
     if not _count(wanted):
@@ -77,7 +96,8 @@ def worker_job(header: dict, cfg, others) -> dict:
         if field == "outer_optimizer" and info[field] is None:
             continue
         try:
-            make_optimizer(info[field], 1)
+            make_optimizer(info[field] if field == "optimizer" else
+                           outer_optimizer(cfg, info[field]), 1)
         except (ValueError, TypeError) as exc:
             raise ProtocolError(Error.BAD_FIELD, f"{field} {info[field]}: {exc}") from None
     param_groups(info["param_groups"], info["optimizer"], size)

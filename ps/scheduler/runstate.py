@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 class WorkerTally:
     samples: int = 0
     tasks: int = 0
+    pushes: int = 0               # reports of pushes with samples (async DiLoCo: its rounds)
     compute_s: float = 0.0
     wait_s: float = 0.0
     step: int = -1                # last step (or clock) this worker reported
@@ -51,6 +52,7 @@ class RunState:
         tally.compute_s += compute_s
         tally.wait_s += wait_s
         tally.step = max(tally.step, step)
+        tally.pushes += bool(samples)
         if samples:
             self.loss_sum[step] += loss_sum
             self.loss_samples[step] += samples

@@ -263,7 +263,8 @@ class Scheduler(Forming, Finishing, Restart):
         worker, step = header["worker"], header["step"]
         if self.run.started():
             self.journal.started(self.run.t_start)
-        if self.config.mode == "asp":
+        pooled = self.config.mode == "asp" or self.config.diloco_async
+        if pooled:
             task, victim = self._lease_asp(worker, ahead)
             rounds = sorted(self.dealer.deques)
         elif step == -1:                 # "anything dealt again?" from a worker done stepping
@@ -276,8 +277,11 @@ class Scheduler(Forming, Finishing, Restart):
         if victim is not None:
             self.tracer.instant("steal", "steal", thief=worker, victim=victim, task=task.id,
                                 tasks=self.dealer.steal_log[-1][3])
+        if self.config.diloco_async:     # a round: as many inner steps as its speed allows
+            fuse = self.dealer.local_steps(worker, self.config.inner_steps)
         fused = task and fuse > 1 and self.config.mode != "asp"    # ASP: a push per task
-        more = self.dealer.take_more(worker, task, fuse, ahead) if fused else []
+        more = (self.dealer.take_more(worker, task, fuse, ahead, any_step=self.config.diloco_async)
+                if fused else [])
         self.reply(ident, Kind.OK, header["rid"], task=task.to_wire() if task else None,
                    more=[t.to_wire() for t in more],
                    step_tasks=self._step_tasks(task),
@@ -289,6 +293,8 @@ class Scheduler(Forming, Finishing, Restart):
         or in DiLoCo its round's (the task names its inner step)."""
         if task is None:
             return 0
+        if self.config.diloco_async:     # SSP shards: a push is applied on its own
+            return 1
         if self.config.mode == "diloco":
             return self.dealer.round_tasks(self.dealer.round_of(task.step))
         return self.dealer.plan.num_tasks(task.step)

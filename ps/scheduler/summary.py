@@ -70,14 +70,21 @@ def build(cfg: SchedulerConfig, run: RunState, dealer: Dealer, shard_stats: dict
           job_error: dict | None = None) -> dict:
     """The scheduler's summary of the run (the launcher adds faults and recoveries)."""
     return {**fields(cfg, run, dealer, shard_stats, failure, deaths, rejoins, recovery,
-                     restarts, net_faults, job_error), **rounds(cfg, dealer)}
+                     restarts, net_faults, job_error), **rounds(cfg, dealer, run)}
 
 
-def rounds(cfg: SchedulerConfig, dealer: Dealer) -> dict:
+def rounds(cfg: SchedulerConfig, dealer: Dealer, run: RunState) -> dict:
     """DiLoCo: a run's steps are inner steps, taken in ``rounds`` of ``inner_steps`` (the
-    run accounting counts rounds: each one a BSP version of the shards)."""
+    run accounting counts rounds: each one a BSP version of the shards). Async: every
+    worker's rounds, each of as many inner steps as its speed allowed (``per_worker``:
+    ``tasks`` / ``pushes`` is a worker's mean), and the outer momentum's delay."""
     if cfg.mode != "diloco":
         return {}
+    if cfg.diloco_async:
+        return {"steps": dealer.total_steps, "rounds": sum(w.pushes for w in run.workers),
+                "inner_steps": cfg.inner_steps, "async": True,
+                "momentum_every": cfg.momentum_every or cfg.workers,
+                "epochs": dealer.total_steps / dealer.plan.steps_per_epoch}
     return {"steps": dealer.total_steps, "rounds": dealer.rounds, "inner_steps": cfg.inner_steps,
             "epochs": dealer.total_steps / dealer.plan.steps_per_epoch}
 

@@ -94,7 +94,8 @@ class Server:
         self.shard = Shard(reply["hi"] - reply["lo"], reply["optimizer"], reply["mode"],
                            reply["staleness"], reply["workers"],
                            segments=segments(reply.get("param_groups"), self.lo, self.hi),
-                           clip=reply.get("clip"), lr_versions=reply.get("lr_versions"))
+                           clip=reply.get("clip"), lr_versions=reply.get("lr_versions"),
+                           pushes_per_round=reply.get("pushes_per_round", 1))
         if self.shard.clip is not None:
             self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
         if reply.get("checkpoint_every"):
@@ -274,9 +275,10 @@ class Server:
                                                 self.errors)
         self._release_params()
         ends_clock = optional_bool(header, "ends_clock", True)
+        last = optional_bool(header, "last", False)
         version = self.shard.version
         applied = self.shard.push(header["worker"], header["step"], tasks, header["samples"],
-                                  header["step_tasks"], chunks, header["inc"], ends_clock)
+                                  header["step_tasks"], chunks, header["inc"], ends_clock, last)
         self._stepped(version)
         if self.norms:
             self.norms.start(self.shard)  # a step complete here: agree on its norm

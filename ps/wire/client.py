@@ -280,7 +280,7 @@ class ShardClient:
 
     def push(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
              step_tasks: int, ends_clock: bool = True, only: list[int] | None = None,
-             then_pull: int | None = None) -> list[dict]:
+             then_pull: int | None = None, last: bool = False) -> list[dict]:
         """Send each shard its slice of a gradient sum; return each shard's reply.
 
         ``then_pull``: also send a pull for that step right behind the pushes, before
@@ -289,14 +289,16 @@ class ShardClient:
         so the pull is answered after the push is applied (or, in BSP, summed).
 
         A shard that rejects the push as a duplicate answers OK with ``applied``
-        False: the gradient is already in, which is what the sender wanted.
+        False: the gradient is already in, which is what the sender wanted. ``last``: the
+        sender will push no further round of its own (async DiLoCo), so its clock gates
+        nobody from now on.
         """
-        sent = self.push_send(grad, step, tasks, samples, step_tasks, ends_clock, only)
+        sent = self.push_send(grad, step, tasks, samples, step_tasks, ends_clock, only, last)
         return self.push_wait(sent, step, then_pull)
 
     def push_send(self, grad: np.ndarray, step: int, tasks: list[int], samples: int,
                   step_tasks: int, ends_clock: bool = True,
-                  only: list[int] | None = None) -> list[tuple[Peer, int]]:
+                  only: list[int] | None = None, last: bool = False) -> list[tuple[Peer, int]]:
         """Send the push to the shards in ``only`` (all: None) and return at once, with
         ``(peer, rid)`` per shard for ``push_wait`` (a worker pushing from backward hooks
         sends each shard as soon as its slice is complete)."""
@@ -311,6 +313,7 @@ class ShardClient:
             sent.append((p, p.send(Kind.PUSH, frames, worker=self.worker, inc=self.inc, step=step,
                                    tasks=tasks, samples=samples, step_tasks=step_tasks,
                                    ends_clock=ends_clock, lo=s.lo, dtype=self.grad_dtype,
+                                   **({"last": True} if last else {}),
                                    size=(s.hi - s.lo) if samples else 0)))
         return sent
 
