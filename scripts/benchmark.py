@@ -22,6 +22,9 @@ scale       step time against model size (1M-100M), servers (1-4) and workers (1
 diloco      DiLoCo against BSP: bytes per sample at H = 8 and 32, and wall time and
             validation loss of the GPT example on links shaped to 1000 and 100 Mbit/s
             (scripts/bench/diloco.py)
+cost        a step's cost model for BSP, DiLoCo and ring all-reduce, fitted to runs at 1-4
+            servers and workers on shaped links, checked against DiLoCo and torch DDP runs,
+            and its prediction for 64 workers x 16 servers (scripts/bench/cost.py)
 clip        what clipping's norm agreement adds to a BSP step: 10M and 50M parameters on
             2 and 4 servers, with and without CLIP_GRAD_NORM (scripts/bench/clip.py)
 
@@ -38,7 +41,7 @@ import os
 import signal
 import sys
 
-from bench import clip, common, defaults, diloco, modes, scale, stragglers, train, transport
+from bench import clip, common, cost, defaults, diloco, modes, scale, stragglers, train, transport
 
 SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
                                  "vs static"),
@@ -49,7 +52,9 @@ SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs 
                            "RPC parameter servers"),
           "scale": (scale, "step time vs model size, servers and workers; server memory"),
           "clip": (clip, "the cost of clipping's norm agreement per BSP step"),
-          "diloco": (diloco, "DiLoCo vs BSP: bytes per sample, time and loss on shaped links")}
+          "diloco": (diloco, "DiLoCo vs BSP: bytes per sample, time and loss on shaped links"),
+          "cost": (cost, "a cost model of BSP, DiLoCo and ring all-reduce steps, fitted here; "
+                         "its prediction for 64 workers x 16 servers")}
 
 
 def parse_args(argv=None):

@@ -212,9 +212,44 @@ def test_diloco_tiny(tmp_path):
     assert set(moved) == {("bsp", 1), ("diloco", 8), ("diloco", 32)}
     assert moved[("bsp", 1)] / moved[("diloco", 8)] >= 8 / 1.2    # counted, not assumed
     links = [r for r in rows if r["part"] == "links"]
-    assert [(r["mbps"], r["mode"]) for r in links] == [(None, "bsp"), (None, "diloco")]
+    assert [(r["mbps"], r["mode"]) for r in links] == [(None, "bsp"), (None, "diloco"),
+                                                      (None, "diloco-async")]
     assert all(math.isfinite(r["validation_loss"]) and r["wall_s"] > 0 for r in links)
     assert "**links**" in stdout and "fewer than BSP" in stdout
+
+
+def test_cost_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "cost.json", "cost", timeout_s=SCALE_TIMEOUT_S)
+    rows = result["rows"]
+    (model,) = [r for r in rows if r["part"] == "model"]
+    assert all(model[k] >= 0 for k in ("a_s_per_param", "inv_loop", "link_efficiency_g", "t0_s"))
+    measured = [r for r in rows if r["part"] in ("fit", "check")]
+    assert {r["mode"] for r in measured} == {"bsp", "diloco", "ring"}
+    assert all(r["step_s"] > 0 and r["model_s"] > 0 for r in measured)
+    predictions = [r for r in rows if r["part"] == "prediction"]
+    assert len(predictions) == 4 and all(
+        p["diloco32_s"] <= p["diloco8_s"] <= p["bsp_s"] for p in predictions)   # comm / H
+    assert "**predicted**" in stdout and "fastest" in stdout
+
+
+def test_cost_model_fit_recovers_known_coefficients():
+    """The fit, on rows made from known coefficients, gives them back."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench import cost
+    truth = {"a": 3e-9, "inv_loop": 1 / 3e9, "g": 1.1, "t0": 0.005}
+    rows = []
+    for s, m in cost.UNSHAPED + cost.SHAPED:
+        for mbps in (None, 1000.0, 100.0):
+            row = {"servers": s, "workers": m, "mbps": mbps, "one_way_s": 0.0, "compute_s": 0.01}
+            f = cost.features(row, 1_000_000)
+            row["step_s"] = 0.01 + (truth["a"] * f[0] + truth["inv_loop"] * f[1] + truth["g"] * f[2]
+                                    + truth["t0"] * f[3])
+            rows.append(row)
+    fitted = cost.fit(rows, 1_000_000)
+    assert fitted["a_s_per_param"] == pytest.approx(truth["a"], rel=1e-6)
+    assert fitted["inv_loop"] == pytest.approx(truth["inv_loop"], rel=1e-6)
+    assert fitted["link_efficiency_g"] == pytest.approx(truth["g"], rel=1e-6)
+    assert fitted["t0_s"] == pytest.approx(truth["t0"], rel=1e-6)
 
 
 def test_mlp10m_job_has_10m_parameters():

@@ -229,3 +229,18 @@ def test_an_async_worker_killed_mid_round_loses_only_its_round(tmp_path):
 def test_async_flags_belong_to_diloco(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--async", "--steps", "2")
     assert run.rc == 2 and "--async and --momentum-every belong to --mode diloco" in run.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_an_async_replacement_starts_from_the_current_parameters(tmp_path):
+    env = {**ADAMW, "TINY_MLP_DELAY_S": "0.05"}
+    run = run_async(tmp_path, 2, 2, "--inject", "kill:worker1@step=2", "--respawn",
+                    "--dead-after-s", "1.5", env=env, steps=96, inner=4)
+    s = run.summary
+    (rejoin,) = s["rejoins"]
+    assert rejoin["worker"] == 1
+    # its rounds came after the death (round 2 of 24, 1.5 s to detect, ~2 s to start):
+    # the tally of worker 1 is both incarnations', and the first never got past round 3
+    assert s["per_worker"][1]["step"] >= 8
+    every_sample_once(s, 96)

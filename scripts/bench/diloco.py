@@ -9,11 +9,12 @@ links   4 workers x 2 servers, LINK_STEPS steps, each role in its network namesp
         (``--netns``) unshaped, then shaped to 1000 and 100 Mbit/s each way
         (``--link-mbps``): wall time and the validation loss the final parameters reach
         (the job's ``validation_loss``: equal steps, so equal samples), BSP against
-        DiLoCo at H = 8. Needs root for the namespaces; without, only the unshaped row.
+        DiLoCo at H = 8, synchronous and ``--async`` (staleness 2 rounds, the launcher's
+        default). Needs root for the namespaces; without, only the unshaped rows.
 
-Only synchronous DiLoCo exists so far; its outer optimizer is the example's
-OUTER_OPTIMIZER (plain averaging, lr 1: see examples/gpt.py for what DiLoCo's default,
-Nesterov with lr 0.7 and momentum 0.9, gives) and its inner one the job's recipe.
+The outer optimizer is the example's OUTER_OPTIMIZER (plain averaging, lr 1: see
+examples/gpt.py for what DiLoCo's default, Nesterov with lr 0.7 and momentum 0.9, gives;
+async, each push is applied as 1/M of a round) and the inner one the job's recipe.
 """
 from __future__ import annotations
 
@@ -46,19 +47,21 @@ def validation_loss(params_npz: str) -> float:
 
 
 def one_run(out: str, mode: str, inner: int, workers: int, steps: int, mbps) -> dict:
+    """``mode``: bsp, diloco or diloco-async."""
     argv = ["--job", JOB, "--workers", str(workers), "--servers", "2", "--steps", str(steps),
             "--device", "cpu"]
-    if mode == "diloco":
-        argv += ["--mode", "diloco", "--inner-steps", str(inner)]
+    if mode.startswith("diloco"):
+        argv += ["--mode", "diloco", "--inner-steps", str(inner)] + ["--async"] * (mode != "diloco")
     if mbps is not None:
         argv += ["--netns", "--link-mbps", str(mbps)]
     summary = launch_run(argv, out, f"{mode} H={inner} {mbps or 'unshaped'}", lenient=True)
     moved = summary["bytes_pushed"] + summary["bytes_pulled"]
-    return {"mode": mode, "inner_steps": inner if mode == "diloco" else 1, "mbps": mbps,
+    return {"mode": mode, "inner_steps": inner if mode != "bsp" else 1, "mbps": mbps,
             "workers": workers, "steps": summary["steps"], "samples": summary["samples"],
             "wall_s": summary["wall_s"], "bytes_pushed": summary["bytes_pushed"],
             "bytes_pulled": summary["bytes_pulled"], "bytes_per_sample": moved / summary["samples"],
-            "final_loss": summary["final_loss"],
+            "final_loss": summary["final_loss"], "max_staleness": summary.get("max_staleness"),
+            "rounds": summary.get("rounds"),
             "validation_loss": validation_loss(os.path.join(out, "params.npz"))}
 
 
@@ -79,7 +82,7 @@ def run(args) -> tuple[list[dict], str]:
                   file=sys.stderr, flush=True)
         links = [m for m in args.links if m is None or (namespaces_available() and not args.tiny)]
         for mbps in links:
-            for mode, inner in (("bsp", 1), ("diloco", 8)):
+            for mode, inner in (("bsp", 1), ("diloco", 8), ("diloco-async", 8)):
                 r = one_run(os.path.join(tmp, f"link-{mbps}-{mode}"), mode, inner, args.workers,
                             args.link_steps, mbps)
                 rows.append({"part": "links", **r})
@@ -101,7 +104,7 @@ def table(rows: list[dict], args) -> str:
     for r in link_rows:
         base = next(b for b in link_rows if b["mbps"] == r["mbps"] and b["mode"] == "bsp")
         lines.append([f"{r['mbps']} Mbit/s" if r["mbps"] else "unshaped",
-                      r["mode"] + (f", H = {r['inner_steps']}" if r["mode"] == "diloco" else ""),
+                      r["mode"] + (f", H = {r['inner_steps']}" if r["mode"] != "bsp" else ""),
                       f"{r['wall_s']:.1f}", f"{r['wall_s'] / base['wall_s']:.2f}",
                       f"{r['validation_loss']:.4f}",
                       f"{100 * (r['validation_loss'] / base['validation_loss'] - 1):+.1f}%"])
