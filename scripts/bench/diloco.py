@@ -12,6 +12,12 @@ links   4 workers x 2 servers, LINK_STEPS steps, each role in its network namesp
         DiLoCo at H = 8, synchronous and ``--async`` (staleness 2 rounds, the launcher's
         default). Needs root for the namespaces; without, only the unshaped rows.
 
+straggler  the same 4 workers x 2 servers, unshaped, with worker 1 slowed 3x (``--slow
+        1=3``, each task made to take 3x its compute): BSP (stealing on), sync DiLoCo
+        (whose rounds wait for the slow worker's H steps) and async DiLoCo (whose slow
+        worker's rounds are shorter: Dynamic Local Updates). Wall time, validation loss,
+        and each worker's mean inner steps a round.
+
 The outer optimizer is the example's OUTER_OPTIMIZER (plain averaging, lr 1: see
 examples/gpt.py for what DiLoCo's default, Nesterov with lr 0.7 and momentum 0.9, gives;
 async, each push is applied as 1/M of a round) and the inner one the job's recipe.
@@ -46,10 +52,11 @@ def validation_loss(params_npz: str) -> float:
     return gpt.validation_loss(model)
 
 
-def one_run(out: str, mode: str, inner: int, workers: int, steps: int, mbps) -> dict:
+def one_run(out: str, mode: str, inner: int, workers: int, steps: int, mbps,
+            extra: tuple = ()) -> dict:
     """``mode``: bsp, diloco or diloco-async."""
     argv = ["--job", JOB, "--workers", str(workers), "--servers", "2", "--steps", str(steps),
-            "--device", "cpu"]
+            "--device", "cpu", *extra]
     if mode.startswith("diloco"):
         argv += ["--mode", "diloco", "--inner-steps", str(inner)] + ["--async"] * (mode != "diloco")
     if mbps is not None:
@@ -62,6 +69,8 @@ def one_run(out: str, mode: str, inner: int, workers: int, steps: int, mbps) -> 
             "bytes_pulled": summary["bytes_pulled"], "bytes_per_sample": moved / summary["samples"],
             "final_loss": summary["final_loss"], "max_staleness": summary.get("max_staleness"),
             "rounds": summary.get("rounds"),
+            "inner_steps_per_round": [w["tasks"] / w["pushes"] if w.get("pushes") else None
+                                      for w in summary["per_worker"]],
             "validation_loss": validation_loss(os.path.join(out, "params.npz"))}
 
 
@@ -88,6 +97,12 @@ def run(args) -> tuple[list[dict], str]:
                 rows.append({"part": "links", **r})
                 print(f"  {mbps or 'unshaped'}: {mode}: {r['wall_s']:.1f} s, validation loss "
                       f"{r['validation_loss']:.4f}", file=sys.stderr, flush=True)
+        for mode, inner in (("bsp", 1), ("diloco", 8), ("diloco-async", 8)):
+            r = one_run(os.path.join(tmp, f"straggler-{mode}"), mode, inner, args.workers,
+                        args.link_steps, None, ("--slow", "1=3"))
+            rows.append({"part": "straggler", **r})
+            print(f"  straggler: {mode}: {r['wall_s']:.1f} s, validation loss "
+                  f"{r['validation_loss']:.4f}", file=sys.stderr, flush=True)
     return rows, table(rows, args)
 
 
@@ -110,9 +125,20 @@ def table(rows: list[dict], args) -> str:
                       f"{100 * (r['validation_loss'] / base['validation_loss'] - 1):+.1f}%"])
     second = markdown(["link", "mode", "wall s", "of BSP's time", "validation loss",
                        "against BSP's"], lines)
+    slow = [r for r in rows if r["part"] == "straggler"]
+    base = next(r for r in slow if r["mode"] == "bsp")
+    third = markdown(["mode", "wall s", "of BSP's time", "validation loss", "against BSP's",
+                      "inner steps a round, per worker"],
+                     [[r["mode"] + (f", H = {r['inner_steps']}" if r["mode"] != "bsp" else ""),
+                       f"{r['wall_s']:.1f}", f"{r['wall_s'] / base['wall_s']:.2f}",
+                       f"{r['validation_loss']:.4f}",
+                       f"{100 * (r['validation_loss'] / base['validation_loss'] - 1):+.1f}%",
+                       ", ".join(f"{x:.1f}" for x in r["inner_steps_per_round"])
+                       if r["mode"] == "diloco-async" else "-"] for r in slow])
     return (f"**bytes per sample** (2 workers x 2 servers, {args.steps} steps)\n\n{first}\n\n"
             f"**links** ({args.workers} workers x 2 servers, {args.link_steps} steps, equal "
-            f"samples)\n\n{second}")
+            f"samples)\n\n{second}\n\n**a straggler** (worker 1 3x slow, unshaped, "
+            f"{args.workers} workers x 2 servers, {args.link_steps} steps)\n\n{third}")
 
 
 def add_arguments(p) -> None:
