@@ -114,7 +114,9 @@ def test_stragglers_tiny(tmp_path):
             assert row[key] > 0, key
         for run in row["steal_runs"] + row["static_runs"]:
             assert run["samples"] == 2 * batch and run["wall_s"] > 0     # --tiny: 2 steps
-            assert sum(w["tasks"] for w in run["per_worker"]) == 2 * 8   # 4 per worker a step
+            # the grain adapts: a step is one task per worker while their speeds agree,
+            # 4 per worker once they differ (the first step is always coarse)
+            assert 2 * 2 <= sum(w["tasks"] for w in run["per_worker"]) <= 2 + 8
     fair, slow = rows[0], rows[1]
     assert fair["s_per_sample"] > 0
     assert all(r["stolen_by"] == 0 for run in fair["static_runs"] for r in run["per_worker"])

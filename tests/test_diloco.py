@@ -139,3 +139,18 @@ def test_a_worker_killed_mid_round_loses_only_its_round_and_is_replaced(tmp_path
     assert summary["per_worker"][1]["step"] > rejoin["start_step"]     # it pushed rounds
     assert sum(e["samples_applied"] for e in summary["per_epoch"]) == 96 * 24 - 96 // 9 * 16
     assert all(e["duplicates_rejected"] == 0 for e in summary["per_epoch"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_scheduler_restarted_mid_run_changes_nothing(tmp_path):
+    # Killed with round 3's first report journaled but unanswered: the restarted scheduler
+    # replays its journal, the members register again, the round's unreported parts are
+    # dealt again; the parts already pushed are refused by the shards, so the run ends on
+    # the simulation's parameters.
+    env = {**ADAMW, "TINY_MLP_DELAY_S": "0.02"}
+    run = run_diloco(tmp_path, 2, 2, env, "--scheduler-crash-at", "report@3",
+                     "--dead-after-s", "1.5", steps=36)
+    (restart,) = run.summary["scheduler_restarts"]
+    assert restart["members_back"] == 4
+    assert_params_close(run.params, diloco_oracle(ADAMW, 2, steps=36), rtol=1e-5)

@@ -236,3 +236,17 @@ def test_an_async_worker_killed_mid_round_loses_only_its_round_and_is_replaced(t
     # the tally of worker 1 is both incarnations', and the first never got past round 3
     assert s["per_worker"][1]["step"] >= 8
     every_sample_once(s, 96)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_an_async_run_survives_a_scheduler_restart(tmp_path):
+    env = {**ADAMW, "TINY_MLP_DELAY_S": "0.02"}
+    run = run_async(tmp_path, 2, 2, "--scheduler-crash-at", "report@3", "--dead-after-s", "1.5",
+                    env=env, steps=36, inner=4)
+    s = run.summary
+    (restart,) = s["scheduler_restarts"]
+    assert restart["members_back"] == 4
+    # parts pushed before the crash and dealt again are refused, not applied twice
+    assert [e["samples_applied"] for e in s["per_epoch"]] == [200] * 4
+    assert s["max_staleness"] <= 2
