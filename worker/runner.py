@@ -49,6 +49,7 @@ from worker.job import collate, load_job
 from worker.leases import Leases
 from worker.reports import Reports
 from worker.speedups.overlap import Overlap
+from worker.sparse import SparseClient, tables_of
 from worker.speedups.prefetch import Prefetch
 from worker.straggler import CrashAt, Slowdown
 from worker.waits import describe_pull
@@ -110,6 +111,7 @@ class Worker:
         self.prefetch: Prefetch | None = None   # the next step's pull, sent ahead
         self.local: LocalSteps | None = None    # --mode diloco: the inner loop
         self.diloco_async = False               # --mode diloco --async
+        self.sparse: SparseClient | None = None  # the job's sparse tables (worker/sparse.py)
 
     def register(self) -> dict:
         job = self.job
@@ -121,7 +123,8 @@ class Worker:
                     layout=self.flat.layout, dataset_size=len(self.dataset),
                     batch_size=job.batch_size, shuffle=job.shuffle, optimizer=job.optimizer,
                     epochs=job.epochs, seed=self.config.seed, param_groups=self.param_groups,
-                    lr_at=job.lr_at is not None, clip=job.clip, outer_optimizer=job.outer_optimizer)
+                    lr_at=job.lr_at is not None, clip=job.clip, outer_optimizer=job.outer_optimizer,
+                    sparse=[t.spec() for t in tables_of(self.model)] or None)
                 break
             except RemoteError as exc:
                 if exc.code != Error.NOT_READY or time.monotonic() > deadline:
@@ -151,7 +154,10 @@ class Worker:
         self.prefetch = Prefetch(self.shards, self.config.prefetch, shard_mode, reply["steps"])
         self.local = (LocalSteps(self, reply["inner_steps"], self.diloco_async)
                       if self.mode == "diloco" else None)
+        if tables_of(self.model):            # sparse rows pushed before the dense push
+            self.sparse = SparseClient(self.shards, tables_of(self.model), self.config.timeout_s)
         if (self.config.overlap and self.mode == "bsp" and not self.flat.staged
+                and self.sparse is None
                 and not self.config.crash_at and not self.slowdown.active):   # why: worker/speedups/overlap.py
             self.overlap = Overlap(self.model, self.flat, self.shards, self.tracer)
         if reply.get("lr_versions"):   # every worker: a shard steps once any one has sent it
@@ -181,6 +187,8 @@ class Worker:
         they are our last own tasks of the step, push the group from backward hooks."""
         ids, step = [t[0] for t in tasks], tasks[0][1]
         sample_ids = [i for t in tasks for i in t[2]]
+        if self.sparse is not None:
+            self.sparse.step = step              # its tables' rows: those of this step
         with self.tracer.span("task", "task", task=ids[0], tasks=ids, step=step):
             t0 = time.perf_counter()
             with self.job.running("dataset"):
@@ -268,6 +276,8 @@ class Worker:
         if self.job.clip is not None and self.mode in ("ssp", "asp") and group.samples:
             clip_push(self.flat.grads_np, group.samples, self.job.clip)
         self.crash.maybe("before_push", step)
+        if self.sparse is not None:              # acknowledged before the dense push: see
+            self.sparse.push(step, ids, group.samples, group.step_tasks)   # ps/server/sparse_tables.py
         if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
                              ends_clock, only=[0])
@@ -399,6 +409,8 @@ class Worker:
     def finish(self, steps: int) -> None:
         """Pull the final parameters, save them, run the job's finish()."""
         self.pull(steps)
+        if self.sparse is not None:
+            self.sparse.step = steps
         if self.config.out:
             os.makedirs(self.config.out, exist_ok=True)
             tmp = os.path.join(self.config.out, "params.tmp.npz")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -32,6 +33,7 @@ from ps.faults.inject import split as split_faults
 from ps.faults.inject import split_links
 from ps.launch import hosts, netns
 from ps.launch.processes import ROOT, Cluster
+from ps import sparse
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
@@ -61,6 +63,7 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
     for stale in ("summary.json", "params.npz", "scheduler.journal"):
         if os.path.exists(os.path.join(args.out, stale)):
             os.remove(os.path.join(args.out, stale))
+    shutil.rmtree(os.path.join(args.out, "sparse"), ignore_errors=True)   # tables' rows
     cluster = Cluster(args, faults, net, place)
     outcome = Outcome(1)
     ctx = zmq.Context()
@@ -176,6 +179,7 @@ def _attempts(args, faults, net, links, place) -> int:
         print(f"{outcome.server_lost} lost at step {outcome.last_step}: restarting the cluster "
               f"from the checkpoint of step {resumed}", file=sys.stderr)
         args.resume = True
+    sparse.merge_parts(args.out)             # the servers' parts of each sparse table
     summary.amend(args.out, faults + (links.faults if links else []), recoveries)
     if links and links.faults:
         _record_links(args.out, links, outcome.scheduler_started, lost_mono)

@@ -140,6 +140,8 @@ class Forming:
                            staleness=cfg.staleness, workers=cfg.workers,
                            checkpoint_every=cfg.checkpoint_every,
                            checkpoint_dir=cfg.checkpoint_dir, restore=manifest,
+                           sparse=job.get("sparse"), seed=cfg.seed, servers=cfg.servers,
+                           out=cfg.out,
                            **server_optimizer(cfg, job, steps, tasks_per_step))
             else:
                 self._welcome(ident, rid, index, member.inc, start_step=start)

@@ -17,10 +17,11 @@ from math import prod
 from ps.core.optim import make_optimizer
 from ps.faults import messages
 from ps.reliability.checkpoint import shard_file
+from ps.sparse import check_spec
 from ps.wire.protocol import Error, ProtocolError, is_int, optional_int
 
 JOB_FIELDS = ("layout", "dataset_size", "batch_size", "shuffle", "optimizer", "epochs",
-              "param_groups", "lr_at", "clip", "outer_optimizer")
+              "param_groups", "lr_at", "clip", "outer_optimizer", "sparse")
 STATS_COUNTS = ("version", "max_staleness", "duplicates_rejected", "fenced_rejected")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 
@@ -102,6 +103,7 @@ def worker_job(header: dict, cfg, others) -> dict:
             raise ProtocolError(Error.BAD_FIELD, f"{field} {info[field]}: {exc}") from None
     param_groups(info["param_groups"], info["optimizer"], size)
     recipe(info)
+    sparse_tables(info, cfg)
     if header.get("seed") != seed:
         raise ProtocolError(Error.BAD_FIELD, f"worker seed {header.get('seed')!r} differs from "
                                              f"the scheduler's {seed}")
@@ -150,6 +152,26 @@ def recipe(info: dict) -> None:
     if info["lr_at"] and own_lr and make_optimizer(info["optimizer"], 1).lr == 0:
         raise ProtocolError(Error.BAD_FIELD, "a group with its own lr is scaled by "
                                              "lr_at(step) / OPTIMIZER['lr'], which is 0")
+
+
+def sparse_tables(info: dict, cfg) -> None:
+    """A job's sparse tables (``ps.sparse.check_spec``): nil or a list of distinct names;
+    BSP only, without checkpoints, for now."""
+    tables = info["sparse"]
+    if tables is None:
+        return
+    if not isinstance(tables, list) or not tables or len(tables) > 64:
+        raise ProtocolError(Error.BAD_FIELD, "sparse must be nil or a list of 1-64 tables")
+    try:
+        specs = [check_spec(t) for t in tables]
+    except ValueError as exc:
+        raise ProtocolError(Error.BAD_FIELD, str(exc)) from None
+    if len({s["name"] for s in specs}) != len(specs):
+        raise ProtocolError(Error.BAD_FIELD, "two sparse tables share a name")
+    if getattr(cfg, "mode", "bsp") != "bsp" or getattr(cfg, "checkpoint_every", 0) or \
+            getattr(cfg, "resume", False):
+        raise ProtocolError(Error.BAD_FIELD, "sparse tables need --mode bsp, without "
+                                             "checkpoints (the others are not built yet)")
 
 
 def layout_size(layout: list) -> int:

@@ -89,6 +89,24 @@ def rounds(cfg: SchedulerConfig, dealer: Dealer, run: RunState) -> dict:
             "epochs": dealer.total_steps / dealer.plan.steps_per_epoch}
 
 
+def sparse_tables(shard_stats: dict) -> dict:
+    """The job's sparse tables: rows materialised and bytes held, summed over the servers
+    (each server's part of its stats; only ints are added), and per server."""
+    tables: dict[str, dict] = {}
+    for index, stats in sorted(shard_stats.items()):
+        held = stats.get("sparse")
+        if not isinstance(held, dict):
+            continue
+        for name, t in held.items():
+            if not isinstance(t, dict):
+                continue
+            total = tables.setdefault(str(name), {"rows": 0, "per_server": []})
+            total["rows"] += t["rows"] if is_int(t.get("rows")) else 0
+            total["per_server"].append({"server": index, **{k: v for k, v in t.items()
+                                                            if is_int(v)}})
+    return {"sparse": tables} if tables else {}
+
+
 def fields(cfg, run, dealer, shard_stats, failure, deaths, rejoins, recovery, restarts,
            net_faults, job_error) -> dict:
     return {"mode": cfg.mode, "staleness": cfg.staleness, "servers": cfg.servers,
@@ -99,6 +117,7 @@ def fields(cfg, run, dealer, shard_stats, failure, deaths, rejoins, recovery, re
                            "coarse_rounds": dealer.coarse_rounds},
             **run.summary(dealer.stolen_by, dealer.stolen_from),
             "max_staleness": max_staleness(shard_stats),
+            **sparse_tables(shard_stats),
             "duplicates_rejected": sum(s.get("duplicates_rejected", 0) for s in shard_stats.values()),
             "fenced_rejected": sum(s.get("fenced_rejected", 0) for s in shard_stats.values()),
             "clipped_steps": max((s.get("clipped_steps", 0) for s in shard_stats.values()),

@@ -38,6 +38,7 @@ from ps.server.checkpoints import Checkpoints
 from ps.security import curve
 from ps.server.config import ServerConfig, parse_args
 from ps.server.norm import NormExchange
+from ps.server.sparse_tables import Tables
 from ps.wire import transport, validation
 from ps.wire.client import Peer, RemoteError
 from ps.wire.protocol import (WAIT_LOG_S, Error, Kind, ProtocolError, check_frames, check_int_list,
@@ -82,6 +83,8 @@ class Server:
         self.norms: NormExchange | None = None           # clipping's agreement, once registered
         self.replying: dict[int, tuple] = {}             # worker -> (inc, rid, tracker) of the
                                                          # last pull answered: still leaving?
+        self.tables = Tables([], 0, 0, 1)                # sparse tables: ps.server.sparse_tables
+        self.out: str | None = None                      # where they are written at the end
 
     # -- life cycle -----------------------------------------------------------------
     def register(self) -> None:
@@ -96,6 +99,9 @@ class Server:
                            segments=segments(reply.get("param_groups"), self.lo, self.hi),
                            clip=reply.get("clip"), lr_versions=reply.get("lr_versions"),
                            pushes_per_round=reply.get("pushes_per_round", 1))
+        if reply.get("sparse"):
+            self.tables = Tables(reply["sparse"], reply["seed"], self.index, reply["servers"])
+            self.out = reply.get("out")
         if self.shard.clip is not None:
             self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
         if reply.get("checkpoint_every"):
@@ -136,6 +142,8 @@ class Server:
                 last_heard = time.monotonic()
                 if self._scheduler_reply():
                     self._collect_checkpoint(CHECKPOINT_FINISH_S)   # into the last counters
+                    if self.tables and self.out:
+                        self.tables.write(self.out)
                     self._say_bye()
                     return
             if self.router in events:
@@ -207,7 +215,8 @@ class Server:
             curve.check_sender(frames[1], header)
             handler = {Kind.PULL: self.on_pull, Kind.PUSH: self.on_push,
                        Kind.INIT: self.on_init, Kind.STATS: self.on_stats,
-                       Kind.SCHEDULE: self.on_schedule}.get(header["kind"])
+                       Kind.SCHEDULE: self.on_schedule, Kind.SPARSE_PULL: self.on_sparse_pull,
+                       Kind.SPARSE_PUSH: self.on_sparse_push}.get(header["kind"])
             if handler is None:
                 raise ProtocolError(Error.UNKNOWN_KIND, f"a server does not serve {header['kind']!r}")
             handler(ident, header, frames[2:])
@@ -228,6 +237,18 @@ class Server:
         fresh = self.shard.init(chunks)
         self.reply(ident, encode(Kind.OK, header["rid"], fresh=fresh))
         self._answer_parked()
+
+    def on_sparse_pull(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        self.shard.check_live(header["inc"])
+        fields, frames = self.tables.pull(header, payload)
+        self.reply(ident, encode(Kind.OK, header["rid"], **fields), frames)
+
+    def on_sparse_push(self, ident, header, payload) -> None:
+        self._check_worker(header)
+        self.shard.check_live(header["inc"])
+        applied = self.tables.push(header, payload)
+        self.reply(ident, encode(Kind.OK, header["rid"], applied=applied))
 
     def on_schedule(self, ident, header, payload) -> None:
         self._check_worker(header)
@@ -394,6 +415,8 @@ class Server:
         stats["checkpoint"] = self.checkpoints.last if self.checkpoints else None
         if self.norms is not None:
             stats["norm_hold"] = self.norms.stats()
+        if self.tables:
+            stats["sparse"] = self.tables.stats()
         stats.update(messages.fields())          # --inject drop/dup/delay: what fired
         return stats
 

@@ -66,6 +66,8 @@ class Kind:
     PUSH = "push"               # send a gradient sum for some tasks
     SCHEDULE = "schedule"       # the job's learning rate for every version (lr_at): float64 frames
     STATS = "stats"             # a shard's counters
+    SPARSE_PULL = "sparse_pull"  # the rows of some ids of a sparse table (ps.sparse)
+    SPARSE_PUSH = "sparse_push"  # gradient rows of some ids of a sparse table, for some tasks
     # replies
     OK = "ok"
     ERROR = "error"
@@ -133,13 +135,17 @@ SCHEMA: dict[str, dict[str, tuple]] = {
     Kind.NORM: {"index": _INT, "inc": _INT, "step": _INT, "sumsq": _NUM},
     Kind.SCHEDULE: {"worker": _INT, "inc": _INT, "versions": _INT},
     Kind.STATS: {},
+    Kind.SPARSE_PULL: {"worker": _INT, "inc": _INT, "step": _INT, "table": _STR, "n": _INT},
+    Kind.SPARSE_PUSH: {"worker": _INT, "inc": _INT, "step": _INT, "table": _STR, "n": _INT,
+                       "tasks": _LIST, "samples": _INT, "step_tasks": _INT},
     Kind.OK: {},
     Kind.ERROR: {"code": _STR, "reason": _STR},
 }
 
 
 # Kinds that carry tensor payload frames; every other request must have none.
-PAYLOAD_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.SCHEDULE})
+PAYLOAD_KINDS = frozenset({Kind.INIT, Kind.PUSH, Kind.SCHEDULE, Kind.SPARSE_PULL,
+                           Kind.SPARSE_PUSH})
 
 
 def check_frames(kind: str, payload: list) -> None:

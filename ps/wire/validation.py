@@ -70,6 +70,42 @@ def check_window(step: int, clocks: list[int], mode: str, staleness: int) -> Non
                                              f"s = {staleness})")
 
 
+MAX_SPARSE_IDS = 1 << 22        # ids in one SPARSE_PULL or SPARSE_PUSH
+
+
+def sparse_payload(frames: list, n: int, dim: int | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """A SPARSE_PULL's or SPARSE_PUSH's payload: ``n`` distinct little-endian int64 ids,
+    then (a push: ``dim`` given) ``n`` x ``dim`` float32 gradient rows, each part in whole
+    frames of its own. Returns (ids, rows or None); sizes checked before any copy."""
+    if not 0 <= n <= MAX_SPARSE_IDS:
+        raise ProtocolError(Error.BAD_FIELD, f"n must be in [0, {MAX_SPARSE_IDS}]")
+    sizes = [memoryview(f.buffer if hasattr(f, "buffer") else f).nbytes for f in frames]
+    if len(frames) > MAX_FRAMES or any(s > MAX_FRAME_BYTES for s in sizes):
+        raise ProtocolError(Error.BAD_PAYLOAD, "too many or too large payload frames")
+    want = [8 * n, 4 * n * dim] if dim is not None else [8 * n]
+    parts, at = [], 0
+    for nbytes in want:
+        got, first = 0, at
+        while got < nbytes and at < len(frames):
+            got, at = got + sizes[at], at + 1
+        if got != nbytes:
+            raise ProtocolError(Error.BAD_PAYLOAD, f"a sparse payload of {n} ids needs "
+                                                   f"{' + '.join(map(str, want))} bytes in whole frames")
+        parts.append(b"".join(bytes(memoryview(f.buffer if hasattr(f, "buffer") else f))
+                              for f in frames[first:at]))
+    if at != len(frames):
+        raise ProtocolError(Error.BAD_PAYLOAD, "frames beyond the sparse payload")
+    ids = np.frombuffer(parts[0], "<i8").astype(np.int64)
+    if ids.size > 1 and np.unique(ids).size != ids.size:
+        raise ProtocolError(Error.BAD_PAYLOAD, "the ids of a sparse message must be distinct")
+    rows = None
+    if dim is not None:
+        rows = np.frombuffer(parts[1], "<f4").reshape(n, dim)
+        if not np.isfinite(rows).all():
+            raise ProtocolError(Error.NONFINITE, "a sparse gradient holds NaN or Inf")
+    return ids, rows
+
+
 def lr_table(frames: list, versions: int) -> np.ndarray:
     """A SCHEDULE's payload: ``versions`` little-endian float64 rates, the job's ``lr_at``
     of each version, every one finite and >= 0. Returns them as one (versions,) array."""
