@@ -265,8 +265,8 @@ class SparseTable:
 
     def nbytes(self) -> dict:
         n = len(self.index)
-        return {"rows": n * self.dim * 4, "state": n * self.dim * 4 * len(self.state),
-                "index": self.index.nbytes(), "capacity": self.rows.nbytes
+        return {"row_bytes": n * self.dim * 4, "state_bytes": n * self.dim * 4 * len(self.state),
+                "index_bytes": self.index.nbytes(), "allocated_bytes": self.rows.nbytes
                 + sum(s.nbytes for s in self.state.values())}
 
     def check_ids(self, ids: np.ndarray) -> None:
