@@ -36,19 +36,19 @@ from torch.utils.data import TensorDataset
 
 from worker.sparse import SparseEmbedding
 
-USERS = 20_000
-ITEMS = 50_000
-TASTE_DIM = 8
+USERS = 1_000
+ITEMS = 20_000
+TASTE_DIM = 4
 TASTE_SCALE = 3.0
 ID_SPACE = 10 ** 8           # ids are hashed into [0, 10^8)
-SAMPLES = 131_072            # 128 steps an epoch at BATCH_SIZE 1024
+SAMPLES = 262_144            # 256 steps an epoch at BATCH_SIZE 1024
 VALIDATION = 32_768
 DIM = 16                     # a row of either table
 DATA_SEED = 11
 
 OPTIMIZER = {"name": "adam", "lr": 3e-3}
 BATCH_SIZE = 1024
-EPOCHS = 2
+EPOCHS = 4
 SHUFFLE = True
 
 

@@ -46,3 +46,21 @@ def test_char_transformer_prints_a_sample(tmp_path):
     assert printed.startswith("def ") and printed[len("def ") + 200:].startswith("\n"), printed
     vocab = load_job(os.path.join(EXAMPLES, "char_transformer.py")).module.VOCAB
     assert len(sample) == 200 and set(sample) <= set(vocab), sample
+
+
+@pytest.mark.timeout(120)
+def test_the_recommender_beats_the_popularity_baseline(tmp_path):
+    # One epoch (a quarter of its run) is enough to beat knowing items alone; its rows are
+    # on the servers only, written out as OUT/sparse/<table>.npz.
+    run = launch(tmp_path, "--job", os.path.join(EXAMPLES, "recommender.py"), "--epochs", "1",
+                 timeout_s=110)
+    assert run.rc == 0, run.stderr[-3000:]
+    line = next(ln for ln in run.stdout.splitlines() if ln.startswith("recommender:"))
+    ours, base = (float(w.rstrip(",")) for w in (line.split()[4], line.split()[7]))
+    assert ours < 0.97 * base, line
+    for table in ("users", "items"):
+        out = np.load(tmp_path / "sparse" / f"{table}.npz")
+        assert out["rows"].shape == (out["ids"].size, 16) and (np.diff(out["ids"]) > 0).all()
+        assert out["ids"].size == run.summary["sparse"][table]["rows"]
+        assert out["ids"].min() >= 0 and out["ids"].max() < 10 ** 8
+    assert set(run.params) == {"tower.0.weight", "tower.0.bias", "tower.2.weight", "tower.2.bias"}
