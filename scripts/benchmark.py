@@ -25,6 +25,9 @@ diloco      DiLoCo against BSP: bytes per sample at H = 8 and 32, and wall time 
 cost        a step's cost model for BSP, DiLoCo and ring all-reduce, fitted to runs at 1-4
             servers and workers on shaped links, checked against DiLoCo and torch DDP runs,
             and its prediction for 64 workers x 16 servers (scripts/bench/cost.py)
+sparse      sparse tables: rows per second and bytes per step against a dense embedding,
+            server memory per row, a worker's RSS at 10^5 and 2 x 10^7 rows, and 2 x 10^7
+            rows x 32 floats on 4 servers (scripts/bench/sparse.py)
 clip        what clipping's norm agreement adds to a BSP step: 10M and 50M parameters on
             2 and 4 servers, with and without CLIP_GRAD_NORM (scripts/bench/clip.py)
 
@@ -41,7 +44,8 @@ import os
 import signal
 import sys
 
-from bench import clip, common, cost, defaults, diloco, modes, scale, stragglers, train, transport
+from bench import (clip, common, cost, defaults, diloco, modes, scale, sparse, stragglers, train,
+                   transport)
 
 SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
                                  "vs static"),
@@ -54,7 +58,9 @@ SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs 
           "clip": (clip, "the cost of clipping's norm agreement per BSP step"),
           "diloco": (diloco, "DiLoCo vs BSP: bytes per sample, time and loss on shaped links"),
           "cost": (cost, "a cost model of BSP, DiLoCo and ring all-reduce steps, fitted here; "
-                         "its prediction for 64 workers x 16 servers")}
+                         "its prediction for 64 workers x 16 servers"),
+          "sparse": (sparse, "sparse tables against a dense embedding: rows/s, bytes, memory "
+                             "per row, 2 x 10^7 rows on 4 servers")}
 
 
 def parse_args(argv=None):

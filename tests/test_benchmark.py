@@ -237,6 +237,19 @@ def test_cost_tiny(tmp_path):
     assert "**predicted**" in stdout and "fastest" in stdout
 
 
+def test_sparse_tiny(tmp_path):
+    result, stdout = run_suite(tmp_path / "sparse.json", "sparse", timeout_s=SCALE_TIMEOUT_S)
+    rows = result["rows"]
+    tp = [r for r in rows if r["part"] == "throughput"]
+    assert [r["dense"] for r in tp] == [False, True]
+    assert tp[0]["bytes_per_step"] < tp[1]["bytes_per_step"]      # rows of a batch, not a table
+    assert tp[0]["rows_pulled_per_s"] > 0 and tp[1]["rows_pulled_per_s"] is None
+    scale = [r for r in rows if r["part"] == "scale"]
+    assert len(scale) == 2 and all(r["rows"] > 0 for r in scale)
+    assert all(s["index_per_row"] <= 24 for r in scale for s in r["servers"])
+    assert "**scale**" in stdout and "worker peak RSS" in stdout
+
+
 def test_cost_model_fit_recovers_known_coefficients():
     """The fit, on rows made from known coefficients (``a`` is timed, not fitted), gives
     them back."""

@@ -111,7 +111,6 @@ class SparseClient:
         self.tables = tables
         self.timeout_s = timeout_s
         self.step = 0                        # the step being computed (BSP: rows of version step)
-        self.bytes_pulled = self.bytes_pushed = 0
         for t in tables:
             t.client = self
 
@@ -142,7 +141,8 @@ class SparseClient:
                     continue
                 out[at] = np.frombuffer(b"".join(bytes(memoryview(f)) for f in frames),
                                         "<f4").reshape(at.size, dim)
-                self.bytes_pulled += out[at].nbytes
+                self.shards.wire_pulled += 4 * at.size * dim     # the run's byte counts
+                self.shards.wire_pushed += 8 * at.size           # (ids asked for)
             if todo:
                 time.sleep(NOT_READY_WAIT_S)
         return out
@@ -157,7 +157,7 @@ class SparseClient:
             for k, at in enumerate(self._by_server(ids)):
                 part_ids, part = np.ascontiguousarray(ids[at]), np.ascontiguousarray(grads[at])
                 frames = transport.split(part_ids) + transport.split(part.reshape(-1))
-                self.bytes_pushed += part_ids.nbytes + part.nbytes
+                self.shards.wire_pushed += part_ids.nbytes + part.nbytes
                 sent.append((k, self.shards.peers[k].send(
                     Kind.SPARSE_PUSH, frames, worker=self.shards.worker, inc=self.shards.inc,
                     step=step, table=t.name, n=int(at.size), tasks=tasks, samples=samples,
