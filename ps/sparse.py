@@ -243,8 +243,8 @@ def make_row_optimizer(config: dict, dim: int) -> RowOptimizer:
 class SparseTable:
     """One table's rows on one server, its optimizer state and its BSP step in progress."""
 
-    def __init__(self, spec: dict, seed: int):
-        self.spec = spec
+    def __init__(self, spec: dict, seed: int, mode: str = "bsp"):
+        self.spec, self.mode = spec, mode              # bsp; ssp or asp: pushes on arrival
         self.name, self.dim = spec["name"], spec["dim"]
         self.seed, self.init_std = seed, spec["init_std"]
         self.num_embeddings = spec["num_embeddings"]
@@ -257,6 +257,7 @@ class SparseTable:
         self.step_total = 0
         self.step_samples = 0
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []   # this step's (ids, grads)
+        self.applied: set[int] = set()                # SSP/ASP: every task id applied
         self.duplicates_rejected = 0
         self.rows_pulled = self.rows_pushed = 0
 
@@ -315,7 +316,10 @@ class SparseTable:
     def push(self, step: int, tasks: list[int], samples: int, step_tasks: int,
              ids: np.ndarray, grads: np.ndarray) -> bool:
         """A BSP push of step ``step``: add it to the step; apply the step once complete.
-        False: a duplicate (an older step, or tasks already in)."""
+        False: a duplicate (an older step, or tasks already in). SSP and ASP: applied on
+        arrival, as the mean over its own samples; the step count is the table's updates."""
+        if self.mode != "bsp":
+            return self._push_now(tasks, samples, ids, grads)
         if step < self.version or any(t in self.step_tasks_seen for t in tasks):
             self.duplicates_rejected += 1
             return False
@@ -333,6 +337,17 @@ class SparseTable:
             self.pending.append((ids, grads))
         if len(self.step_tasks_seen) == step_tasks:
             self._apply()
+        return True
+
+    def _push_now(self, tasks, samples, ids, grads) -> bool:
+        if any(t in self.applied for t in tasks):
+            self.duplicates_rejected += 1
+            return False
+        self.check_ids(ids)
+        if samples and tasks:                          # a clock tick carries nothing
+            self.step_samples, self.pending = samples, [(ids, grads)] if ids.size else []
+            self._apply()
+            self.applied.update(tasks)
         return True
 
     def _apply(self) -> None:

@@ -132,6 +132,20 @@ def test_a_push_whose_tasks_are_in_is_refused_and_changes_nothing():
         t.push(3, [9], 1, 1, np.array([1]), g[:1])
 
 
+def test_an_asp_table_applies_each_push_on_arrival_once():
+    spec = check_spec({"name": "items", "dim": 3, "num_embeddings": 30, "init_std": 0.0,
+                       "optimizer": {"name": "sgd", "lr": 1.0}})
+    t = SparseTable(spec, 0, mode="asp")
+    g = np.full((1, 3), 4.0, np.float32)
+    assert t.push(5, [1], 2, 1, np.array([7]), g)               # any step: on arrival
+    np.testing.assert_array_equal(t.pull(np.array([7])), [[-2.0, -2.0, -2.0]])   # mean of 2
+    assert t.push(0, [2], 3, 1, np.empty(0, np.int64), np.empty((0, 3), np.float32))
+    assert t.version == 2                                      # no row here, still an update
+    assert not t.push(1, [1], 2, 1, np.array([7]), g)          # task 1 again
+    assert t.push(1, [], 0, 1, np.empty(0, np.int64), np.empty((0, 3), np.float32))   # a tick
+    assert t.version == 2 and t.duplicates_rejected == 1
+
+
 def test_a_server_s_step_count_advances_when_none_of_its_rows_are_touched():
     # Adam's bias correction reads the table's step count, as torch's reads the weight's:
     # a server that got no row in steps 0-1 must still be at step 3 in step 2.
@@ -288,6 +302,24 @@ def test_a_worker_killed_before_its_push_loses_nothing(tmp_path):
     assert len(summary["deaths"]) == 1
 
 
-def test_sparse_tables_refuse_other_modes(tmp_path):
-    run = launch(tmp_path, "--job", JOB, "--mode", "asp", "--steps", "2")
-    assert run.rc != 0 and "sparse tables need --mode bsp" in run.stderr
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("mode", ["ssp", pytest.param("asp", marks=pytest.mark.slow)])
+def test_ssp_and_asp_apply_each_push_to_the_table_once(tmp_path, mode):
+    env = {**ADAM, "SPARSE_BAG_DELAY_S": "0.005"}
+    run = launch(tmp_path, "--job", JOB, "--mode", mode, "--servers", "2", "--workers", "3",
+                 "--steps", "18", "--tasks-per-step", "6", "--slow", "1=3", env=env)
+    assert run.rc == 0, run.stderr[-3000:]
+    s = run.summary
+    assert [e["samples_applied"] for e in s["per_epoch"]] == [200, 200]
+    pushes = sum(w["pushes"] for w in s["per_worker"])
+    # every push reached every server's table (an empty one where no id of it lives), and
+    # each was applied once: a table's updates are the pushes
+    assert [p["version"] for p in s["sparse"]["items"]["per_server"]] == [pushes, pushes]
+    assert all(p["duplicates_rejected"] == 0 for p in s["sparse"]["items"]["per_server"])
+    out = np.load(os.path.join(run.out, "sparse", "items.npz"))
+    assert np.isfinite(out["rows"]).all() and out["ids"].size == s["sparse"]["items"]["rows"]
+
+
+def test_sparse_tables_refuse_diloco(tmp_path):
+    run = launch(tmp_path, "--job", JOB, "--mode", "diloco", "--steps", "2")
+    assert run.rc != 0 and "sparse tables need --mode bsp, ssp or asp" in run.stderr

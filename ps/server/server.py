@@ -100,7 +100,8 @@ class Server:
                            clip=reply.get("clip"), lr_versions=reply.get("lr_versions"),
                            pushes_per_round=reply.get("pushes_per_round", 1))
         if reply.get("sparse"):
-            self.tables = Tables(reply["sparse"], reply["seed"], self.index, reply["servers"])
+            self.tables = Tables(reply["sparse"], reply["seed"], self.index, reply["servers"],
+                                 reply["mode"])
             self.out = reply.get("out")
         if self.shard.clip is not None:
             self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
@@ -247,8 +248,15 @@ class Server:
     def on_sparse_push(self, ident, header, payload) -> None:
         self._check_worker(header)
         self.shard.check_live(header["inc"])
-        applied = self.tables.push(header, payload)
-        self.reply(ident, encode(Kind.OK, header["rid"], applied=applied))
+        key = (header["inc"], header["rid"])
+        if key in self.push_replies:      # the same request again: same answer, no apply
+            self.reply(ident, self.push_replies[key])
+            return
+        answer = encode(Kind.OK, header["rid"], applied=self.tables.push(header, payload))
+        self.push_replies[key] = answer
+        if len(self.push_replies) > PUSH_REPLY_CACHE:
+            self.push_replies.popitem(last=False)
+        self.reply(ident, answer)
 
     def on_schedule(self, ident, header, payload) -> None:
         self._check_worker(header)

@@ -23,8 +23,9 @@ from ps.wire.protocol import Error, ProtocolError, check_int_list
 
 
 class Tables:
-    def __init__(self, specs: list[dict], seed: int, index: int, servers: int):
-        self.tables = {spec["name"]: SparseTable(check_spec(spec), seed) for spec in specs}
+    def __init__(self, specs: list[dict], seed: int, index: int, servers: int, mode: str = "bsp"):
+        self.tables = {spec["name"]: SparseTable(check_spec(spec), seed, mode) for spec in specs}
+        self.mode = mode
         self.index, self.servers = index, servers
 
     def __bool__(self) -> bool:
@@ -49,7 +50,7 @@ class Tables:
         table = self._table(header)
         ids, _ = validation.sparse_payload(payload, header["n"], None)
         self._ids_here(table, ids)
-        if header["step"] > table.version:
+        if self.mode == "bsp" and header["step"] > table.version:
             raise ProtocolError(Error.NOT_READY, f"table {table.name} is at step {table.version}")
         rows = table.pull(ids)
         return {"n": ids.size, "dim": table.dim, "version": table.version}, transport.split(rows.reshape(-1))

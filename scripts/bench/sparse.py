@@ -69,6 +69,8 @@ class RoleMemory:
                         fields = dict(line.split(":", 1) for line in f if ":" in line)
                 except OSError:
                     continue
+                if "VmRSS" not in fields:       # exited, not yet reaped: no memory left
+                    continue
                 rss, hwm = (int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
                 self.last[name] = rss
                 self.peak[name] = max(self.peak.get(name, 0), hwm)
