@@ -378,6 +378,27 @@ class SparseTable:
         ids, pos = self.index.items()
         return ids, self.rows[pos]
 
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Copies of every row, its optimizer state and the step count, for a checkpoint
+        (``restore`` takes them back, on any server count)."""
+        ids, pos = self.index.items()
+        return {"ids": ids, "rows": self.rows[pos], "version": np.int64(self.version),
+                **{f"state_{k}": v[pos] for k, v in self.state.items()}}
+
+    def restore(self, parts: list[dict], mine) -> None:
+        """Rows of ``parts`` (snapshots of the same version, from the old servers) whose ids
+        ``mine(ids)`` says this server holds now: a reshard moves whole virtual shards."""
+        for part in parts:
+            keep = mine(part["ids"])
+            ids = part["ids"][keep]
+            first = len(self.index)
+            self._grow(first + ids.size)
+            self.rows[first:first + ids.size] = part["rows"][keep]
+            for k in self.state:
+                self.state[k][first:first + ids.size] = part[f"state_{k}"][keep]
+            self.index.add(ids, first)
+            self.version = int(part["version"])
+
 
 def merge_parts(out: str) -> list[str]:
     """The servers' parts of each table (``OUT/sparse/<name>.part<k>.npz``, written as they

@@ -320,6 +320,32 @@ def test_ssp_and_asp_apply_each_push_to_the_table_once(tmp_path, mode):
     assert np.isfinite(out["rows"]).all() and out["ids"].size == s["sparse"]["items"]["rows"]
 
 
+@pytest.mark.timeout(150)
+def test_a_checkpoint_keeps_the_tables_and_resumes_into_another_server_count(tmp_path):
+    # 12 steps on 2 servers with a checkpoint every 6; then the run resumes from step 12
+    # on 3 servers: each takes the rows of its virtual shards from both old files, with
+    # their Adam moments and step count, and the run ends on single-process torch.
+    ckpt = ["--checkpoint-every", "6", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = launch(tmp_path / "a", "--job", JOB, "--servers", "2", "--workers", "2",
+                   "--steps", "12", *ckpt, env=ADAM)
+    assert first.rc == 0, first.stderr[-3000:]
+    run = launch(tmp_path / "b", "--job", JOB, "--servers", "3", "--workers", "2",
+                 "--steps", "20", *ckpt, "--resume", env=ADAM)
+    summary = check(run, 20, ADAM)
+    assert summary["resumed_from"]["version"] == 12 and summary["servers"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(150)
+def test_a_lost_server_s_rows_come_back_from_the_checkpoint(tmp_path):
+    env = {**ADAGRAD, "SPARSE_BAG_DELAY_S": "0.02"}
+    run = launch(tmp_path, "--job", JOB, "--servers", "2", "--workers", "2", "--steps", "20",
+                 "--checkpoint-every", "5", "--dead-after-s", "1.5", "--recover",
+                 "--inject", "kill:server1@step=12", env=env)
+    summary = check(run, 20, env)
+    assert len(summary["recoveries"]) == 1
+
+
 def test_sparse_tables_refuse_diloco(tmp_path):
     run = launch(tmp_path, "--job", JOB, "--mode", "diloco", "--steps", "2")
     assert run.rc != 0 and "sparse tables need --mode bsp, ssp or asp" in run.stderr

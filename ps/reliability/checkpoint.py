@@ -57,13 +57,17 @@ def shard_file(version: int, shard: int) -> str:
 
 
 def write_shard(root: str, version: int, shard: int, lo: int, hi: int,
-                params: np.ndarray, optimizer_state: dict, crash_before_rename: bool = False) -> dict:
+                params: np.ndarray, optimizer_state: dict, crash_before_rename: bool = False,
+                tables: dict | None = None) -> dict:
     """Write one shard's state at ``version``; return what the manifest needs.
-    ``crash_before_rename``: a fault hook, SIGKILL once the temporary file is written."""
+    ``crash_before_rename``: a fault hook, SIGKILL once the temporary file is written.
+    ``tables``: the server's sparse tables' arrays (``sparse.<table>.<array>``), kept
+    in the same file."""
     path = os.path.join(root, shard_file(version, shard))
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = path + ".tmp"
     arrays = {f"opt_{k}": np.asarray(v) for k, v in optimizer_state.items()}
+    arrays.update(tables or {})
     with open(tmp, "wb") as f:
         np.savez(f, params=params, lo=lo, hi=hi, version=version, **arrays)
     if crash_before_rename:
@@ -95,7 +99,7 @@ class ShardWriter:
         return self._thread is not None and self._thread.is_alive()
 
     def start(self, version: int, params: np.ndarray, optimizer_state: dict,
-              crash_before_rename: bool = False) -> bool:
+              crash_before_rename: bool = False, tables: dict | None = None) -> bool:
         """Write ``params`` and ``optimizer_state`` (snapshots nobody else writes) as
         ``version`` in the background; False, and nothing started, if a write is in
         progress."""
@@ -105,7 +109,7 @@ class ShardWriter:
         def write() -> None:
             try:
                 report = write_shard(self.root, version, self.shard, self.lo, self.hi, params,
-                                     optimizer_state, crash_before_rename)
+                                     optimizer_state, crash_before_rename, tables)
                 self._outcome = (version, dict(report, version=version), None)
             except Exception as exc:       # a full disk, or a bug: reported, not raised here
                 self._outcome = (version, None, exc)
@@ -173,6 +177,20 @@ def latest_intact(root: str) -> tuple[dict | None, list[str]]:
     return None, skipped
 
 
+def load_sparse(manifest: dict, table: str) -> list[dict]:
+    """Every shard file's snapshot of sparse table ``table`` (``ps.sparse.SparseTable
+    .snapshot``): one dict of arrays per old server."""
+    parts = []
+    for s in manifest["shards"]:
+        with np.load(os.path.join(manifest["root"], s["file"])) as npz:
+            prefix = f"sparse.{table}."
+            arrays = {k[len(prefix):]: npz[k] for k in npz.files if k.startswith(prefix)}
+        if not arrays:
+            raise ValueError(f"checkpoint {s['file']} has no sparse table {table!r}")
+        parts.append(arrays)
+    return parts
+
+
 def load_range(manifest: dict, lo: int, hi: int) -> tuple[np.ndarray, dict]:
     """Parameters and optimizer state of the flat range [lo, hi), from whichever shard
     files cover it (the old shards may have been cut differently)."""
@@ -185,7 +203,7 @@ def load_range(manifest: dict, lo: int, hi: int) -> tuple[np.ndarray, dict]:
         with np.load(os.path.join(manifest["root"], s["file"])) as npz:
             params[a - lo:b - lo] = npz["params"][a - s["lo"]:b - s["lo"]]
             for key in npz.files:
-                if not key.startswith("opt_"):
+                if not key.startswith("opt_"):        # (sparse.*: a table's, load_sparse)
                     continue
                 value = npz[key]
                 name = key[len("opt_"):]

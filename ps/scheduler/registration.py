@@ -156,7 +156,7 @@ def recipe(info: dict) -> None:
 
 def sparse_tables(info: dict, cfg) -> None:
     """A job's sparse tables (``ps.sparse.check_spec``): nil or a list of distinct names;
-    not in DiLoCo, and without checkpoints, for now."""
+    not in DiLoCo, for now."""
     tables = info["sparse"]
     if tables is None:
         return
@@ -168,10 +168,9 @@ def sparse_tables(info: dict, cfg) -> None:
         raise ProtocolError(Error.BAD_FIELD, str(exc)) from None
     if len({s["name"] for s in specs}) != len(specs):
         raise ProtocolError(Error.BAD_FIELD, "two sparse tables share a name")
-    if getattr(cfg, "mode", "bsp") == "diloco" or getattr(cfg, "checkpoint_every", 0) or \
-            getattr(cfg, "resume", False):
-        raise ProtocolError(Error.BAD_FIELD, "sparse tables need --mode bsp, ssp or asp, "
-                                             "without checkpoints (the others are not built yet)")
+    if getattr(cfg, "mode", "bsp") == "diloco":
+        raise ProtocolError(Error.BAD_FIELD, "sparse tables need --mode bsp, ssp or asp "
+                                             "(DiLoCo with tables is not built yet)")
 
 
 def layout_size(layout: list) -> int:

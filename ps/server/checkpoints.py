@@ -28,12 +28,15 @@ class Checkpoints:
     def busy(self) -> bool:
         return self.writer.busy()
 
-    def after_update(self, shard, version_before: int) -> None:
-        """After an update may have happened: a checkpoint when one is due."""
+    def after_update(self, shard, version_before: int, tables=None) -> None:
+        """After an update may have happened: a checkpoint when one is due. The sparse
+        tables (``tables``) are at the same version then: a worker's sparse pushes are
+        acknowledged before its dense push, and no step's sparse push can come before
+        every dense shard has the version it starts from."""
         if shard.mode == "bsp" and shard.version != version_before and shard.version % self.every == 0:
-            self.write(shard)
+            self.write(shard, tables)
 
-    def write(self, shard) -> None:
+    def write(self, shard, tables=None) -> None:
         """A snapshot of the shard at its version, written off the event loop."""
         version = shard.version
         if self.fail:                                       # fault hook: a full disk
@@ -44,7 +47,8 @@ class Checkpoints:
             return
         crash = self.crash_at == f"checkpoint@{version}"                  # fault hook
         self.writer.start(version, shard.params.copy(), shard.optimizer.state(),
-                          crash_before_rename=crash)   # copies: training goes on
+                          crash_before_rename=crash,   # copies: training goes on
+                          tables=tables.snapshot() if tables else None)
 
     def collect(self, wait_s: float = 0.0) -> bool:
         """A finished write, if any: True when it is a new report for the next heartbeat."""

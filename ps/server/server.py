@@ -113,6 +113,8 @@ class Server:
             manifest = reply["restore"]
             params, state = checkpoint.load_range(manifest, self.lo, self.hi)
             self.shard.restore(params, state, manifest["version"])
+            if self.tables:
+                self.tables.restore(manifest)
             log.warning("shard %d restored from the checkpoint of version %d", self.index,
                         manifest["version"])
         log.info("shard %d: elements [%d, %d) at %s, %s", self.index, reply["lo"], reply["hi"],
@@ -322,7 +324,7 @@ class Server:
         """After an update may have happened (the shard was at ``version``): a BSP
         checkpoint when one is due."""
         if self.checkpoints is not None:
-            self.checkpoints.after_update(self.shard, version)
+            self.checkpoints.after_update(self.shard, version, self.tables or None)
 
     def _on_norm(self, header) -> None:
         """The held step's global norm (``ps.server.norm``): apply the step, clipped."""

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ps.reliability import checkpoint
 from ps.sparse import SparseTable, check_spec, server_of
 from ps.wire import transport, validation
 from ps.wire.protocol import Error, ProtocolError, check_int_list
@@ -74,6 +75,19 @@ class Tables:
                        "rows_pulled": t.rows_pulled, "rows_pushed": t.rows_pushed,
                        "duplicates_rejected": t.duplicates_rejected}
                 for name, t in self.tables.items()}
+
+    def snapshot(self) -> dict[str, np.ndarray]:
+        """Every table's state, as arrays named ``sparse.<table>.<array>``, for a
+        checkpoint's shard file."""
+        return {f"sparse.{name}.{k}": v for name, t in self.tables.items()
+                for k, v in t.snapshot().items()}
+
+    def restore(self, manifest: dict) -> None:
+        """Every table's rows that this server holds now, from all of a checkpoint's
+        shard files (the old server count may differ)."""
+        for name, table in self.tables.items():
+            parts = checkpoint.load_sparse(manifest, name)
+            table.restore(parts, lambda ids: server_of(ids, self.servers) == self.index)
 
     def write(self, out: str) -> None:
         """Every table's rows held here, as OUT/sparse/<name>.part<k>.npz (ids sorted);
