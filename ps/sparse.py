@@ -119,8 +119,15 @@ def check_spec(spec) -> dict:
     if unknown:
         raise ValueError(f"table {name}: unknown optimizer argument(s) {sorted(unknown)}")
     make_row_optimizer(opt, dim)              # its values
+    evict = {}
+    for key in ("max_rows", "evict_unseen_steps"):
+        value = spec.get(key)
+        if value is not None and not (isinstance(value, int) and not isinstance(value, bool)
+                                      and value > 0):
+            raise ValueError(f"table {name}: {key} must be a positive int or None")
+        evict[key] = value
     return {"name": name, "dim": dim, "num_embeddings": n, "init_std": float(std),
-            "optimizer": opt}
+            "optimizer": opt, **evict}
 
 
 # -- the index ----------------------------------------------------------------------------------
@@ -243,8 +250,13 @@ def make_row_optimizer(config: dict, dim: int) -> RowOptimizer:
 class SparseTable:
     """One table's rows on one server, its optimizer state and its BSP step in progress."""
 
-    def __init__(self, spec: dict, seed: int, mode: str = "bsp"):
+    def __init__(self, spec: dict, seed: int, mode: str = "bsp", servers: int = 1):
         self.spec, self.mode = spec, mode              # bsp; ssp or asp: pushes on arrival
+        # eviction: this server's share of max_rows, and rows unseen for this many steps
+        self.max_rows = -(-spec["max_rows"] // servers) if spec.get("max_rows") else None
+        self.unseen_steps = spec.get("evict_unseen_steps")
+        self.seen = np.empty(0, np.int64)              # per row: the last step it was read
+        self.evicted = 0
         self.name, self.dim = spec["name"], spec["dim"]
         self.seed, self.init_std = seed, spec["init_std"]
         self.num_embeddings = spec["num_embeddings"]
@@ -279,6 +291,12 @@ class SparseTable:
 
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row numbers of ``ids`` (unique), creating the absent ones from initial_rows."""
+        at = self._lookup_or_create(ids)
+        if self.seen.size:
+            self.seen[at] = self.version
+        return at
+
+    def _lookup_or_create(self, ids: np.ndarray) -> np.ndarray:
         at = self.index.lookup(ids)
         absent = at < 0
         if absent.any():
@@ -297,6 +315,10 @@ class SparseTable:
         if need <= self.rows.shape[0]:
             return
         cap = max(need, int(self.rows.shape[0] * 1.5), 1024)
+        if self.max_rows or self.unseen_steps:
+            seen = np.zeros(cap, np.int64)
+            seen[:self.seen.size] = self.seen
+            self.seen = seen
         for holder, key in [(self, "rows")] + [(self.state, k) for k in self.state]:
             old = holder[key] if holder is self.state else self.rows
             new = np.empty((cap, self.dim), np.float32)
@@ -372,6 +394,35 @@ class SparseTable:
         self.pending.clear()
         self.step_tasks_seen.clear()
         self.step_total = self.step_samples = 0
+        if self.max_rows or self.unseen_steps:
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop rows unseen for ``evict_unseen_steps`` steps, and the least recently seen
+        beyond this server's share of ``max_rows`` (only once it is exceeded by an
+        eighth, so that the compaction, a pass over the table, is paid rarely). An evicted
+        row touched again starts over from its first value, with fresh optimizer state."""
+        n = len(self.index)
+        ids, pos = self.index.items()
+        last = self.seen[pos]
+        drop = np.zeros(n, bool)
+        if self.unseen_steps and (self.version % max(1, self.unseen_steps // 8 or 1) == 0):
+            drop |= last < self.version - self.unseen_steps
+        if self.max_rows and n - drop.sum() > self.max_rows + self.max_rows // 8:
+            alive = np.flatnonzero(~drop)
+            oldest = alive[np.argsort(last[alive], kind="stable")]
+            drop[oldest[:alive.size - self.max_rows]] = True
+        if not drop.any():
+            return
+        keep = np.flatnonzero(~drop)
+        kept_pos = pos[keep]
+        self.rows[:keep.size] = self.rows[kept_pos]
+        for k in self.state:
+            self.state[k][:keep.size] = self.state[k][kept_pos]
+        self.seen[:keep.size] = self.seen[kept_pos]
+        self.index = RowIndex()
+        self.index.add(ids[keep], 0)
+        self.evicted += int(drop.sum())
 
     def dump(self) -> tuple[np.ndarray, np.ndarray]:
         """(ids sorted, their rows): every row materialised here."""
@@ -398,6 +449,8 @@ class SparseTable:
                 self.state[k][first:first + ids.size] = part[f"state_{k}"][keep]
             self.index.add(ids, first)
             self.version = int(part["version"])
+            if self.seen.size:                         # restored rows count as just seen
+                self.seen[first:first + ids.size] = self.version
 
 
 def merge_parts(out: str) -> list[str]:

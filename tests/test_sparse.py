@@ -146,6 +146,34 @@ def test_an_asp_table_applies_each_push_on_arrival_once():
     assert t.version == 2 and t.duplicates_rejected == 1
 
 
+def test_rows_unseen_for_k_steps_or_beyond_max_rows_are_evicted():
+    def tbl(**evict):
+        return SparseTable(check_spec({"name": "t", "dim": 2, "init_std": 0.1,
+                                       "optimizer": {"name": "adagrad", "lr": 0.5}, **evict}), 0)
+    g = np.ones((1, 2), np.float32)
+    t = tbl(evict_unseen_steps=3)
+    for step in range(10):                   # id 1 every step, id 100 + step once
+        ids = np.array([1, 100 + step])
+        t.pull(ids)
+        t.push(step, [step], 1, 1, ids, np.ones((2, 2), np.float32))
+    kept, _ = t.dump()
+    assert 1 in kept and 100 not in kept and t.evicted > 0
+    assert set(kept) <= {1} | {100 + s for s in range(10 - 4, 10)}   # seen in the last 3-4 steps
+    # an evicted row touched again starts over from its first value
+    np.testing.assert_array_equal(t.pull(np.array([100])), initial_rows(0, "t", [100], 2, 0.1))
+    t = tbl(max_rows=64)
+    for step in range(40):                   # 8 new ids a step: 320 in all
+        ids = np.arange(8 * step, 8 * step + 8)
+        t.pull(ids)
+        t.push(step, [step], 1, 1, ids, np.ones((8, 2), np.float32))
+        assert len(t) <= 64 + 64 // 8 + 8
+    kept, rows = t.dump()
+    assert kept.min() >= 320 - 72 and t.evicted == 320 - len(t)   # the most recent survive
+    assert (rows != initial_rows(0, "t", kept, 2, 0.1)).all()     # and keep their updates
+    with pytest.raises(ValueError, match="max_rows"):
+        tbl(max_rows=0)
+
+
 def test_a_server_s_step_count_advances_when_none_of_its_rows_are_touched():
     # Adam's bias correction reads the table's step count, as torch's reads the weight's:
     # a server that got no row in steps 0-1 must still be at step 3 in step 2.
@@ -344,6 +372,19 @@ def test_a_lost_server_s_rows_come_back_from_the_checkpoint(tmp_path):
                  "--inject", "kill:server1@step=12", env=env)
     summary = check(run, 20, env)
     assert len(summary["recoveries"]) == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_capped_table_evicts_and_says_so(tmp_path):
+    env = {**ADAGRAD, "SPARSE_BAG_MAX_ROWS": "20"}
+    run = launch(tmp_path, "--job", JOB, "--servers", "2", "--workers", "2", "--steps", "12",
+                 env=env)
+    assert run.rc == 0, run.stderr[-3000:]
+    table = run.summary["sparse"]["items"]
+    assert table["evicted"] > 0
+    assert all(p["rows"] <= 10 + 10 // 8 + 3 * 24 for p in table["per_server"])   # share + a step
+    out = np.load(os.path.join(run.out, "sparse", "items.npz"))
+    assert out["ids"].size == table["rows"] < 60
 
 
 def test_sparse_tables_refuse_diloco(tmp_path):

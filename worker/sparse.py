@@ -39,13 +39,15 @@ NOT_READY_WAIT_S = 0.005     # a table one step behind: ask again this soon
 
 class SparseEmbedding(nn.Module):
     def __init__(self, name: str, embedding_dim: int, num_embeddings: int | None = None,
-                 init_std: float = 0.01, optimizer: dict | None = None, mode: str | None = None):
+                 init_std: float = 0.01, optimizer: dict | None = None, mode: str | None = None,
+                 max_rows: int | None = None, evict_unseen_steps: int | None = None):
         super().__init__()
         if mode not in (None, "sum", "mean"):
             raise ValueError(f"mode must be None, 'sum' or 'mean', not {mode!r}")
         self._spec = check_spec({"name": name, "dim": embedding_dim,
                                  "num_embeddings": num_embeddings, "init_std": init_std,
-                                 "optimizer": optimizer or {"name": "sgd", "lr": 0.01}})
+                                 "optimizer": optimizer or {"name": "sgd", "lr": 0.01},
+                                 "max_rows": max_rows, "evict_unseen_steps": evict_unseen_steps})
         self.name, self.embedding_dim, self.mode = name, embedding_dim, mode
         self.num_embeddings = num_embeddings
         self.client: SparseClient | None = None

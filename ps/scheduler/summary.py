@@ -100,8 +100,9 @@ def sparse_tables(shard_stats: dict) -> dict:
         for name, t in held.items():
             if not isinstance(t, dict):
                 continue
-            total = tables.setdefault(str(name), {"rows": 0, "per_server": []})
+            total = tables.setdefault(str(name), {"rows": 0, "evicted": 0, "per_server": []})
             total["rows"] += t["rows"] if is_int(t.get("rows")) else 0
+            total["evicted"] += t["evicted"] if is_int(t.get("evicted")) else 0
             total["per_server"].append({"server": index, **{k: v for k, v in t.items()
                                                             if is_int(v)}})
     return {"sparse": tables} if tables else {}

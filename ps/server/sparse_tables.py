@@ -25,7 +25,8 @@ from ps.wire.protocol import Error, ProtocolError, check_int_list
 
 class Tables:
     def __init__(self, specs: list[dict], seed: int, index: int, servers: int, mode: str = "bsp"):
-        self.tables = {spec["name"]: SparseTable(check_spec(spec), seed, mode) for spec in specs}
+        self.tables = {spec["name"]: SparseTable(check_spec(spec), seed, mode, servers)
+                       for spec in specs}
         self.mode = mode
         self.index, self.servers = index, servers
 
@@ -73,7 +74,7 @@ class Tables:
     def stats(self) -> dict:
         return {name: {"rows": len(t), "version": t.version, **t.nbytes(),
                        "rows_pulled": t.rows_pulled, "rows_pushed": t.rows_pushed,
-                       "duplicates_rejected": t.duplicates_rejected}
+                       "duplicates_rejected": t.duplicates_rejected, "evicted": t.evicted}
                 for name, t in self.tables.items()}
 
     def snapshot(self) -> dict[str, np.ndarray]:

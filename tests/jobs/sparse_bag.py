@@ -21,6 +21,7 @@ OPTIMIZER = {"name": "sgd", "lr": 0.1}
 BATCH_SIZE = 24
 SHUFFLE = False
 DELAY_S = float(os.environ.get("SPARSE_BAG_DELAY_S", "0"))
+MAX_ROWS = int(os.environ.get("SPARSE_BAG_MAX_ROWS", "0")) or None    # eviction tests
 
 
 class Model(nn.Module):
@@ -35,7 +36,7 @@ class Model(nn.Module):
 
 def build_model():
     return Model(SparseEmbedding("items", 4, num_embeddings=N, init_std=0.1,
-                                 optimizer=TABLE_OPTIMIZER, mode="sum"))
+                                 optimizer=TABLE_OPTIMIZER, mode="sum", max_rows=MAX_ROWS))
 
 
 def reference_model(seed):
