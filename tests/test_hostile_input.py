@@ -103,6 +103,16 @@ def attacks(ranges, marker):
         ("bool-step", push(lo, n, step=True), Error.BAD_FIELD),
         ("samples-without-tasks", push(lo, n, tasks=[]), Error.BAD_FIELD),
         ("string-last", push(lo, n, last="yes"), Error.BAD_FIELD),
+        # sparse tables: this run's job has none; the header is checked first
+        ("sparse-pull-no-table", [encode("sparse_pull", 1, worker=0, inc=INC, step=0,
+                                         table="items", n=1), np.int64(3).tobytes()],
+         Error.BAD_FIELD),
+        ("sparse-push-no-table", [encode("sparse_push", 1, worker=0, inc=INC, step=0,
+                                         table="items", n=1, tasks=[0], samples=1,
+                                         step_tasks=1), np.int64(3).tobytes(), b"\0" * 16],
+         Error.BAD_FIELD),
+        ("sparse-pull-no-n", [encode("sparse_pull", 1, worker=0, inc=INC, step=0, table="items")],
+         Error.MISSING_FIELD),
         # pickles: a header, an extension value, a payload under any dtype
         ("pickle-header", [boom], Error.BAD_HEADER),
         ("pickle-ext", [msgpack.packb({"v": 1, "kind": "stats", "rid": 1,

@@ -37,7 +37,7 @@ from ps import sparse
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
-from ps.scheduler.config import DEFAULT_INNER_STEPS, MODES, TASKS_PER_STEP_HELP
+from ps.scheduler.config import TASKS_PER_STEP_HELP, add_mode_arguments
 from ps.security import curve, keys
 from ps.trace import merge as merge_traces
 from ps.wire.client import Peer, RemoteError
@@ -233,16 +233,7 @@ def parse_args(argv=None):
     p.add_argument("--job", default=DEFAULT_JOB, help="job file (default: examples/mlp_classifier.py)")
     p.add_argument("--servers", type=int, default=2, help="servers (shards) S (default: 2)")
     p.add_argument("--workers", type=int, default=2, help="workers M (default: 2)")
-    p.add_argument("--mode", choices=MODES, default="bsp",
-                   help="consistency model; diloco: H local steps a round, then one outer step")
-    p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
-                   help="diloco: local optimizer steps each worker takes per round (default %(default)s)")
-    p.add_argument("--async", dest="diloco_async", action="store_true",
-                   help="diloco: apply each worker's push on arrival (bounded by --staleness, "
-                        "in rounds), a slow worker taking fewer local steps")
-    p.add_argument("--momentum-every", type=int, default=None, metavar="N",
-                   help="async diloco: apply the outer momentum once every N pushes "
-                        "(Delayed Nesterov; default: the workers M)")
+    add_mode_arguments(p)
     p.add_argument("--staleness", type=int, default=None,
                    help="SSP staleness bound s (default: 2 with --mode ssp or async diloco, else 0)")
     steps = p.add_mutually_exclusive_group()

@@ -73,11 +73,8 @@ def default_tasks_per_step(batch_size: int, workers: int) -> int:
     return max(workers, min(TASKS_PER_WORKER * workers, batch_size // MIN_TASK_SAMPLES))
 
 
-def parse_args(argv=None) -> SchedulerConfig:
-    p = argparse.ArgumentParser(prog="python -m ps.scheduler",
-                                description="Run the scheduler of a parameter-server cluster.")
-    p.add_argument("--servers", type=int, default=2, help="number of servers (shards) S")
-    p.add_argument("--workers", type=int, default=2, help="number of workers M")
+def add_mode_arguments(p) -> None:
+    """--mode and DiLoCo's flags: the scheduler's and the launcher's alike."""
     p.add_argument("--mode", choices=MODES, default="bsp",
                    help="consistency model; diloco: H local steps a round, then one outer step")
     p.add_argument("--inner-steps", type=int, default=DEFAULT_INNER_STEPS, metavar="H",
@@ -88,6 +85,14 @@ def parse_args(argv=None) -> SchedulerConfig:
     p.add_argument("--momentum-every", type=int, default=None, metavar="N",
                    help="async diloco: apply the outer momentum once every N pushes "
                         "(Delayed Nesterov; default: the workers M)")
+
+
+def parse_args(argv=None) -> SchedulerConfig:
+    p = argparse.ArgumentParser(prog="python -m ps.scheduler",
+                                description="Run the scheduler of a parameter-server cluster.")
+    p.add_argument("--servers", type=int, default=2, help="number of servers (shards) S")
+    p.add_argument("--workers", type=int, default=2, help="number of workers M")
+    add_mode_arguments(p)
     p.add_argument("--staleness", type=int, default=0, help="SSP staleness bound s (clocks)")
     p.add_argument("--steps", type=int, default=None, help="global steps to train")
     p.add_argument("--epochs", type=int, default=None, help="epochs to train (default: the job's EPOCHS)")

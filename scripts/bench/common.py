@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -88,6 +89,64 @@ class Children:
 
 # -- runs in their own process group (launcher runs, baselines) -------------------------
 LAUNCHERS: set[int] = set()   # process groups of the runs in progress
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes ({} once it has gone, or exited unreaped)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            lines = [line.split() for line in f if line.startswith(("VmRSS:", "VmHWM:"))]
+    except OSError:
+        return {}
+    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in lines}
+
+
+class RoleMemory:
+    """Polls the memory of a launcher run's roles (those whose name starts with
+    ``prefix``) while it goes on: ``readings[name]`` is a list of (time.time(),
+    {"VmRSS": bytes, "VmHWM": bytes}); ``at(name, t)`` the last one taken at or before
+    t; ``peak`` and ``last`` map each role to its largest VmHWM and its last VmRSS."""
+
+    def __init__(self, out: str, prefix: str = "", poll_s: float = 0.1):
+        self.out, self.prefix, self.poll_s = out, prefix, poll_s
+        self.readings: dict[str, list[tuple[float, dict[str, int]]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+
+    def _poll(self) -> None:
+        pids: dict[str, int] = {}
+        while not self._stop.wait(self.poll_s):
+            if not pids:
+                try:
+                    with open(os.path.join(self.out, "cluster.json")) as f:
+                        roles = json.load(f)["roles"]
+                except (OSError, ValueError, KeyError):
+                    continue                       # not written yet (or half written)
+                pids = {n: r["pid"] for n, r in roles.items() if n.startswith(self.prefix)}
+            for name, pid in pids.items():
+                reading = proc_status(pid)
+                if len(reading) == 2:
+                    self.readings.setdefault(name, []).append((time.time(), reading))
+
+    def at(self, name: str, t: float) -> dict[str, int]:
+        before = [r for when, r in self.readings.get(name, []) if when <= t]
+        return before[-1] if before else {}
+
+    @property
+    def peak(self) -> dict[str, int]:
+        return {n: max(r["VmHWM"] for _, r in rs) for n, rs in self.readings.items()}
+
+    @property
+    def last(self) -> dict[str, int]:
+        return {n: rs[-1][1]["VmRSS"] for n, rs in self.readings.items()}
 
 
 def kill_group(pgid: int) -> None:

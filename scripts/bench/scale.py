@@ -21,17 +21,15 @@ not yet summed, a parameter copy made while a pull's reply was still being sent)
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
 
-from .common import (ROOT, Children, count, counts, ints, launch_run, markdown,
-                     step_end_times, timed_step_s)
+from .common import (ROOT, Children, RoleMemory, count, counts, ints, launch_run, markdown,
+                     proc_status, step_end_times, timed_step_s)
 
 MLP_JOB = os.path.join(ROOT, "scripts", "jobs", "mlp10m.py")
 SIZES = [10**6, 10**7, 30 * 10**6, 10**8]     # (a) parameters
@@ -69,55 +67,6 @@ def sized_job(folder: str, params: int, batch: int | None = None) -> str:
     return path
 
 
-def proc_status(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in bytes ({} once it has gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            lines = [line.split() for line in f if line.startswith(("VmRSS:", "VmHWM:"))]
-    except OSError:
-        return {}
-    return {parts[0].rstrip(":"): int(parts[1]) * 1024 for parts in lines}
-
-
-class ServerMemory:
-    """Polls every server's memory during a launcher run: ``readings[name]`` is a list
-    of (time.time(), {"VmRSS": bytes, "VmHWM": bytes}); ``at(name, t)`` the last one
-    taken at or before t."""
-
-    def __init__(self, out: str):
-        self.out = out
-        self.readings: dict[str, list[tuple[float, dict[str, int]]]] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def _poll(self) -> None:
-        pids: dict[str, int] = {}
-        while not self._stop.wait(POLL_S):
-            if not pids:
-                try:
-                    with open(os.path.join(self.out, "cluster.json")) as f:
-                        roles = json.load(f)["roles"]
-                except (OSError, ValueError, KeyError):
-                    continue                       # not written yet (or half written)
-                pids = {n: r["pid"] for n, r in roles.items() if n.startswith("server")}
-            for name, pid in pids.items():
-                reading = proc_status(pid)
-                if len(reading) == 2:
-                    self.readings.setdefault(name, []).append((time.time(), reading))
-
-    def at(self, name: str, t: float) -> dict[str, int]:
-        before = [r for when, r in self.readings.get(name, []) if when <= t]
-        return before[-1] if before else {}
-
-
 def idle_server_rss() -> int:
     """RSS of a server that has imported everything and bound, but holds no shard."""
     children = Children()
@@ -151,7 +100,7 @@ def scale_run(job: str, params: int, servers: int, workers: int, steps: int, war
     """One launcher run; step time from its trace, each server's memory at its end."""
     argv = ["--job", job, "--mode", "bsp", "--servers", str(servers), "--workers", str(workers),
             "--steps", str(warmup + steps), "--trace", "--dead-after-s", str(DEAD_AFTER_S)]
-    with ServerMemory(out) as memory:
+    with RoleMemory(out, prefix="server", poll_s=POLL_S) as memory:
         summary = launch_run(argv, out, f"{count(params)} x {servers} servers x {workers} "
                                         "workers", lenient=True)
     trace = os.path.join(out, "trace.json")

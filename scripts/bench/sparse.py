@@ -20,14 +20,12 @@ scale        4 servers x 2 workers, 4096 samples a step (65,536 ids, nearly all 
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import tempfile
-import threading
 import time
 
-from .common import ROOT, launch_run, markdown, step_end_times, timed_step_s
+from .common import ROOT, RoleMemory, launch_run, markdown, step_end_times, timed_step_s
 
 JOB = os.path.join(ROOT, "scripts", "jobs", "sparse_ctr.py")
 DIM = 32
@@ -36,44 +34,6 @@ THROUGHPUT_IDS = (200_000, 1_000_000)
 THROUGHPUT_STEPS, WARMUP = 12, 2
 SCALE_STEPS = 320                 # 320 x 65,536 ids of 10^12: 2.1 x 10^7 rows
 POLL_S = 0.5
-
-
-class RoleMemory:
-    """Polls every role's VmRSS and VmHWM while a launcher run goes on."""
-
-    def __init__(self, out: str):
-        self.out, self.peak, self.last = out, {}, {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(5)
-
-    def _poll(self) -> None:
-        pids = {}
-        while not self._stop.wait(POLL_S):
-            if not pids:
-                try:
-                    with open(os.path.join(self.out, "cluster.json")) as f:
-                        pids = {n: r["pid"] for n, r in json.load(f)["roles"].items()}
-                except (OSError, ValueError, KeyError):
-                    continue
-            for name, pid in pids.items():
-                try:
-                    with open(f"/proc/{pid}/status") as f:
-                        fields = dict(line.split(":", 1) for line in f if ":" in line)
-                except OSError:
-                    continue
-                if "VmRSS" not in fields:       # exited, not yet reaped: no memory left
-                    continue
-                rss, hwm = (int(fields[k].split()[0]) * 1024 for k in ("VmRSS", "VmHWM"))
-                self.last[name] = rss
-                self.peak[name] = max(self.peak.get(name, 0), hwm)
 
 
 def ctr_run(out: str, ids: int, batch: int, steps: int, servers: int, dense: bool = False,
@@ -85,7 +45,7 @@ def ctr_run(out: str, ids: int, batch: int, steps: int, servers: int, dense: boo
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)                 # the roles inherit it
     try:
-        with RoleMemory(out) as memory:
+        with RoleMemory(out, poll_s=POLL_S) as memory:
             summary = launch_run(argv, out, f"{'dense' if dense else 'sparse'} {ids:,} ids",
                                  lenient=True, timeout_s=1800)
     finally:
