@@ -67,7 +67,14 @@ def test_ctrl_c_stops_every_role(tmp_path):
         time.sleep(1.0)
         pids = [r["pid"] for r in json.loads((tmp_path / "cluster.json").read_text())["roles"].values()]
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:   # say what the launcher was doing: its stacks
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            os.killpg(proc.pid, signal.SIGKILL)
+            _, err = proc.communicate()
+            raise AssertionError(f"the launcher did not stop within 30 s of SIGINT:\n{err[-3000:]}")
         assert proc.returncode == 130
         for pid in pids:           # every role is gone (reaped by the launcher)
             with pytest.raises(ProcessLookupError):

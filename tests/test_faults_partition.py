@@ -181,7 +181,14 @@ def test_ctrl_c_removes_every_namespace_and_link(tmp_path, clean):
         _wait_for_training(tmp_path, proc)
         assert any(n.startswith("ps-") for n in _ours())
         proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=30)
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:   # say what the launcher was doing: its stacks
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1.0)
+            kill_group(proc)
+            _, err = proc.communicate()
+            raise AssertionError(f"the launcher did not stop within 30 s of SIGINT:\n{err[-4000:]}")
         assert proc.returncode == 130
     finally:
         kill_group(proc)

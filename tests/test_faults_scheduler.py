@@ -48,14 +48,15 @@ def test_scheduler_killed_mid_step_is_restarted_from_its_journal(tmp_path, refer
 
 @pytest.mark.slow
 def test_a_restart_while_the_shards_agree_on_a_norm_loses_no_step(tmp_path):
-    # With clipping each step waits on the scheduler for its global norm (NORM): killed at
-    # step 20, it leaves shards holding a complete step and resending their parts; the
+    # With clipping each step waits on the scheduler for its global norm (NORM): killed on
+    # the first NORM of step 20, it leaves shards holding a complete step and resending
+    # their parts (whatever the order of the workers' reports and the shards' norms); the
     # restarted scheduler answers them once they have registered again, and the run ends
     # on the single-process loop that clips (and follows the same schedule).
     env = {**SLOW_TASKS, "TINY_MLP_CLIP": "0.6", "TINY_MLP_SCHEDULE": "[4, 30, 0.1]",
            "TINY_MLP_OPTIMIZER": '{"name": "adamw", "lr": 0.02}'}
     want = oracle(JOB, STEPS, env={k: v for k, v in env.items() if k != "TINY_MLP_DELAY_S"})
-    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "report@20", env=env)
+    run = launch(tmp_path, *CLUSTER, "--scheduler-crash-at", "norm@20", env=env)
     summary = check(run, want)
     assert 0 < summary["clipped_steps"] < STEPS
     # A step was held across the restart: 60 holds take ~0.08 s in all without one, and

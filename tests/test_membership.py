@@ -169,8 +169,9 @@ def test_is_fenced():
 NO_PAYLOAD_KINDS = sorted(set(SCHEMA) - PAYLOAD_KINDS)
 
 
-def test_only_init_push_and_schedule_carry_payload():
-    assert PAYLOAD_KINDS == {Kind.INIT, Kind.PUSH, Kind.SCHEDULE}
+def test_only_init_push_schedule_and_the_sparse_kinds_carry_payload():
+    assert PAYLOAD_KINDS == {Kind.INIT, Kind.PUSH, Kind.SCHEDULE, Kind.SPARSE_PULL,
+                             Kind.SPARSE_PUSH}
 
 
 @pytest.mark.parametrize("kind", NO_PAYLOAD_KINDS)

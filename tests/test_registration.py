@@ -31,7 +31,7 @@ def refused(code, fn, *args):
 def test_an_honest_job_is_accepted_and_sized():
     assert worker_job(dict(JOB), SchedulerConfig(servers=2), []) == {
         **{k: v for k, v in JOB.items() if k != "seed"}, "param_groups": None, "lr_at": None,
-        "clip": None, "outer_optimizer": None}
+        "clip": None, "outer_optimizer": None, "sparse": None}
     assert layout_size(JOB["layout"]) == 16
     assert layout_size([["empty", [0, 5]], ["scalar", []]]) == 1     # torch allows both
 

@@ -18,6 +18,7 @@ faults); with --hosts, on other machines over ssh (``ps.launch.hosts``).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import shutil
@@ -37,7 +38,7 @@ from ps import sparse
 from ps.launch.statusline import StatusLine, status_line
 from ps.reliability.checkpoint import latest_intact
 from ps.scheduler import summary
-from ps.scheduler.config import TASKS_PER_STEP_HELP, add_mode_arguments
+from ps.scheduler.config import CRASH_POINTS, TASKS_PER_STEP_HELP, add_mode_arguments
 from ps.security import curve, keys
 from ps.trace import merge as merge_traces
 from ps.wire.client import Peer, RemoteError
@@ -276,8 +277,8 @@ def parse_args(argv=None):
     p.add_argument("--server-crash-at", action="append", default=[], metavar="S:checkpoint@V",
                    help="fault hook: server S dies while writing checkpoint V (before the rename)")
     p.add_argument("--scheduler-crash-at", default=None, metavar="POINT",
-                   help="fault hook: the scheduler kills itself at register@K, report@N or "
-                        "finishing (and is started again from its journal)")
+                   help="fault hook: the scheduler kills itself at " + ", ".join(CRASH_POINTS)
+                        + " (and is started again from its journal)")
     p.add_argument("--fail-checkpoints", action="store_true",
                    help="fault hook: every checkpoint write fails with ENOSPC (a full disk)")
     p.add_argument("--dead-after-s", type=float, default=DEAD_AFTER_S,
@@ -386,6 +387,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the cluster like Ctrl-C does
+    faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1`: where it is
     return launch(parse_args(argv))
 
 

@@ -54,9 +54,11 @@ class SchedulerConfig:
 
 
 MODES = ("bsp", "ssp", "asp", "diloco")
-CRASH_POINTS = ("register@K", "report@N", "finishing")   # --crash-at: the K-th REGISTER while
-                                # forming; the first REPORT of step N, journaled, not yet answered;
-                                # once every worker is done, the phase journaled, DONE not answered
+CRASH_POINTS = ("register@K", "report@N", "norm@N", "finishing")   # --crash-at: the K-th
+                                # REGISTER while forming; the first REPORT of step N, journaled,
+                                # not yet answered; the first NORM of step N (clipping), not
+                                # answered; once every worker is done, the phase journaled, DONE
+                                # not answered
 
 
 def crash_at(config: SchedulerConfig, point: str, n: int | None = None) -> None:

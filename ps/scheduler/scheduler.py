@@ -411,6 +411,7 @@ class Scheduler(Forming, Finishing, Restart):
             raise ProtocolError(Error.BAD_FIELD, f"a norm must name a step in [0, {self.run.steps}), "
                                                  "a sum of squares >= 0 and a --nonfinite policy")
         self.members.seen("server", index, header["inc"], time.monotonic())
+        crash_at(self.config, "norm", step)   # fault hook: a step's norm left unanswered
         answer = self.norms.offer(step, index, sumsq, (ident, header["rid"]))
         if answer is None:
             return                          # the other shards' parts are still to come
