@@ -387,6 +387,9 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)     # `kill` stops the cluster like Ctrl-C does
+    # and so does SIGINT, even when started from a script's background job, which gets
+    # SIGINT ignored (POSIX, without job control) and Python keeps that
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     faulthandler.register(signal.SIGUSR1, all_threads=True)   # `kill -USR1`: where it is
     return launch(parse_args(argv))
 
