@@ -150,7 +150,6 @@ def test_rows_unseen_for_k_steps_or_beyond_max_rows_are_evicted():
     def tbl(**evict):
         return SparseTable(check_spec({"name": "t", "dim": 2, "init_std": 0.1,
                                        "optimizer": {"name": "adagrad", "lr": 0.5}, **evict}), 0)
-    g = np.ones((1, 2), np.float32)
     t = tbl(evict_unseen_steps=3)
     for step in range(10):                   # id 1 every step, id 100 + step once
         ids = np.array([1, 100 + step])
