@@ -11,6 +11,7 @@ The packages, in the order to read them:
     security/     CurveZMQ: encrypted, authenticated links and the keys they use
     launch/       starting a cluster: local processes, other hosts, network namespaces
     faults/       fault injection for tests and experiments (--inject)
+    sparse/       sparse tables: rows by id, created on first touch, per-row optimizers
 
 The worker, the torch side, is the top-level package ``worker``.
 """
