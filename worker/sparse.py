@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ps.sparse import check_spec, initial_rows, server_of
+from ps.sparse import check_spec, initial_rows, server_of, sum_by_id
 from ps.wire import transport
 from ps.wire.client import RemoteError
 from ps.wire.protocol import Error, Kind
@@ -84,10 +84,8 @@ class SparseEmbedding(nn.Module):
         ids = np.concatenate([i for i, _ in touched])
         grads = np.concatenate([(r.grad if r.grad is not None else torch.zeros_like(r))
                                 .detach().cpu().numpy() for _, r in touched])
-        order = np.argsort(ids, kind="stable")
-        ids, grads = ids[order], grads[order]
-        starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-        return ids[starts], np.add.reduceat(grads, starts, axis=0).astype(np.float32)
+        ids, grads = sum_by_id(ids, grads)
+        return ids, grads.astype(np.float32, copy=False)
 
     def reference(self, seed: int) -> nn.Module:
         """The single-process equivalent: ``nn.Embedding(N, dim, sparse=True)`` (or an

@@ -250,12 +250,23 @@ class Server:
     def on_sparse_push(self, ident, header, payload) -> None:
         self._check_worker(header)
         self.shard.check_live(header["inc"])
-        key = (header["inc"], header["rid"])
-        if key in self.push_replies:      # the same request again: same answer, no apply
-            self.reply(ident, self.push_replies[key])
+        if self._answered_before(ident, header):
             return
-        answer = encode(Kind.OK, header["rid"], applied=self.tables.push(header, payload))
-        self.push_replies[key] = answer
+        self._answer_push(ident, header, encode(Kind.OK, header["rid"],
+                                                applied=self.tables.push(header, payload)))
+
+    def _answered_before(self, ident, header) -> bool:
+        """A push (dense or sparse) seen before, by (incarnation, rid): a retry, or a copy
+        duplicated on the wire. It gets its first answer again and is not applied."""
+        answer = self.push_replies.get((header["inc"], header["rid"]))
+        if answer is not None:
+            self.reply(ident, answer)
+        return answer is not None
+
+    def _answer_push(self, ident, header, answer: bytes) -> None:
+        """Reply to a push, remembering the answer for its retries (the newest
+        PUSH_REPLY_CACHE)."""
+        self.push_replies[(header["inc"], header["rid"])] = answer
         if len(self.push_replies) > PUSH_REPLY_CACHE:
             self.push_replies.popitem(last=False)
         self.reply(ident, answer)
@@ -296,9 +307,7 @@ class Server:
         validation.check_window(header["step"], self.shard.clocks, self.shard.mode,
                                 self.shard.staleness)
         chunks = transport.check_payload(payload, header["dtype"], header["size"])
-        key = (header["inc"], header["rid"])
-        if key in self.push_replies:      # the same request again (a retry, or duplicated
-            self.reply(ident, self.push_replies[key])   # on the wire): same answer, no apply
+        if self._answered_before(ident, header):
             return
         self.shard.check_live(header["inc"])     # fenced: refused before a scan of its bytes
         if header["samples"] > 0:
@@ -313,11 +322,8 @@ class Server:
         self._stepped(version)
         if self.norms:
             self.norms.start(self.shard)  # a step complete here: agree on its norm
-        answer = encode(Kind.OK, header["rid"], applied=applied, version=self.shard.version)
-        self.push_replies[key] = answer
-        if len(self.push_replies) > PUSH_REPLY_CACHE:
-            self.push_replies.popitem(last=False)
-        self.reply(ident, answer)
+        self._answer_push(ident, header, encode(Kind.OK, header["rid"], applied=applied,
+                                                version=self.shard.version))
         self._answer_parked()
 
     def _stepped(self, version: int) -> None:

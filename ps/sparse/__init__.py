@@ -39,9 +39,9 @@ on one server).
 from ps.sparse.index import RowIndex
 from ps.sparse.optim import OPTIMIZERS, make_row_optimizer
 from ps.sparse.rows import (MAX_DIM, VSHARDS, check_spec, initial_rows, name_hash, server_of,
-                            vshard_of)
+                            sum_by_id, vshard_of)
 from ps.sparse.table import SparseTable, merge_parts
 
 __all__ = ["MAX_DIM", "OPTIMIZERS", "RowIndex", "SparseTable", "VSHARDS", "check_spec",
            "initial_rows", "make_row_optimizer", "merge_parts", "name_hash", "server_of",
-           "vshard_of"]
+           "sum_by_id", "vshard_of"]

@@ -48,6 +48,15 @@ def initial_rows(seed: int, name: str, ids, dim: int, init_std: float) -> np.nda
     return (z * init_std).astype(np.float32)
 
 
+def sum_by_id(ids: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct ids sorted, the rows of each id summed): what a step's pushes, or a
+    worker's forward passes, add up to per id."""
+    order = np.argsort(ids, kind="stable")
+    ids, rows = ids[order], rows[order]
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
+    return ids[starts], np.add.reduceat(rows, starts, axis=0)
+
+
 def vshard_of(ids: np.ndarray) -> np.ndarray:
     """The virtual shard of each id."""
     with np.errstate(over="ignore"):

@@ -6,7 +6,7 @@ import numpy as np
 
 from ps.sparse.index import RowIndex
 from ps.sparse.optim import make_row_optimizer
-from ps.sparse.rows import initial_rows
+from ps.sparse.rows import initial_rows, sum_by_id
 
 
 class SparseTable:
@@ -138,13 +138,9 @@ class SparseTable:
         """The step's rows summed per id, over the step's samples, through the optimizer."""
         self.version += 1
         if self.pending:
-            ids = np.concatenate([p[0] for p in self.pending])
-            grads = np.concatenate([p[1] for p in self.pending])
-            order = np.argsort(ids, kind="stable")
-            ids, grads = ids[order], grads[order]
-            starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]])
-            uniq = ids[starts]
-            mean = np.add.reduceat(grads, starts, axis=0) / np.float32(self.step_samples)
+            uniq, total = sum_by_id(np.concatenate([p[0] for p in self.pending]),
+                                    np.concatenate([p[1] for p in self.pending]))
+            mean = total / np.float32(self.step_samples)
             at = self._rows_of(uniq)
             rows = self.rows[at]
             state = {k: v[at] for k, v in self.state.items()}
