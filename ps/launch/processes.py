@@ -160,9 +160,13 @@ class Cluster:
         return sched_ep
 
     def write_cluster_json(self) -> None:
+        """Publish where each role listens, atomically: tests and tools poll for this file
+        and must never read it half written (it is rewritten when a role is replaced)."""
         roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid} for r in self.roles}
-        with open(os.path.join(self.args.out, "cluster.json"), "w") as f:
+        path = os.path.join(self.args.out, "cluster.json")
+        with open(path + ".tmp", "w") as f:
             json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
+        os.replace(path + ".tmp", path)
 
     def check_roles(self, line: StatusLine, phase) -> bool:
         """Look at every role that exited. A server's failure is fatal, and so is any
