@@ -13,7 +13,8 @@ This module holds the flags, one attempt at the run (``run``) and --recover's
 restarts (``launch``); the processes are ``ps.launch.processes``'s, the status line is
 ``ps.launch.statusline``'s, and ``ps.scheduler.summary`` reads and amends summary.json. With --netns
 the roles run in network namespaces (``ps.launch.netns``, which also injects the link
-faults); with --hosts, on other machines over ssh (``ps.launch.hosts``).
+faults); with --hosts, on other machines over ssh (``ps.launch.hosts``); with --ray, on
+the nodes of a Ray cluster (``ps.launch.ray_engine``).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ import zmq
 from ps.core.compress import WIRE_DTYPES
 from ps.faults.inject import split as split_faults
 from ps.faults.inject import split_links
-from ps.launch import hosts, netns
+from ps.launch import hosts, netns, ray_engine
 from ps.launch.processes import ROOT, Cluster
 from ps import sparse
 from ps.launch.statusline import StatusLine, status_line
@@ -106,6 +107,7 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
             links.heal_all()
         if not cluster.wait_all(EXIT_GRACE_S, dead=summary.dead_workers(args.out)):
             return outcome
+        cluster.collect()                  # Ray: the outputs roles wrote on other nodes
         if args.trace:
             print(f"trace: {merge_traces(args.out)} (open in ui.perfetto.dev or chrome://tracing)",
                   file=sys.stderr)
@@ -141,6 +143,12 @@ def launch(args) -> int:
         place = netns.Placement(network.plan)
     elif args.hosts:
         place = hosts.Placement(args.hosts)
+    elif args.ray:
+        try:
+            place = _ray_placement(args)
+        except RuntimeError as exc:
+            print(f"--ray: {exc}", file=sys.stderr)
+            return 1
     links = netns.LinkInjector(network, split_links(args.inject)) if network else None
     try:
         if network:
@@ -155,6 +163,19 @@ def launch(args) -> int:
     finally:
         if network:
             network.down()
+        if args.ray:
+            ray_engine.import_ray().shutdown()     # a throwaway cluster (local) ends here
+
+
+def _ray_placement(args):
+    """Connect to Ray and size the servers (``ps.launch.ray_engine``)."""
+    t0 = time.monotonic()
+    ray = ray_engine.connect(args.ray, args.servers + args.workers * args.threads)
+    place = ray_engine.RayPlacement(ray, args, ray_engine.job_parameters(args.job))
+    if not args.quiet:
+        print(f"ray: connected to {ray.get_runtime_context().gcs_address} "
+              f"({len(ray.nodes())} nodes) in {time.monotonic() - t0:.1f} s", file=sys.stderr)
+    return place
 
 
 def role_names(args) -> list[str]:
@@ -295,6 +316,12 @@ def parse_args(argv=None):
                    help="with --link-mbps: add D ms of delay to every link, each way (tc netem)")
     p.add_argument("--hosts", default=None, metavar="FILE",
                    help="start the roles on the hosts of FILE over ssh (docs/multihost.md)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run every role on a Ray cluster: ADDRESS as ray.init takes it (auto, "
+                        "HOST:PORT), or local for a throwaway one here (docs/multihost.md)")
+    p.add_argument("--ray-resources", action="append", default=[], metavar="ROLE:NAME=AMOUNT",
+                   help="with --ray: every server (ROLE server) or worker (ROLE worker) also asks "
+                        "for this custom Ray resource, e.g. worker:gpu_pool=1 (repeatable)")
     p.add_argument("--grad-dtype", choices=WIRE_DTYPES, default="float32",
                    help="gradients on the wire: float16/bfloat16 halve the bytes; servers sum "
                         "in float32 (default: %(default)s)")
@@ -341,8 +368,16 @@ def parse_args(argv=None):
     for fault in links:
         if fault.target not in roles or (fault.dst and fault.dst not in roles):
             p.error(f"--inject {fault.spec!r}: no such role (this cluster has {', '.join(roles)})")
-    if args.hosts and args.netns:
-        p.error("--hosts and --netns exclude each other")
+    if sum(map(bool, (args.hosts, args.netns, args.ray))) > 1:
+        p.error("--hosts, --netns and --ray exclude each other")
+    if args.ray_resources and not args.ray:
+        p.error("--ray-resources needs --ray")
+    try:
+        args.ray_resources = _ray_resources(args.ray_resources)
+    except ValueError as exc:
+        p.error(str(exc))
+    if args.ray and not args.threads:
+        args.threads = 1              # a worker asks Ray for as many CPUs as it has threads
     if args.hosts:
         if process_faults:
             p.error("--inject kill/pause signal local processes: not with --hosts")
@@ -383,6 +418,23 @@ def parse_args(argv=None):
     if args.secure is not None:
         args.secure = os.path.abspath(args.secure or os.path.join(args.out, "keys"))
     return args
+
+
+def _ray_resources(items: list[str]) -> dict[str, dict[str, float]]:
+    """``server:ssd=1`` -> {"server": {"ssd": 1.0}}."""
+    asks: dict[str, dict[str, float]] = {}
+    for item in items:
+        role, _, ask = item.partition(":")
+        name, _, amount = ask.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = -1.0
+        if role not in ("server", "worker") or not name or value <= 0:
+            raise ValueError(f"--ray-resources {item!r}: want ROLE:NAME=AMOUNT, ROLE server or "
+                             "worker, AMOUNT > 0 (e.g. worker:gpu_pool=1)")
+        asks.setdefault(role, {})[name] = value
+    return asks
 
 
 def main(argv=None) -> int:

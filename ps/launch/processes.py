@@ -6,9 +6,10 @@ one binds and publishes, writes ``cluster.json``, watches for roles that exit
 (starting a replacement worker with --respawn), sends the signals of ``--inject``
 faults, and stops everything. The launcher (``ps.launch.launcher.run``) makes one per
 attempt. Where each role runs is its *placement*: this machine on loopback (``Local``),
-a network namespace of its own (``ps.launch.netns.Placement``, --netns), or another host over
-ssh (``ps.launch.hosts.Placement``, --hosts); a placement wraps the command and names the
-address to bind. The invariant: no role outlives the launcher (each child gets SIGKILL
+a network namespace of its own (``ps.launch.netns.Placement``, --netns), another host over
+ssh (``ps.launch.hosts.Placement``, --hosts), or a node of a Ray cluster
+(``ps.launch.ray_engine.RayPlacement``, --ray); a placement wraps the command and names the
+address to bind, and may start the process itself (``popen``: Ray's runs on another node). The invariant: no role outlives the launcher (each child gets SIGKILL
 when the launcher dies, and ``stop`` ends and reaps every process it started).
 """
 from __future__ import annotations
@@ -79,7 +80,10 @@ class Cluster:
         if getattr(self.args, "secure", None):       # every role: CurveZMQ, its own key
             cmd += ["--secure", self.args.secure]
         cmd = self.place.command(name, cmd, env or self.env)
-        proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
+        if hasattr(self.place, "popen"):
+            proc = self.place.popen(name, cmd, env or self.env)
+        else:
+            proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
         self.roles.append(Role(name, proc, None))
 
     def server_hooks(self, k: int) -> list[str]:
@@ -93,17 +97,18 @@ class Cluster:
 
     def endpoint(self, role: Role, path: str) -> str:
         """Wait for a role to publish the endpoint it bound (port * = any free port)."""
+        read = getattr(self.place, "read", None)      # a file on the role's node
         deadline = time.monotonic() + ENDPOINT_WAIT_S
-        while not os.path.exists(path):
+        while (text := read(role.proc, path) if read else _read(path)) is None:
             if role.proc.poll() is not None:
                 raise RuntimeError(f"{role.name} exited with status {role.proc.returncode} "
                                    "before binding its endpoint")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{role.name} published no endpoint in {ENDPOINT_WAIT_S:.0f} s")
             time.sleep(0.02)
-        with open(path) as f:
-            role.endpoint = f.read().strip()
-        os.remove(path)
+        if not read:
+            os.remove(path)
+        role.endpoint = text.strip()
         return role.endpoint
 
     def start(self) -> str:
@@ -136,10 +141,15 @@ class Cluster:
         self.spawn("scheduler", "ps.scheduler", sched_argv + crash)
         sched_ep = self.place.advertise("scheduler") or self.endpoint(self.roles[0], ep_file("scheduler"))
         self.sched_argv, self.sched_ep = sched_argv, sched_ep
+        self.roles[0].endpoint = sched_ep
         self.scheduler_started = time.monotonic()   # ~ the scheduler's clock zero (deaths' times)
+        if a.checkpoint_every or a.resume:
+            if hasattr(self.place, "check_shared"):     # every server's node must see it
+                self.place.check_shared(a.checkpoint_dir)
         for k in range(a.servers):
             self.spawn(f"server{k}", "ps.server", ["--scheduler", sched_ep, *where(f"server{k}"),
-                                                   "--shard", str(k), *self.server_hooks(k), *common])
+                                                   "--shard", str(k), "--out", a.out,
+                                                   *self.server_hooks(k), *common])
         threads = a.threads or max(1, (os.cpu_count() or 1) // a.workers)
         self.worker_env = dict(self.env, OMP_NUM_THREADS=str(threads))
         for w in range(a.workers):
@@ -162,7 +172,9 @@ class Cluster:
     def write_cluster_json(self) -> None:
         """Publish where each role listens, atomically: tests and tools poll for this file
         and must never read it half written (it is rewritten when a role is replaced)."""
-        roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid} for r in self.roles}
+        where = getattr(self.place, "where", lambda proc: {})   # Ray: the node and its address
+        roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid, **where(r.proc)}
+                 for r in self.roles}
         path = os.path.join(self.args.out, "cluster.json")
         with open(path + ".tmp", "w") as f:
             json.dump({"job": self.args.job, "mode": self.args.mode, "roles": roles}, f, indent=2)
@@ -193,6 +205,7 @@ class Cluster:
             if respawn:
                 self.spawn(r.name, "worker", self.worker_argv[r.name], env=self.worker_env)
                 self.roles[-1].replacement = True
+                self.write_cluster_json()
             return False
         return False
 
@@ -220,6 +233,8 @@ class Cluster:
         self.roles[0] = self.roles.pop()
         if "--endpoint-file" in argv:
             self.endpoint(self.roles[0], argv[argv.index("--endpoint-file") + 1])
+        self.roles[0].endpoint = self.sched_ep
+        self.write_cluster_json()
         return True
 
     def inject(self, step: int, elapsed_s: float) -> None:
@@ -231,8 +246,8 @@ class Cluster:
                     continue
                 fault.fired_at_s = round(elapsed_s, 3)
                 fault.fired_mono = time.monotonic()
-                fault.pid = role.proc.pid
-                os.kill(role.proc.pid, signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
+                fault.pid, fault.proc = role.proc.pid, role.proc
+                role.proc.send_signal(signal.SIGKILL if fault.action == "kill" else signal.SIGSTOP)
                 print(f"injected {fault.spec} at {elapsed_s:.2f} s (step {step})", file=sys.stderr)
             elif self._paused(fault) and elapsed_s >= fault.fired_at_s + fault.duration_s:
                 self._resume(fault)
@@ -246,7 +261,7 @@ class Cluster:
         """SIGCONT a paused role (once; it may have been killed meanwhile)."""
         fault.resumed = True
         try:
-            os.kill(fault.pid, signal.SIGCONT)
+            fault.proc.send_signal(signal.SIGCONT)
         except ProcessLookupError:
             pass
 
@@ -310,6 +325,12 @@ class Cluster:
             role.proc.kill()
             role.proc.wait()
 
+    def collect(self) -> None:
+        """Bring what roles on other nodes wrote into --out (Ray; elsewhere it is there)."""
+        if hasattr(self.place, "collect"):
+            for name in self.place.collect(self.args.out):
+                print(f"{name}'s node is gone, and what it wrote with it", file=sys.stderr)
+
     def stop(self) -> None:
         for r in self.retired:
             if r.proc.poll() is None:
@@ -325,3 +346,13 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 r.proc.kill()
                 r.proc.wait()
+        if hasattr(self.place, "release"):
+            self.place.release()
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -29,6 +29,8 @@ class ServerConfig:
     timeout_s: float = 120.0             # register wait, scheduler silence, parked-pull deadline
     secure: str | None = None            # key directory: CurveZMQ, only allow-listed keys (ps.security.curve)
     nonfinite: str = "reject"            # NaN/Inf gradients: reject | skip (ps.wire.validation)
+    out: str | None = None               # where this server writes its sparse tables' rows
+                                         # (default: the run's folder, as the scheduler says)
 
 
 def parse_args(argv=None) -> ServerConfig:
@@ -54,6 +56,9 @@ def parse_args(argv=None) -> ServerConfig:
     p.add_argument("--nonfinite", choices=validation.NONFINITE_POLICIES, default="reject",
                    help="a gradient with NaN or Inf: reject it (error reply) or skip it "
                         "(its tasks count, its values do not) (default: %(default)s)")
+    p.add_argument("--out", default=None,
+                   help="write this shard's sparse-table rows under OUT/sparse (default: the "
+                        "run's folder, which the scheduler names)")
     p.add_argument("--log-level", default="WARNING")
     args = p.parse_args(argv)
     if args.secure and args.shard < 0:
@@ -62,4 +67,4 @@ def parse_args(argv=None) -> ServerConfig:
                         format="%(asctime)s server %(levelname)s %(message)s")
     return ServerConfig(args.scheduler, args.bind, args.advertise, args.endpoint_file, args.shard,
                         args.crash_at, args.fail_checkpoints, args.heartbeat_interval_s,
-                        args.timeout_s, args.secure, args.nonfinite)
+                        args.timeout_s, args.secure, args.nonfinite, args.out)

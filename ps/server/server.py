@@ -102,7 +102,7 @@ class Server:
         if reply.get("sparse"):
             self.tables = Tables(reply["sparse"], reply["seed"], self.index, reply["servers"],
                                  reply["mode"])
-            self.out = reply.get("out")
+            self.out = self.config.out or reply.get("out")
         if self.shard.clip is not None:
             self.norms = NormExchange(self.scheduler, self.index, self.inc, self.config.nonfinite)
         if reply.get("checkpoint_every"):

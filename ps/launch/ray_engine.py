@@ -1,0 +1,359 @@
+"""The cluster on Ray (``--ray ADDRESS`` / ``--ray local``): Ray places and starts the
+roles; ZeroMQ still carries every message between them.
+
+Each role is an ordinary ``python -m ps.scheduler`` / ``ps.server`` / ``worker``
+process, owned by a small Ray actor, ``RoleHost``, on the node Ray chose for it:
+
+- **placement by resources.** A worker asks for ``num_gpus=1`` with ``--device cuda``
+  and its threads' CPUs otherwise; a server asks for one CPU and the memory its shard
+  needs (``server_memory``); the servers' bundles form one placement group with the
+  SPREAD strategy, so they land on different nodes where there are enough. The
+  scheduler runs on the launcher's own node: it writes ``summary.json`` and its journal
+  straight into ``--out``, and a restarted scheduler finds its journal there.
+  ``--ray-resources ROLE:NAME=AMOUNT`` adds custom resources (a node pool, say).
+- **addresses.** A role binds ``tcp://NODE_IP:*`` on its node and publishes the
+  endpoint it got in a file there; its host reads the file back for the launcher.
+- **outputs.** On another node, a role's ``--out`` is a staging folder of its own on
+  that node; when the run ends the launcher copies every file in it (``params.npz``,
+  traces, sparse-table parts) into ``--out`` here (``RayPlacement.collect``).
+  Checkpoints are not copied: ``--checkpoint-dir`` must be storage every node sees,
+  which ``check_shared`` verifies when the servers start.
+- **failure.** A role that exits is seen by the launcher as with local processes
+  (``RayProcess`` looks like a ``subprocess.Popen``), and the usual rules apply: a
+  worker is replaced with --respawn, a lost server goes through --recover, a killed
+  scheduler restarts from its journal. A node that disappears takes its actors with
+  it: their processes get SIGKILL (``PR_SET_PDEATHSIG``) and they read as killed.
+
+Ray is an optional dependency (``pip install .[ray]``, ``scripts/setup.sh --ray``):
+this module imports it only when ``--ray`` is given.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PLACE_WAIT_S = 60.0              # how long Ray may take to place and start a role's host
+CALL_S = 10.0                    # the deadline of one call to a host
+LOST = -signal.SIGKILL           # the status of a role whose host (or node) is gone
+KEEP_ENV = ("PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "HOSTNAME", "TMPDIR", "USER",
+            "LOGNAME", "SHELL", "TERM", "CUDA_VISIBLE_DEVICES")   # the node's own, not ours
+
+
+def import_ray():
+    """Ray, or SystemExit(2) saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise SystemExit("--ray needs Ray: scripts/setup.sh --ray (or pip install '.[ray]')") from None
+    return ray
+
+
+def connect(address: str, cpus: int):
+    """Join the Ray cluster at ADDRESS, or start a throwaway one here with ``local``
+    that has at least ``cpus`` CPUs to give (as the local launcher does, the roles then
+    share this machine's cores)."""
+    ray = import_ray()
+    env = {"env_vars": {"PYTHONPATH": ROOT}}     # RoleHost's module, on every node
+    if address == "local":
+        ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False,
+                 runtime_env=env, logging_level="warning")
+    else:
+        ray.init(address=address, runtime_env=env, logging_level="warning")
+    return ray
+
+
+def server_memory(parameters: int, servers: int) -> int:
+    """Bytes a server asks Ray for: its shard in float32 six times over (the parameters,
+    two optimizer slots, the step's gradient sum, a pull's and a push's buffers) plus
+    256 MiB for the interpreter and numpy."""
+    return 6 * 4 * -(-parameters // servers) + (256 << 20)
+
+
+def job_parameters(job: str) -> int:
+    """How many parameters the job's model has. The launcher never imports torch, so a
+    short-lived ``python -m worker.describe`` builds the model and counts them."""
+    out = subprocess.run([sys.executable, "-m", "worker.describe", "--job", job], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise RuntimeError(f"could not build the job's model to size the servers:\n{out.stderr[-2000:]}")
+    return int(out.stdout.split()[0])
+
+
+class RoleHost:
+    """A Ray actor that owns one role's process on its node (one process per host)."""
+
+    def __init__(self, name: str, staging: bool):
+        import ray
+        self.name = name
+        self.node = ray.get_runtime_context().get_node_id()
+        self.address = ray.util.get_node_ip_address()
+        self.staging = None
+        if staging:       # a folder of this node's own for the role's outputs
+            import tempfile
+            self.staging = os.path.join(tempfile.gettempdir(), "ps-ray",
+                                        f"{name}-{uuid.uuid4().hex[:8]}")
+            os.makedirs(self.staging)
+        self.proc: subprocess.Popen | None = None
+
+    def info(self) -> dict:
+        return {"node": self.node, "address": self.address, "staging": self.staging}
+
+    def start(self, cmd: list[str], env: dict) -> int:
+        """Run ``cmd`` here: this node's interpreter, the launcher's variables on top of
+        this node's own (but not those that describe the launcher's machine)."""
+        own = dict(os.environ)
+        own.update({k: v for k, v in env.items() if k not in KEEP_ENV and not k.startswith("RAY_")})
+        own["PYTHONPATH"] = ROOT + os.pathsep + own.get("PYTHONPATH", "")
+        self.proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=own,
+                                     preexec_fn=_die_with_parent)
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def take(self, path: str) -> str | None:
+        """A file's text on this node, removed once read (None while it does not exist):
+        the endpoint the role published."""
+        try:
+            with open(path) as f:
+                text = f.read()
+        except FileNotFoundError:
+            return None
+        os.remove(path)
+        return text
+
+    def sees(self, path: str, token: str) -> bool:
+        """Does this node read ``token`` at ``path`` (written on the launcher's node)?"""
+        try:
+            with open(path) as f:
+                return f.read() == token
+        except OSError:
+            return False
+
+    def collect(self) -> dict[str, bytes]:
+        """Every file the role wrote in its staging folder, by relative path."""
+        files = {}
+        for folder, _, names in os.walk(self.staging or ""):
+            for n in names:
+                if not n.startswith(".") and not n.endswith(".tmp"):
+                    path = os.path.join(folder, n)
+                    with open(path, "rb") as f:
+                        files[os.path.relpath(path, self.staging)] = f.read()
+        return files
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class RayProcess:
+    """A role's process on some node, seen through its host as a ``subprocess.Popen``
+    is (poll, wait, signals, returncode), so ``ps.launch.processes.Cluster`` needs no
+    second code path. A host that cannot be reached (its node is gone) reads as a
+    process killed by SIGKILL."""
+
+    def __init__(self, ray, host, pid: int, info: dict):
+        self.ray, self.host, self.pid, self.info = ray, host, pid, info
+        self.returncode: int | None = None
+
+    def _call(self, method: str, *args):
+        try:
+            return self.ray.get(getattr(self.host, method).remote(*args), timeout=CALL_S)
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
+            self.returncode = LOST if self.returncode is None else self.returncode
+            return None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            code = self._call("poll")
+            if self.returncode is None:
+                self.returncode = code
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(f"ray:{self.info['node']}:{self.pid}", timeout)
+            time.sleep(0.05)
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            self._call("signal", int(sig))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def take(self, path: str) -> str | None:
+        return self._call("take", path)
+
+
+class RayPlacement:
+    """Where each role runs on the Ray cluster (a placement for ``Cluster``): the
+    scheduler on this node, the servers spread, the workers wherever their resources are."""
+
+    def __init__(self, ray, args, parameters: int):
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        self.ray, self.args = ray, args
+        self.actor = ray.remote(num_cpus=0, max_restarts=0)(RoleHost)
+        self.here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        extra = args.ray_resources
+        self.server_bundle = {"CPU": 1.0, "memory": float(server_memory(parameters, args.servers)),
+                              **extra.get("server", {})}
+        self.worker_ask = ({"num_gpus": 1} if args.device == "cuda" else {"num_cpus": args.threads})
+        self.worker_ask["resources"] = extra.get("worker", {})
+        self.group = None                         # the servers' bundles, made per attempt
+        self.hosts: dict[str, tuple] = {}         # role -> (actor, info), placed, not started
+        self.started: list = []                   # every actor that runs or ran a role
+
+    # -- the placement interface (ps.launch.processes) -----------------------------
+    def bind(self, name: str) -> str:
+        return f"tcp://{self._host(name)[1]['address']}:*"
+
+    def advertise(self, name: str) -> str | None:
+        return None                              # each role publishes what it bound
+
+    def command(self, name: str, cmd: list[str], env: dict) -> list[str]:
+        """On another node the run's folder is the role's staging folder there."""
+        staging = self._host(name)[1]["staging"]
+        if staging is None:
+            return cmd
+        out = self.args.out
+        return [staging + a[len(out):] if a == out or a.startswith(out + os.sep) else a for a in cmd]
+
+    def popen(self, name: str, cmd: list[str], env: dict) -> RayProcess:
+        actor, info = self.hosts.pop(name) if name in self.hosts else self._host(name, keep=False)
+        pid = self.ray.get(actor.start.remote(cmd, env), timeout=CALL_S)
+        self.started.append((name, actor, info))
+        return RayProcess(self.ray, actor, pid, info)
+
+    def read(self, proc: RayProcess, path: str) -> str | None:
+        staging = proc.info["staging"]
+        out = self.args.out
+        if staging and path.startswith(out + os.sep):
+            path = staging + path[len(out):]
+        return proc.take(path)
+
+    # -- Ray's side ---------------------------------------------------------------
+    def _servers_group(self):
+        """One bundle per server, SPREAD over the nodes (best effort: fewer nodes than
+        servers still place them all)."""
+        if self.group is None:
+            from ray.util.placement_group import placement_group
+            group = placement_group([self.server_bundle] * self.args.servers, strategy="SPREAD")
+            if not _ready(self.ray, group.ready()):
+                self.ray.util.remove_placement_group(group)
+                raise RuntimeError(
+                    f"Ray could not place {self.args.servers} servers with "
+                    f"{_show(self.server_bundle)} each within {PLACE_WAIT_S:.0f} s (the "
+                    f"cluster has {_show(self.ray.available_resources())} free)")
+            self.group = group
+        return self.group
+
+    def _host(self, name: str, keep: bool = True) -> tuple:
+        """The host that will run ``name``'s next process: placed now, started later."""
+        if name in self.hosts:
+            return self.hosts[name]
+        if name == "scheduler":
+            options = {"scheduling_strategy": self.here}
+        elif name.startswith("server"):
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+            options = {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self._servers_group(), placement_group_bundle_index=int(name[len("server"):])),
+                "num_cpus": self.server_bundle["CPU"], "memory": self.server_bundle["memory"],
+                "resources": {k: v for k, v in self.server_bundle.items() if k not in ("CPU", "memory")}}
+        else:
+            options = dict(self.worker_ask)
+        actor = self.actor.options(**options).remote(name, staging=name != "scheduler")
+        info = _ready(self.ray, actor.info.remote())
+        if info is None:
+            self.ray.kill(actor)
+            raise RuntimeError(f"Ray could not place {name} ({_show(options)}) within "
+                               f"{PLACE_WAIT_S:.0f} s (the cluster has "
+                               f"{_show(self.ray.available_resources())} free)")
+        if keep:
+            self.hosts[name] = (actor, info)
+        return actor, info
+
+    def check_shared(self, folder: str) -> None:
+        """Every server's node must see ``folder`` (checkpoints are read back by whichever
+        server resumes a shard): a token written here must read the same there."""
+        os.makedirs(folder, exist_ok=True)
+        token = uuid.uuid4().hex
+        path = os.path.join(folder, f".shared-{token}")
+        with open(path, "w") as f:
+            f.write(token)
+        try:
+            for k in range(self.args.servers):
+                actor, info = self._host(f"server{k}")
+                if not self.ray.get(actor.sees.remote(path, token), timeout=CALL_S):
+                    raise RuntimeError(
+                        f"--checkpoint-dir {folder} is not shared: server{k}'s node "
+                        f"({info['address']}, {info['node'][:12]}) does not see it. With --ray, "
+                        "checkpoints need storage every node mounts at the same path")
+        finally:
+            os.remove(path)
+
+    def where(self, proc) -> dict:
+        return {"node": proc.info["node"], "address": proc.info["address"]}
+
+    def collect(self, out: str) -> list[str]:
+        """Copy what every role wrote on its node into ``out``; the roles whose node is
+        gone are named (what they wrote is lost with it)."""
+        lost = []
+        for name, actor, info in self.started:
+            if info["staging"] is None:
+                continue
+            try:
+                files = self.ray.get(actor.collect.remote(), timeout=60)
+            except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
+                lost.append(name)
+                continue
+            for rel, data in files.items():
+                path = os.path.join(out, rel)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with open(path + ".tmp", "wb") as f:
+                    f.write(data)
+                os.replace(path + ".tmp", path)
+        return lost
+
+    def release(self) -> None:
+        """End every host of this attempt (their processes get SIGKILL with them)."""
+        for _, actor, _ in self.started:
+            self.ray.kill(actor, no_restart=True)
+        for actor, _ in self.hosts.values():
+            self.ray.kill(actor, no_restart=True)
+        self.started, self.hosts = [], {}
+        if self.group is not None:
+            self.ray.util.remove_placement_group(self.group)
+            self.group = None
+
+
+def _ready(ray, ref):
+    """``ray.get(ref)`` within PLACE_WAIT_S, or None (Ray waits forever for resources)."""
+    try:
+        return ray.get(ref, timeout=PLACE_WAIT_S)
+    except ray.exceptions.GetTimeoutError:
+        return None
+
+
+def _show(resources: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, (int, float)) else f"{k}={v}"
+                     for k, v in sorted(resources.items()) if not k.startswith("node:"))

@@ -1,0 +1,184 @@
+"""The cluster on Ray (--ray): roles placed by resources on the nodes of a simulated
+multi-node Ray cluster, with ZeroMQ between them as always.
+
+The Ray cluster (``tests/raycluster.py``: a head and one raylet per node, each node
+with a custom resource of its own name) and every launcher run inside a loopback-only
+network namespace this module makes, so Ray, which binds the machine's first address,
+binds 127.0.0.1 there and nothing else. Servers go to the ``srv`` nodes and workers to
+the ``wk`` nodes (``--ray-resources``), so every gradient crosses nodes. The promises:
+BSP equals the single-process oracle; a node removed mid-run with a worker on it
+changes nothing but the time (the scheduler deals the lost tasks again, or the
+launcher's replacement does them); SSP and ASP run to the end, applying every sample
+once. Skipped, with the reason, without Ray or network namespaces.
+"""
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from cluster import JOBS, ROOT, Run, check_tiny_mlp_run, kill_group, oracle
+
+pytestmark = pytest.mark.slow
+JOB = os.path.join(JOBS, "tiny_mlp.py")
+STEPS = 60
+NODES = "s0=srv,s1=srv,w0=wk,w1=wk,w2=wk"      # w2: room for a replacement worker
+ON_NODES = ["--ray-resources", "server:srv=1", "--ray-resources", "worker:wk=1"]
+
+
+class RayCluster:
+    """The simulated cluster, in namespace ``ns``: its address and node ids by name."""
+
+    def __init__(self, ns: str):
+        self.ns = ns
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, os.path.join(ROOT, "tests", "raycluster.py"),
+             NODES], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True, start_new_session=True)
+        up = self.reply(60)
+        self.address, self.nodes = up["address"], up["nodes"]
+        self.names = {v: k for k, v in self.nodes.items()}
+
+    def reply(self, timeout_s: float) -> dict:
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        assert ready, f"the Ray cluster did not answer within {timeout_s} s"
+        line = self.proc.stdout.readline()
+        assert line, "the Ray cluster exited"
+        return json.loads(line)
+
+    def remove(self, name: str) -> float:
+        self.proc.stdin.write(f"remove {name}\n")
+        self.proc.stdin.flush()
+        return self.reply(30)["at"]
+
+    def status(self, endpoint: str) -> dict:
+        self.proc.stdin.write(f"status {endpoint}\n")
+        self.proc.stdin.flush()
+        return self.reply(10)
+
+    def launch(self, out, *args, env=None) -> subprocess.Popen:
+        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "ps.launch", "--quiet",
+               "--out", str(out), "--timeout-s", "30", "--device", "cpu", "--ray", self.address,
+               *ON_NODES, *args]
+        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(30)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        kill_group(self.proc)
+        self.proc.wait()
+
+
+def finish(proc: subprocess.Popen, out, timeout_s: float = 120) -> Run:
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"the run did not finish in {timeout_s} s\n{stderr[-3000:]}")
+    finally:
+        kill_group(proc)
+    return Run(proc.returncode, str(out), stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh --ray)")
+    if os.geteuid() != 0:
+        pytest.skip("the Ray tests run in a network namespace of their own: that needs root")
+    ns = f"rayns-{os.getpid()}"
+    try:
+        made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        pytest.skip(f"no `ip` command: {exc}")
+    if made.returncode != 0:
+        pytest.skip(f"`ip netns add` fails here: {made.stderr.strip()}")
+    cluster = None
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
+        cluster = RayCluster(ns)
+        yield cluster
+    finally:
+        if cluster:
+            cluster.close()
+        subprocess.run(["ip", "netns", "del", ns], timeout=10)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return oracle(JOB, STEPS)
+
+
+def roles(out) -> dict:
+    with open(os.path.join(out, "cluster.json")) as f:
+        return json.load(f)["roles"]
+
+
+def wait_for_step(ray_cluster, out, proc, step: int, timeout_s: float = 60) -> None:
+    """Until the run has reached ``step`` (the scheduler's STATUS, asked from inside
+    the namespace by the cluster's holder)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"the run did not reach step {step}"
+        if os.path.exists(os.path.join(out, "cluster.json")):
+            if ray_cluster.status(roles(out)["scheduler"]["endpoint"]).get("step", 0) >= step:
+                return
+        time.sleep(0.05)
+
+
+def test_bsp_across_nodes_equals_the_oracle(ray_cluster, reference, tmp_path):
+    run = finish(ray_cluster.launch(tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                                    "--servers", "2", "--trace"), tmp_path)
+    check_tiny_mlp_run(run, reference, STEPS)
+    where = {name: ray_cluster.names[r["node"]] for name, r in roles(tmp_path).items()}
+    assert where["scheduler"] == "head"                      # on the launcher's node
+    assert sorted([where["server0"], where["server1"]]) == ["s0", "s1"]   # SPREAD
+    assert {where["worker0"], where["worker1"]} <= {"w0", "w1", "w2"}
+    assert where["worker0"] != where["worker1"]
+    assert all(r["address"] == "127.0.0.1" and r["endpoint"] in (None, "") or
+               r["endpoint"].startswith("tcp://127.0.0.1:") for r in roles(tmp_path).values())
+    # the workers wrote params.npz and their traces on their nodes: copied back here
+    assert sorted(f.split("-")[0] for f in os.listdir(tmp_path / "trace")) == [
+        "scheduler.json", "worker0", "worker1"]
+    trace = json.load(open(tmp_path / "trace.json"))
+    assert len({e["pid"] for e in trace["traceEvents"] if e.get("ph") == "X"}) == 2   # both workers'
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]   # endpoint files taken
+
+
+def test_a_node_removed_with_a_worker_on_it_changes_nothing(ray_cluster, reference, tmp_path):
+    proc = ray_cluster.launch(tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                              "--servers", "2", "--respawn", "--dead-after-s", "1.5",
+                              env={"TINY_MLP_DELAY_S": "0.05"})
+    wait_for_step(ray_cluster, tmp_path, proc, 10)
+    lost = ray_cluster.names[roles(tmp_path)["worker1"]["node"]]
+    ray_cluster.remove(lost)
+    run = finish(proc, tmp_path)
+    summary = check_tiny_mlp_run(run, reference, STEPS, deaths=1)
+    assert summary["deaths"][0]["worker"] == 1
+    assert "worker1 exited with status -9; starting a replacement" in run.stderr
+    placed = ray_cluster.names[roles(tmp_path)["worker1"]["node"]]
+    assert placed not in (lost, "head") and placed.startswith("w")   # on a node still there
+    assert summary["rejoins"] and summary["rejoins"][0]["worker"] == 1
+
+
+@pytest.mark.parametrize("mode", ["ssp", "asp"])
+def test_ssp_and_asp_run_to_the_end(ray_cluster, tmp_path, mode):
+    run = finish(ray_cluster.launch(tmp_path, "--job", JOB, "--steps", "40", "--workers", "2",
+                                    "--servers", "2", "--mode", mode), tmp_path)
+    assert run.rc == 0, run.stderr[-3000:]
+    summary = run.summary
+    assert summary["ok"] and summary["mode"] == mode
+    applied = [e["samples_applied"] for e in summary["per_epoch"]]
+    assert applied == [200] * 4 + [4 * 24], applied        # 40 steps of 24: 4 epochs and 4 steps
+    params = run.params
+    assert all(np.isfinite(v).all() for v in params.values())
