@@ -26,21 +26,23 @@ from ps.k8s import JOB_INDEX, Spec, jobset  # noqa: E402
 from ps.k8s.__main__ import main  # noqa: E402
 from ps.launch.contract import resolve  # noqa: E402
 
-K8S_VERSIONS = ("1.27", "1.37")   # the oldest Kubernetes current JobSet releases support; the newest schemas
+K8S_VERSIONS = ("1.25", "1.37")   # the oldest and newest schemas kubernetes-validate 1.37.0 ships
 JOB = "examples/mlp_classifier.py"
 
-SHAPES = {   # name -> Spec: the smallest cluster, the default one, GPUs, a large one with every option
+# The smallest cluster, the default one, GPU workers, and a large one with every option.
+SHAPES = {
     "s1-m1": Spec(job=JOB, servers=1, workers=1, image="ps:dev"),
     "cpu": Spec(job=JOB, servers=2, workers=4, image="ghcr.io/me/ps:1.0"),
     "cuda": Spec(job=JOB, servers=2, workers=3, image="ghcr.io/me/ps:1.0-cuda", device="cuda",
                  gpus_per_worker=1),
-    "large": Spec(job=JOB, servers=8, workers=64, image="registry.example.com:5000/ps@sha256:" + "a" * 64,
+    "large": Spec(job=JOB, servers=8, workers=64,
+                  image="registry.example.com:5000/ps@sha256:" + "a" * 64,
                   name="mlp-run", namespace="ml", device="cuda", gpus_per_worker=2, port=9000,
                   resources={"scheduler": ("500m", "512Mi"), "server": ("4", "16Gi"),
                              "worker": ("7.5", "30Gi")},
                   max_restarts=5, worker_restarts=10, volume_claim="ps-runs", workdir="/ps",
-                  seed=7, timeout_s=600, scheduler_args=["--epochs", "2", "--checkpoint-every", "20",
-                                                         "--resume"],
+                  seed=7, timeout_s=600,
+                  scheduler_args=["--epochs", "2", "--checkpoint-every", "20", "--resume"],
                   server_args=["--nonfinite", "skip"], worker_args=["--grad-dtype", "bfloat16"]),
 }
 
@@ -54,9 +56,8 @@ def kv():
 def as_job(replicated: dict, jobset_name: str) -> dict:
     """A replicated job's template as the full batch/v1 Job JobSet makes of it."""
     template = replicated["template"]
-    return {"apiVersion": "batch/v1", "kind": "Job",
-            "metadata": {"name": f"{jobset_name}-{replicated['name']}-0", **template.get("metadata", {})},
-            "spec": template["spec"]}
+    metadata = {"name": f"{jobset_name}-{replicated['name']}-0", **template.get("metadata", {})}
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": template["spec"]}
 
 
 def pods(manifest: dict):
@@ -74,10 +75,10 @@ def pods(manifest: dict):
 def kubelet_env(box: dict, job_index: int) -> dict:
     """The container's environment as the kubelet sets it: the JobSet job-index annotation
     through the downward API, and $(VAR) expanded from the variables defined before."""
-    env = {}
+    env, job_index_ref = {}, {"fieldRef": {"fieldPath": f"metadata.annotations['{JOB_INDEX}']"}}
     for var in box["env"]:
         if "valueFrom" in var:
-            assert var["valueFrom"] == {"fieldRef": {"fieldPath": f"metadata.annotations['{JOB_INDEX}']"}}
+            assert var["valueFrom"] == job_index_ref
             env[var["name"]] = str(job_index)
         else:
             env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), var["value"])
@@ -154,8 +155,9 @@ def test_each_pod_s_environment_names_its_role_rank_and_scheduler(shape):
             assert argv[:2] == ["-m", "worker"] and flag(argv, "--id") == str(j)
             assert (flag(argv, "--job"), flag(argv, "--device")) == (spec.job, spec.device)
         seen.append((role, got.rank))
-    assert sorted(seen, key=str) == sorted([("scheduler", None)] + [("server", k) for k in range(spec.servers)]
-                                           + [("worker", w) for w in range(spec.workers)], key=str)
+    expected = ([("scheduler", None)] + [("server", k) for k in range(spec.servers)]
+                + [("worker", w) for w in range(spec.workers)])
+    assert seen == expected
 
 
 def flag(argv: list, name: str):
@@ -164,15 +166,16 @@ def flag(argv: list, name: str):
 
 
 def test_the_roles_accept_the_flags_they_are_given():
-    """Each role's own argument parser takes its command line, extras included."""
+    """The scheduler's and the servers' own argument parsers take their command lines,
+    extras included (the worker's imports torch; its flags are checked by value)."""
     from ps.scheduler.config import parse_args as scheduler_args
     from ps.server.config import parse_args as server_args
     spec = SHAPES["large"]
     argv = {role: command(resolve(kubelet_env(box, j)), kubelet_env(box, j), box["args"])
             for role, j, box, _ in pods(jobset(spec)) if j == 0}
     scheduler = scheduler_args(argv["scheduler"][2:])
-    assert (scheduler.servers, scheduler.workers, scheduler.seed, scheduler.out, scheduler.resume) == (
-        8, 64, 7, "/ps-run/mlp-run", True)
+    assert (scheduler.servers, scheduler.workers, scheduler.seed) == (8, 64, 7)
+    assert (scheduler.out, scheduler.resume) == ("/ps-run/mlp-run", True)
     assert server_args(argv["server"][2:]).timeout_s == 600
     assert argv["worker"][argv["worker"].index("--threads") + 1] == "7"   # whole cores of 7.5
     assert argv["worker"][-2:] == ["--grad-dtype", "bfloat16"]
@@ -183,8 +186,9 @@ def test_gpus_are_asked_for_by_workers_only():
         for role, _, box, _ in pods(jobset(SHAPES[shape])):
             limit = box["resources"]["limits"].get("nvidia.com/gpu")
             assert limit == (gpus if role == "worker" else None), (shape, role)
-    worker = jobset(SHAPES["cuda"])["spec"]["replicatedJobs"][2]["template"]["spec"]["template"]["spec"]
-    assert worker["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    worker = jobset(SHAPES["cuda"])["spec"]["replicatedJobs"][2]["template"]["spec"]["template"]
+    assert worker["spec"]["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
 
 
 def test_the_command_line_writes_the_manifest(tmp_path, capsys):
@@ -237,6 +241,7 @@ GOOD = ["--job", JOB, "--servers", "2", "--workers", "2", "--image", "ps:dev"]
     (["--max-restarts", "-1"], "must be >= 0"),
     (["--worker-args", "'unclosed"], "--worker-args"),
     (["--device", "tpu"], "invalid choice"),
+    (["--", "--epochs", "2", "--seed", "3"], "give --seed before `--`"),
 ])
 def test_bad_arguments_exit_2_naming_the_problem(capsys, change, message):
     with pytest.raises(SystemExit) as stop:

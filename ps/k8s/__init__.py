@@ -37,7 +37,7 @@ DEFAULT_RESOURCES = {                        # role -> (cpu, memory) requested
     "worker": ("4", "8Gi"),                  # the model, a batch, torch itself
 }
 MAX_NAME = 63                # a pod name and its hostname are DNS labels of at most 63 characters
-POD_SUFFIX = "-abcde"        # the random suffix the Job controller adds to a pod's name
+POD_SUFFIX = "-abcde"        # the Job controller's random suffix, as JobSet's webhook counts it
 
 DNS_1035 = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")    # a Service's or Job's name
 DNS_1123 = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # a namespace's or claim's name
@@ -73,7 +73,8 @@ def check(spec: Spec) -> list[str]:
     """Everything wrong with ``spec``, one sentence each; empty when it is fine."""
     errors = []
     if spec.servers < 1 or spec.workers < 1:
-        errors.append(f"--servers and --workers must be >= 1 (got {spec.servers} and {spec.workers})")
+        errors.append(f"--servers and --workers must be >= 1 "
+                      f"(got {spec.servers} and {spec.workers})")
     if not spec.image or re.search(r"\s", spec.image):
         errors.append(f"--image {spec.image!r} is not an image reference (e.g. ghcr.io/me/ps:1.0)")
     if not spec.job:
@@ -198,15 +199,16 @@ def container(spec: Spec, role: str) -> dict:
 
 
 def pod_template(spec: Spec, role: str) -> dict:
-    """The pod of one Job. ``Never`` restarts a container in place: a failed pod is
-    replaced by a new one (or not) as its Job's backoffLimit says, and its logs stay."""
+    """The pod of one Job. ``Never``: its container is not restarted in place; a failed
+    pod is replaced by a new one (or not) as its Job's backoffLimit says, and its log stays."""
     pod = {"restartPolicy": "Never",
            # Service links would put PS_PORT=tcp://... into every pod of a namespace with a
            # Service called "ps": the contract's own variable, with another meaning.
            "enableServiceLinks": False,
            "containers": [container(spec, role)]}
     if spec.volume_claim:
-        pod["volumes"] = [{"name": "run", "persistentVolumeClaim": {"claimName": spec.volume_claim}}]
+        pod["volumes"] = [{"name": "run",
+                           "persistentVolumeClaim": {"claimName": spec.volume_claim}}]
     if role == "worker" and spec.gpus_per_worker:
         # GPU nodes are often tainted so that only pods asking for GPUs land there.
         pod["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
