@@ -1,7 +1,7 @@
 """The cluster on Ray (--ray): roles placed by resources on the nodes of a simulated
 multi-node Ray cluster, with ZeroMQ between them as always.
 
-The Ray cluster (``tests/raycluster.py``: a head and one raylet per node, each node
+The Ray cluster (``scripts/ray_sim.py``: a head and one raylet per node, each node
 with a custom resource of its own name) and every launcher run inside a loopback-only
 network namespace this module makes, so Ray, which binds the machine's first address,
 binds 127.0.0.1 there and nothing else. Servers go to the ``srv`` nodes and workers to
@@ -13,7 +13,6 @@ once. Skipped, with the reason, without Ray or network namespaces.
 """
 import json
 import os
-import select
 import subprocess
 import sys
 import time
@@ -23,59 +22,22 @@ import pytest
 
 from cluster import JOBS, ROOT, Run, check_tiny_mlp_run, kill_group, oracle
 
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import ray_sim  # noqa: E402
+
 pytestmark = pytest.mark.slow
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60
-NODES = "s0=srv,s1=srv,w0=wk,w1=wk,w2=wk"      # w2: room for a replacement worker
-ON_NODES = ["--ray-resources", "server:srv=1", "--ray-resources", "worker:wk=1"]
 
 
-class RayCluster:
-    """The simulated cluster, in namespace ``ns``: its address and node ids by name."""
-
-    def __init__(self, ns: str):
-        self.ns = ns
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, sys.executable, os.path.join(ROOT, "tests", "raycluster.py"),
-             NODES], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-            text=True, start_new_session=True)
-        up = self.reply(60)
-        self.address, self.nodes = up["address"], up["nodes"]
-        self.names = {v: k for k, v in self.nodes.items()}
-
-    def reply(self, timeout_s: float) -> dict:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
-        assert ready, f"the Ray cluster did not answer within {timeout_s} s"
-        line = self.proc.stdout.readline()
-        assert line, "the Ray cluster exited"
-        return json.loads(line)
-
-    def remove(self, name: str) -> float:
-        self.proc.stdin.write(f"remove {name}\n")
-        self.proc.stdin.flush()
-        return self.reply(30)["at"]
-
-    def status(self, endpoint: str) -> dict:
-        self.proc.stdin.write(f"status {endpoint}\n")
-        self.proc.stdin.flush()
-        return self.reply(10)
-
-    def launch(self, out, *args, env=None) -> subprocess.Popen:
-        cmd = ["ip", "netns", "exec", self.ns, sys.executable, "-m", "ps.launch", "--quiet",
-               "--out", str(out), "--timeout-s", "30", "--device", "cpu", "--ray", self.address,
-               *ON_NODES, *args]
-        return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-
-    def close(self) -> None:
-        try:
-            self.proc.stdin.close()
-            self.proc.wait(30)
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-        kill_group(self.proc)
-        self.proc.wait()
+def launch(sim: ray_sim.Simulated, out, *args, env=None) -> subprocess.Popen:
+    """A launcher run on the simulated cluster, servers and workers on their nodes."""
+    cmd = sim.command(sys.executable, "-m", "ps.launch", "--quiet", "--out", str(out),
+                      "--timeout-s", "30", "--device", "cpu", "--ray", sim.address,
+                      *ray_sim.ON_NODES, *args)
+    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, out, timeout_s: float = 120) -> Run:
@@ -92,25 +54,14 @@ def finish(proc: subprocess.Popen, out, timeout_s: float = 120) -> Run:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh --ray)")
-    if os.geteuid() != 0:
-        pytest.skip("the Ray tests run in a network namespace of their own: that needs root")
-    ns = f"rayns-{os.getpid()}"
     try:
-        made = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True, timeout=10)
-    except OSError as exc:
-        pytest.skip(f"no `ip` command: {exc}")
-    if made.returncode != 0:
-        pytest.skip(f"`ip netns add` fails here: {made.stderr.strip()}")
-    cluster = None
+        sim = ray_sim.Simulated()
+    except ray_sim.Unavailable as exc:
+        pytest.skip(str(exc))
     try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True, timeout=10)
-        cluster = RayCluster(ns)
-        yield cluster
+        yield sim
     finally:
-        if cluster:
-            cluster.close()
-        subprocess.run(["ip", "netns", "del", ns], timeout=10)
+        sim.close()
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +88,7 @@ def wait_for_step(ray_cluster, out, proc, step: int, timeout_s: float = 60) -> N
 
 
 def test_bsp_across_nodes_equals_the_oracle(ray_cluster, reference, tmp_path):
-    run = finish(ray_cluster.launch(tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
                                     "--servers", "2", "--trace"), tmp_path)
     check_tiny_mlp_run(run, reference, STEPS)
     where = {name: ray_cluster.names[r["node"]] for name, r in roles(tmp_path).items()}
@@ -156,7 +107,7 @@ def test_bsp_across_nodes_equals_the_oracle(ray_cluster, reference, tmp_path):
 
 
 def test_a_node_removed_with_a_worker_on_it_changes_nothing(ray_cluster, reference, tmp_path):
-    proc = ray_cluster.launch(tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+    proc = launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
                               "--servers", "2", "--respawn", "--dead-after-s", "1.5",
                               env={"TINY_MLP_DELAY_S": "0.05"})
     wait_for_step(ray_cluster, tmp_path, proc, 10)
@@ -171,9 +122,37 @@ def test_a_node_removed_with_a_worker_on_it_changes_nothing(ray_cluster, referen
     assert summary["rejoins"] and summary["rejoins"][0]["worker"] == 1
 
 
+def test_a_node_removed_with_a_server_on_it_is_recovered_from_a_checkpoint(ray_cluster, reference,
+                                                                          tmp_path):
+    # --checkpoint-dir (here: under --out) is checked to be seen by every server's node
+    proc = launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                              "--servers", "2", "--checkpoint-every", "5", "--recover",
+                              "--dead-after-s", "1.5", env={"TINY_MLP_DELAY_S": "0.05"})
+    wait_for_step(ray_cluster, tmp_path, proc, 15)
+    lost = ray_cluster.names[roles(tmp_path)["server1"]["node"]]
+    ray_cluster.remove(lost)
+    run = finish(proc, tmp_path)
+    summary = check_tiny_mlp_run(run, reference, STEPS)
+    (recovery,) = summary["recoveries"]
+    assert recovery["lost"] == "server1" and recovery["resumed_from_step"] >= 10
+    now = {ray_cluster.names[roles(tmp_path)[f"server{k}"]["node"]] for k in (0, 1)}
+    assert lost not in now
+
+
+def test_a_killed_scheduler_restarts_from_its_journal(ray_cluster, reference, tmp_path):
+    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                                    "--servers", "2", "--inject", "kill:scheduler@step=20",
+                                    env={"TINY_MLP_DELAY_S": "0.02"}), tmp_path)
+    summary = check_tiny_mlp_run(run, reference, STEPS)
+    (restart,) = summary["scheduler_restarts"]
+    assert restart["members_back"] == 4
+    assert "starting it again on tcp://127.0.0.1:" in run.stderr
+    assert ray_cluster.names[roles(tmp_path)["scheduler"]["node"]] == "head"   # where its journal is
+
+
 @pytest.mark.parametrize("mode", ["ssp", "asp"])
 def test_ssp_and_asp_run_to_the_end(ray_cluster, tmp_path, mode):
-    run = finish(ray_cluster.launch(tmp_path, "--job", JOB, "--steps", "40", "--workers", "2",
+    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", "40", "--workers", "2",
                                     "--servers", "2", "--mode", mode), tmp_path)
     assert run.rc == 0, run.stderr[-3000:]
     summary = run.summary

@@ -221,7 +221,8 @@ class RayPlacement:
         self.worker_ask["resources"] = extra.get("worker", {})
         self.group = None                         # the servers' bundles, made per attempt
         self.hosts: dict[str, tuple] = {}         # role -> (actor, info), placed, not started
-        self.started: list = []                   # every actor that runs or ran a role
+        self.last: dict[str, tuple] = {}          # role -> the host of its latest process
+        self.started: list = []                   # every host that runs or ran a role
 
     # -- the placement interface (ps.launch.processes) -----------------------------
     def bind(self, name: str) -> str:
@@ -241,7 +242,9 @@ class RayPlacement:
     def popen(self, name: str, cmd: list[str], env: dict) -> RayProcess:
         actor, info = self.hosts.pop(name) if name in self.hosts else self._host(name, keep=False)
         pid = self.ray.get(actor.start.remote(cmd, env), timeout=CALL_S)
-        self.started.append((name, actor, info))
+        if self.last.get(name, (None,))[0] is not actor:
+            self.started.append((name, actor, info))
+        self.last[name] = (actor, info)
         return RayProcess(self.ray, actor, pid, info)
 
     def read(self, proc: RayProcess, path: str) -> str | None:
@@ -271,6 +274,9 @@ class RayPlacement:
         """The host that will run ``name``'s next process: placed now, started later."""
         if name in self.hosts:
             return self.hosts[name]
+        if name in self.last and self._idle(self.last[name][0]):
+            self.hosts[name] = self.last[name]   # a role restarted where it ran: no new host
+            return self.hosts[name]
         if name == "scheduler":
             options = {"scheduling_strategy": self.here}
         elif name.startswith("server"):
@@ -291,6 +297,14 @@ class RayPlacement:
         if keep:
             self.hosts[name] = (actor, info)
         return actor, info
+
+    def _idle(self, actor) -> bool:
+        """Is this host alive, with its process exited (ready to run the role again)?"""
+        try:
+            return self.ray.get(actor.poll.remote(), timeout=CALL_S) is not None
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError,
+                self.ray.exceptions.GetTimeoutError):
+            return False
 
     def check_shared(self, folder: str) -> None:
         """Every server's node must see ``folder`` (checkpoints are read back by whichever
@@ -340,7 +354,7 @@ class RayPlacement:
             self.ray.kill(actor, no_restart=True)
         for actor, _ in self.hosts.values():
             self.ray.kill(actor, no_restart=True)
-        self.started, self.hosts = [], {}
+        self.started, self.hosts, self.last = [], {}, {}
         if self.group is not None:
             self.ray.util.remove_placement_group(self.group)
             self.group = None
