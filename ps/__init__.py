@@ -9,7 +9,8 @@ The packages, in the order to read them:
     scheduler/    the control path: membership, forming the cluster, leases, the summary
     reliability/  surviving failures: a dead worker, a lost server, a restarted scheduler
     security/     CurveZMQ: encrypted, authenticated links and the keys they use
-    launch/       starting a cluster: local processes, other hosts, network namespaces
+    launch/       starting a cluster: local processes, other hosts, network namespaces, Ray
+    k8s/          a Kubernetes JobSet manifest for one cluster (python -m ps.k8s)
     faults/       fault injection for tests and experiments (--inject)
     sparse/       sparse tables: rows by id, created on first touch, per-row optimizers
 

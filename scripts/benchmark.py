@@ -30,6 +30,9 @@ sparse      sparse tables: rows per second and bytes per step against a dense em
             rows x 32 floats on 4 servers (scripts/bench/sparse.py)
 clip        what clipping's norm agreement adds to a BSP step: 10M and 50M parameters on
             2 and 4 servers, with and without CLIP_GRAD_NORM (scripts/bench/clip.py)
+ray         the Ray engine against the local launcher: start-up and samples/s, with a
+            throwaway Ray and on a simulated 6-node cluster, and the time from a node's
+            removal to training resuming (root: network namespaces) (scripts/bench/onray.py)
 
 Each suite prints a markdown table and writes JSON (default bench/<suite>.json): the
 suite, the command, the machine and one row per measurement. --tiny runs a suite in a
@@ -44,8 +47,8 @@ import os
 import signal
 import sys
 
-from bench import (clip, common, cost, defaults, diloco, modes, scale, sparse, stragglers, train,
-                   transport)
+from bench import (clip, common, cost, defaults, diloco, modes, onray, scale, sparse, stragglers,
+                   train, transport)
 
 SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs DDP, stealing "
                                  "vs static"),
@@ -60,7 +63,9 @@ SUITES = {"defaults": (defaults, "the headline ratios at default flags: ours vs 
           "cost": (cost, "a cost model of BSP, DiLoCo and ring all-reduce steps, fitted here; "
                          "its prediction for 64 workers x 16 servers"),
           "sparse": (sparse, "sparse tables against a dense embedding: rows/s, bytes, memory "
-                             "per row, 2 x 10^7 rows on 4 servers")}
+                             "per row, 2 x 10^7 rows on 4 servers"),
+          "ray": (onray, "the Ray engine vs the local launcher: start-up, samples/s, and "
+                         "resuming after a node is removed")}
 
 
 def parse_args(argv=None):

@@ -49,19 +49,9 @@ class Simulated:
     def __init__(self, nodes: str = NODES, up_timeout_s: float = 90.0):
         if importlib.util.find_spec("ray") is None:
             raise Unavailable("Ray is not installed (scripts/setup.sh --ray)")
-        if os.geteuid() != 0:
-            raise Unavailable("the simulated Ray cluster runs in a network namespace: that needs root")
-        self.ns = f"rayns-{os.getpid()}"
-        try:
-            made = subprocess.run(["ip", "netns", "add", self.ns], capture_output=True, text=True,
-                                  timeout=10)
-        except OSError as exc:
-            raise Unavailable(f"no `ip` command: {exc}") from None
-        if made.returncode != 0:
-            raise Unavailable(f"`ip netns add` fails here: {made.stderr.strip()}")
+        self.ns = loopback_namespace(f"rayns-{os.getpid()}")
         self.proc = None
         try:
-            subprocess.run(["ip", "-n", self.ns, "link", "set", "lo", "up"], check=True, timeout=10)
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.ns, sys.executable, os.path.abspath(__file__), "--hold",
                  nodes],
@@ -111,7 +101,25 @@ class Simulated:
             except ProcessLookupError:
                 pass
             self.proc.wait()
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=10)
+        delete_namespace(self.ns)
+
+
+def loopback_namespace(name: str) -> str:
+    """Make network namespace ``name`` with ``lo`` up and nothing else (Unavailable: why not)."""
+    if os.geteuid() != 0:
+        raise Unavailable("a network namespace needs root")
+    try:
+        made = subprocess.run(["ip", "netns", "add", name], capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        raise Unavailable(f"no `ip` command: {exc}") from None
+    if made.returncode != 0:
+        raise Unavailable(f"`ip netns add` fails here: {made.stderr.strip()}")
+    subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=10)
+    return name
+
+
+def delete_namespace(name: str) -> None:
+    subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
 
 
 # -- the holder, inside the namespace ------------------------------------------------------

@@ -4,5 +4,7 @@
     processes   the scheduler, server and worker processes of one attempt
     hosts       roles on other machines over ssh (--hosts FILE)
     netns       every role in its own network namespace (--netns), and cutting links
+    ray_engine  roles on the nodes of a Ray cluster (--ray ADDRESS), each owned by an actor
+    contract    the environment a cluster manager sets; python -m ps becomes that role
     statusline  the live progress line
 """

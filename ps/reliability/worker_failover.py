@@ -70,7 +70,9 @@ class Failover:
         redealt = dealer.reassign(member.index, live) if live else []
         run.mark_dead(member.index)
         death = {"worker": member.index, "incarnation": member.inc,
-                 "detected_at_s": round(time.monotonic() - self.t0, 3), "tasks_redealt": len(redealt)}
+                 "detected_at_s": round(time.monotonic() - self.t0, 3),
+                 "detected_wall": time.time(),      # to line up with events outside the run
+                 "tasks_redealt": len(redealt)}
         self.deaths.append(death)
         self.journal.death(member.role, member.index, member.inc, death)
         self.tracer.instant("death", "fault", **death)
