@@ -170,8 +170,9 @@ def launch(args) -> int:
 def _ray_placement(args):
     """Connect to Ray and size the servers (``ps.launch.ray_engine``)."""
     t0 = time.monotonic()
+    parameters = ray_engine.describe(args.job)       # meanwhile, in a child process
     ray = ray_engine.connect(args.ray, args.servers + args.workers * args.threads)
-    place = ray_engine.RayPlacement(ray, args, ray_engine.job_parameters(args.job))
+    place = ray_engine.RayPlacement(ray, args, parameters())
     if not args.quiet:
         print(f"ray: connected to {ray.get_runtime_context().gcs_address} "
               f"({len(ray.nodes())} nodes) in {time.monotonic() - t0:.1f} s", file=sys.stderr)

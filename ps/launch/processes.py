@@ -113,6 +113,9 @@ class Cluster:
 
     def start(self) -> str:
         a = self.args
+        if hasattr(self.place, "prepare"):         # Ray: place every role at once
+            self.place.prepare(["scheduler", *(f"server{k}" for k in range(a.servers)),
+                                *(f"worker{w}" for w in range(a.workers))])
         common = ["--timeout-s", str(a.timeout_s)]
         ep_file = lambda name: os.path.join(a.out, f".{name}.endpoint")   # noqa: E731
 

@@ -77,11 +77,26 @@ def server_memory(parameters: int, servers: int) -> int:
 def job_parameters(job: str) -> int:
     """How many parameters the job's model has. The launcher never imports torch, so a
     short-lived ``python -m worker.describe`` builds the model and counts them."""
-    out = subprocess.run([sys.executable, "-m", "worker.describe", "--job", job], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise RuntimeError(f"could not build the job's model to size the servers:\n{out.stderr[-2000:]}")
-    return int(out.stdout.split()[0])
+    return describe(job)()
+
+
+def describe(job: str):
+    """Start counting the job's parameters in a child process; call the result for the count
+    (so the launcher can connect to Ray meanwhile)."""
+    proc = subprocess.Popen([sys.executable, "-m", "worker.describe", "--job", job], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def count() -> int:
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise RuntimeError("building the job's model to size the servers took over 120 s") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"could not build the job's model to size the servers:\n{err[-2000:]}")
+        return int(out.split()[0])
+    return count
 
 
 class RoleHost:
@@ -254,6 +269,19 @@ class RayPlacement:
             path = staging + path[len(out):]
         return proc.take(path)
 
+    def prepare(self, names: list[str]) -> None:
+        """Place the hosts of these roles all at once (Ray starts their processes in
+        parallel; placing them one by one, as spawning asks, would wait for each)."""
+        todo = [n for n in names if n not in self.hosts]
+        actors = {n: self._new_host(n) for n in todo}
+        infos = _ready(self.ray, [actor.info.remote() for actor in actors.values()])
+        if infos is None:
+            for actor in actors.values():
+                self.ray.kill(actor)
+            raise RuntimeError(f"Ray could not place {', '.join(todo)} within {PLACE_WAIT_S:.0f} s "
+                               f"(the cluster has {_show(self.ray.available_resources())} free)")
+        self.hosts.update({n: (actors[n], info) for n, info in zip(todo, infos)})
+
     # -- Ray's side ---------------------------------------------------------------
     def _servers_group(self):
         """One bundle per server, SPREAD over the nodes (best effort: fewer nodes than
@@ -277,6 +305,18 @@ class RayPlacement:
         if name in self.last and self._idle(self.last[name][0]):
             self.hosts[name] = self.last[name]   # a role restarted where it ran: no new host
             return self.hosts[name]
+        actor = self._new_host(name)
+        info = _ready(self.ray, actor.info.remote())
+        if info is None:
+            self.ray.kill(actor)
+            raise RuntimeError(f"Ray could not place {name} within {PLACE_WAIT_S:.0f} s (the "
+                               f"cluster has {_show(self.ray.available_resources())} free)")
+        if keep:
+            self.hosts[name] = (actor, info)
+        return actor, info
+
+    def _new_host(self, name: str):
+        """Ask Ray for a host for ``name``, by the resources its role needs."""
         if name == "scheduler":
             options = {"scheduling_strategy": self.here}
         elif name.startswith("server"):
@@ -287,16 +327,7 @@ class RayPlacement:
                 "resources": {k: v for k, v in self.server_bundle.items() if k not in ("CPU", "memory")}}
         else:
             options = dict(self.worker_ask)
-        actor = self.actor.options(**options).remote(name, staging=name != "scheduler")
-        info = _ready(self.ray, actor.info.remote())
-        if info is None:
-            self.ray.kill(actor)
-            raise RuntimeError(f"Ray could not place {name} ({_show(options)}) within "
-                               f"{PLACE_WAIT_S:.0f} s (the cluster has "
-                               f"{_show(self.ray.available_resources())} free)")
-        if keep:
-            self.hosts[name] = (actor, info)
-        return actor, info
+        return self.actor.options(**options).remote(name, staging=name != "scheduler")
 
     def _idle(self, actor) -> bool:
         """Is this host alive, with its process exited (ready to run the role again)?"""
