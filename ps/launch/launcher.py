@@ -24,6 +24,7 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -95,7 +96,10 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
                 training = t_train is not None
                 links.tick(outcome.last_step if training else None,
                            time.monotonic() - t_train if training else None)
-            time.sleep(INJECT_INTERVAL_S if cluster.faults or links else STATUS_INTERVAL_S)
+            try:                                   # the interval, or less if the run ends
+                scheduler.wait(INJECT_INTERVAL_S if cluster.faults or links else STATUS_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                pass
         line.end()
         if scheduler.returncode != 0:
             # The run failed (the summary says why): stop every role now rather than wait

@@ -11,8 +11,8 @@ namespaces (``scripts/ray_sim.py``), the local launcher too, for the same condit
    servers and workers on their own nodes, alternating;
 3. on the simulated cluster, the same run with ``--respawn --trace``, and the node
    holding worker1 removed at step ``--remove-at``: the death's detection (the
-   scheduler's record), the end of the step that stalled (the workers' traces) and the
-   final parameters against the undisturbed local run's.
+   scheduler's record), the end of the step that stalled (the workers' traces), and
+   whether every sample was applied once.
 
 ``start+stop s`` is the launcher's whole wall time less the training's (summary.json's
 ``wall_s``, the scheduler's clock from the first step); samples/s is the summary's.
@@ -27,8 +27,6 @@ import subprocess
 import sys
 import tempfile
 import time
-
-import numpy as np
 
 from .common import LAUNCHERS, ROOT, child_env, kill_group, markdown, step_end_times
 
@@ -113,16 +111,17 @@ def cluster_phase(args, tmp: str) -> tuple[list[dict], dict]:
         base = row("local", "beside the idle simulated cluster", runs["local"], None)
         rows = [base, row("ray cluster", "6-node simulated cluster, roles on 5 nodes",
                           runs["ray"], base)]
-        removal = removal_run(args, sim, os.path.join(tmp, "removal"),
-                              {e: os.path.join(tmp, f"b-{e}{args.repeats - 1}") for e in runs})
+        removal = removal_run(args, sim, os.path.join(tmp, "removal"))
     finally:
         sim.close()
     return rows, removal
 
 
-def removal_run(args, sim, out: str, undisturbed: dict[str, str]) -> dict:
+def removal_run(args, sim, out: str) -> dict:
     """Remove worker1's node at step --remove-at; when was it detected, when did the
-    stalled step end, and are the parameters the undisturbed run's?"""
+    stalled step end, and was every sample applied once? (That the parameters are the
+    oracle's is the tests' business, on runs short enough for 1e-5 to hold: over hundreds
+    of steps this example amplifies the rounding of a different summation order.)"""
     cmd = launcher(sim.ns, out, args.steps, "--ray", sim.address, *ray_sim.ON_NODES,
                    "--respawn", "--trace")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
@@ -157,21 +156,15 @@ def removal_run(args, sim, out: str, undisturbed: dict[str, str]) -> dict:
     before = [b - a for a, b in zip(ends, ends[1:]) if b < removed_at]
     after = [(b - a, b) for a, b in zip(ends, ends[1:]) if b > removed_at]
     pause, resumed = max(after)                         # the stall, and the step that ended it
-    diff = {engine: max_abs_diff(os.path.join(out, "params.npz"), os.path.join(folder, "params.npz"))
-            for engine, folder in undisturbed.items()}
-    print(f"  removal: {node} at step {args.remove_at}; {summary['per_epoch']}", file=sys.stderr)
+    once = all(e["samples_applied"] == summary["samples"] // len(summary["per_epoch"])
+               for e in summary["per_epoch"]) and summary["steps"] == args.steps
     death = summary["deaths"][0]
     return {"node": node, "removed_at_step": args.remove_at,
             "detected_s": round(death["detected_wall"] - removed_at, 3),
             "resumed_s": round(resumed - removed_at, 3), "longest_pause_s": round(pause, 3),
             "median_step_s": round(statistics.median(before), 4),
             "tasks_redealt": death["tasks_redealt"], "rejoins": len(summary["rejoins"]),
-            "max_abs_diff_vs_undisturbed": diff, "samples_per_s": round(summary["samples_per_s"])}
-
-
-def max_abs_diff(a: str, b: str) -> float:
-    with np.load(a) as got, np.load(b) as want:
-        return max(float(np.abs(got[k] - want[k]).max()) for k in want.files)
+            "every_sample_once": once, "samples_per_s": round(summary["samples_per_s"])}
 
 
 def run(args) -> tuple[list[dict], str]:
@@ -190,13 +183,11 @@ def run(args) -> tuple[list[dict], str]:
           r.get("samples_per_s_ratio", "-")] for r in rows])
     node = markdown(
         ["node removed", "at step", "detected s", "stalled step ended s", "longest pause s",
-         "median step s", "tasks dealt again", "replacements", "max |diff| vs local",
-         "vs ray"],
+         "median step s", "tasks dealt again", "replacements", "every sample once"],
         [[removal["node"], removal["removed_at_step"], f"{removal['detected_s']:.2f}",
           f"{removal['resumed_s']:.2f}", f"{removal['longest_pause_s']:.2f}",
           f"{removal['median_step_s']:.4f}", removal["tasks_redealt"], removal["rejoins"],
-          f"{removal['max_abs_diff_vs_undisturbed']['local']:.1e}",
-          f"{removal['max_abs_diff_vs_undisturbed']['ray']:.1e}"]])
+          "yes" if removal["every_sample_once"] else "NO"]])
     note = (f"MLP example ({args.steps} steps), 2 workers x 2 servers, BSP; median of "
             f"{args.repeats} runs, engines alternating. Times from the removal: the "
             "scheduler's death record, and the trace's step ends (workers' clocks).")
