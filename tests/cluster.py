@@ -49,6 +49,11 @@ def launch(out: str, *args: str, env: dict | None = None, timeout_s: float = 90.
     proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})},
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
+    return finish(proc, out, timeout_s)
+
+
+def finish(proc: subprocess.Popen, out: str, timeout_s: float) -> Run:
+    """Wait for a launcher started in its own process group, then kill the group."""
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:

@@ -20,7 +20,7 @@ import time
 import numpy as np
 import pytest
 
-from cluster import JOBS, ROOT, Run, check_tiny_mlp_run, kill_group, oracle
+from cluster import JOBS, ROOT, Run, check_tiny_mlp_run, finish, oracle
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ray_sim  # noqa: E402
@@ -40,16 +40,8 @@ def launch(sim: ray_sim.Simulated, out, *args, env=None) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def finish(proc: subprocess.Popen, out, timeout_s: float = 120) -> Run:
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        stdout, stderr = proc.communicate()
-        raise AssertionError(f"the run did not finish in {timeout_s} s\n{stderr[-3000:]}")
-    finally:
-        kill_group(proc)
-    return Run(proc.returncode, str(out), stdout, stderr)
+def run_on(sim: ray_sim.Simulated, out, *args, env=None) -> Run:
+    return finish(launch(sim, out, *args, env=env), out, 120)
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +80,8 @@ def wait_for_step(ray_cluster, out, proc, step: int, timeout_s: float = 60) -> N
 
 
 def test_bsp_across_nodes_equals_the_oracle(ray_cluster, reference, tmp_path):
-    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
-                                    "--servers", "2", "--trace"), tmp_path)
+    run = run_on(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                 "--servers", "2", "--trace")
     check_tiny_mlp_run(run, reference, STEPS)
     where = {name: ray_cluster.names[r["node"]] for name, r in roles(tmp_path).items()}
     assert where["scheduler"] == "head"                      # on the launcher's node
@@ -113,7 +105,7 @@ def test_a_node_removed_with_a_worker_on_it_changes_nothing(ray_cluster, referen
     wait_for_step(ray_cluster, tmp_path, proc, 10)
     lost = ray_cluster.names[roles(tmp_path)["worker1"]["node"]]
     ray_cluster.remove(lost)
-    run = finish(proc, tmp_path)
+    run = finish(proc, tmp_path, 120)
     summary = check_tiny_mlp_run(run, reference, STEPS, deaths=1)
     assert summary["deaths"][0]["worker"] == 1
     assert "worker1 exited with status -9; starting a replacement" in run.stderr
@@ -131,7 +123,7 @@ def test_a_node_removed_with_a_server_on_it_is_recovered_from_a_checkpoint(ray_c
     wait_for_step(ray_cluster, tmp_path, proc, 15)
     lost = ray_cluster.names[roles(tmp_path)["server1"]["node"]]
     ray_cluster.remove(lost)
-    run = finish(proc, tmp_path)
+    run = finish(proc, tmp_path, 120)
     summary = check_tiny_mlp_run(run, reference, STEPS)
     (recovery,) = summary["recoveries"]
     assert recovery["lost"] == "server1" and recovery["resumed_from_step"] >= 10
@@ -140,9 +132,9 @@ def test_a_node_removed_with_a_server_on_it_is_recovered_from_a_checkpoint(ray_c
 
 
 def test_a_killed_scheduler_restarts_from_its_journal(ray_cluster, reference, tmp_path):
-    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
-                                    "--servers", "2", "--inject", "kill:scheduler@step=20",
-                                    env={"TINY_MLP_DELAY_S": "0.02"}), tmp_path)
+    run = run_on(ray_cluster, tmp_path, "--job", JOB, "--steps", str(STEPS), "--workers", "2",
+                 "--servers", "2", "--inject", "kill:scheduler@step=20",
+                 env={"TINY_MLP_DELAY_S": "0.02"})
     summary = check_tiny_mlp_run(run, reference, STEPS)
     (restart,) = summary["scheduler_restarts"]
     assert restart["members_back"] == 4
@@ -152,8 +144,8 @@ def test_a_killed_scheduler_restarts_from_its_journal(ray_cluster, reference, tm
 
 @pytest.mark.parametrize("mode", ["ssp", "asp"])
 def test_ssp_and_asp_run_to_the_end(ray_cluster, tmp_path, mode):
-    run = finish(launch(ray_cluster, tmp_path, "--job", JOB, "--steps", "40", "--workers", "2",
-                                    "--servers", "2", "--mode", mode), tmp_path)
+    run = run_on(ray_cluster, tmp_path, "--job", JOB, "--steps", "40", "--workers", "2",
+                 "--servers", "2", "--mode", mode)
     assert run.rc == 0, run.stderr[-3000:]
     summary = run.summary
     assert summary["ok"] and summary["mode"] == mode

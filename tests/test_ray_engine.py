@@ -11,7 +11,7 @@ import pytest
 
 from cluster import ROOT
 
-from ps.launch import launcher, ray_engine
+from ps.launch import launcher, ray_engine, ray_host
 
 JOB = os.path.join(ROOT, "tests", "jobs", "tiny_mlp.py")
 
@@ -93,7 +93,7 @@ def host(**methods):
 def test_a_host_that_is_gone_reads_as_a_process_killed_by_sigkill():
     gone = FakeRay.exceptions.RayActorError("the actor died")
     status = iter([None, gone])
-    proc = ray_engine.RayProcess(FakeRay, host(poll=lambda: next(status), signal=lambda sig: None),
+    proc = ray_host.RayProcess(FakeRay, host(poll=lambda: next(status), signal=lambda sig: None),
                                  1234, {"node": "n1", "address": "10.0.0.2", "staging": None})
     assert proc.poll() is None
     assert proc.poll() == -signal.SIGKILL and proc.returncode == -signal.SIGKILL
@@ -102,7 +102,7 @@ def test_a_host_that_is_gone_reads_as_a_process_killed_by_sigkill():
 
 
 def test_a_running_process_times_out_as_popen_does():
-    proc = ray_engine.RayProcess(FakeRay, host(poll=lambda: None), 1, {"node": "n", "staging": None})
+    proc = ray_host.RayProcess(FakeRay, host(poll=lambda: None), 1, {"node": "n", "staging": None})
     with pytest.raises(subprocess.TimeoutExpired):
         proc.wait(0.1)
 
@@ -119,3 +119,44 @@ def test_a_checkpoint_dir_a_server_node_cannot_see_is_refused(tmp_path):
     assert os.listdir(tmp_path / "ckpt") == []           # the token is removed either way
     place._host = lambda name: (seen, {"address": "10.0.0.2", "node": "a" * 40})
     place.check_shared(str(tmp_path / "ckpt"))           # every node sees it: no complaint
+
+
+def test_each_role_asks_ray_for_what_it_needs():
+    pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh --ray)")
+    asked = {}
+
+    class Actor:
+        @staticmethod
+        def options(**options):
+            return types.SimpleNamespace(remote=lambda name, staging: asked.setdefault(
+                name, (options, staging)))
+
+    fake = types.SimpleNamespace(
+        remote=lambda **kw: (lambda cls: Actor),
+        get_runtime_context=lambda: types.SimpleNamespace(get_node_id=lambda: "ab" * 28))
+    for device, worker in (("cpu", {"num_cpus": 3}), ("cuda", {"num_gpus": 1})):
+        asked.clear()
+        args = types.SimpleNamespace(servers=2, workers=1, device=device, threads=3,
+                                     ray_resources={"worker": {"pool": 1.0}})
+        place = ray_engine.RayPlacement(fake, args, parameters=1_000_000)
+        place.group = "the servers' placement group"
+        for name in ("scheduler", "server1", "worker0"):
+            place._new_host(name)
+        scheduler, server, work = (asked[n] for n in ("scheduler", "server1", "worker0"))
+        assert scheduler[0]["scheduling_strategy"].node_id == "ab" * 28   # the launcher's node
+        assert scheduler[1] is False                                     # writes --out itself
+        assert server[0]["memory"] == ray_engine.server_memory(1_000_000, 2)
+        assert server[0]["num_cpus"] == 1.0 and server[1] is True
+        strategy = server[0]["scheduling_strategy"]
+        assert (strategy.placement_group, strategy.placement_group_bundle_index) == (
+            "the servers' placement group", 1)
+        assert work[0] == {**worker, "resources": {"pool": 1.0}} and work[1] is True
+
+
+def test_an_address_where_no_ray_answers_fails_at_once(tmp_path):
+    pytest.importorskip("ray", reason="Ray is not installed (scripts/setup.sh --ray)")
+    out = subprocess.run([sys.executable, "-m", "ps.launch", "--job", JOB, "--ray", "127.0.0.1:1",
+                          "--out", str(tmp_path), "--quiet"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1
+    assert "nothing answers at 127.0.0.1:1" in out.stderr

@@ -40,7 +40,7 @@ class Role:
     replacement: bool = False     # started by --respawn for a worker that died
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Children get SIGKILL if the launcher dies, so no role outlives a killed run."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -72,6 +72,7 @@ class Cluster:
         self.worker_argv: dict[str, list[str]] = {}
         self.faults = faults
         self.server_lost: str | None = None
+        self.collected = False                   # the roles' outputs on other nodes (Ray)
         if net:                          # message faults: every role's transport reads this
             self.env[messages.ENV] = ",".join(f"{k}={v}" for k, v in net.items()) + f",seed={args.seed}"
 
@@ -83,7 +84,7 @@ class Cluster:
         if hasattr(self.place, "popen"):
             proc = self.place.popen(name, cmd, env or self.env)
         else:
-            proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=_die_with_parent)
+            proc = subprocess.Popen(cmd, env=env or self.env, preexec_fn=die_with_parent)
         self.roles.append(Role(name, proc, None))
 
     def server_hooks(self, k: int) -> list[str]:
@@ -329,12 +330,15 @@ class Cluster:
             role.proc.wait()
 
     def collect(self) -> None:
-        """Bring what roles on other nodes wrote into --out (Ray; elsewhere it is there)."""
-        if hasattr(self.place, "collect"):
+        """Bring what roles on other nodes wrote into --out (Ray; elsewhere it is there),
+        once: when the run has ended, or, if it failed, before its roles are stopped."""
+        if hasattr(self.place, "collect") and not self.collected:
+            self.collected = True
             for name in self.place.collect(self.args.out):
                 print(f"{name}'s node is gone, and what it wrote with it", file=sys.stderr)
 
     def stop(self) -> None:
+        self.collect()
         for r in self.retired:
             if r.proc.poll() is None:
                 r.proc.kill()

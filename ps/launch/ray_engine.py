@@ -2,7 +2,8 @@
 roles; ZeroMQ still carries every message between them.
 
 Each role is an ordinary ``python -m ps.scheduler`` / ``ps.server`` / ``worker``
-process, owned by a small Ray actor, ``RoleHost``, on the node Ray chose for it:
+process, owned by a small Ray actor, ``RoleHost`` (``ps.launch.ray_host``), on the node
+Ray chose for it. This module decides where (``RayPlacement``):
 
 - **placement by resources.** A worker asks for ``num_gpus=1`` with ``--device cuda``
   and its threads' CPUs otherwise; a server asks for one CPU and the memory its shard
@@ -30,22 +31,18 @@ this module imports it only when ``--ray`` is given.
 from __future__ import annotations
 
 import os
-import signal
+import socket
 import subprocess
 import sys
-import time
 import uuid
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from ps.launch.ray_host import CALL_S, ROOT, RayProcess, RoleHost
+
 PLACE_WAIT_S = 60.0              # how long Ray may take to place and start a role's host
-CALL_S = 10.0                    # the deadline of one call to a host
-LOST = -signal.SIGKILL           # the status of a role whose host (or node) is gone
-KEEP_ENV = ("PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "HOSTNAME", "TMPDIR", "USER",
-            "LOGNAME", "SHELL", "TERM", "CUDA_VISIBLE_DEVICES")   # the node's own, not ours
 
 
 def import_ray():
-    """Ray, or SystemExit(2) saying how to install it."""
+    """Ray, or SystemExit saying how to install it."""
     try:
         import ray
     except ImportError:
@@ -59,12 +56,28 @@ def connect(address: str, cpus: int):
     share this machine's cores)."""
     ray = import_ray()
     env = {"env_vars": {"PYTHONPATH": ROOT}}     # RoleHost's module, on every node
-    if address == "local":
-        ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False,
-                 runtime_env=env, logging_level="warning")
-    else:
-        ray.init(address=address, runtime_env=env, logging_level="warning")
+    reachable(address)
+    try:
+        if address == "local":
+            ray.init(num_cpus=max(os.cpu_count() or 1, cpus), include_dashboard=False,
+                     runtime_env=env, logging_level="warning")
+        else:
+            ray.init(address=address, runtime_env=env, logging_level="warning")
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise RuntimeError(f"could not connect to Ray at {address}: {exc}") from None
     return ray
+
+
+def reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A HOST:PORT address must answer a TCP connection first: ray.init retries an address
+    that does not for minutes before it gives up."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return                                   # auto, local, ray://...: Ray's to judge
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise RuntimeError(f"nothing answers at {address} ({exc}): is the Ray head there?") from None
 
 
 def server_memory(parameters: int, servers: int) -> int:
@@ -97,127 +110,6 @@ def describe(job: str):
             raise RuntimeError(f"could not build the job's model to size the servers:\n{err[-2000:]}")
         return int(out.split()[0])
     return count
-
-
-class RoleHost:
-    """A Ray actor that owns one role's process on its node (one process per host)."""
-
-    def __init__(self, name: str, staging: bool):
-        import ray
-        self.name = name
-        self.node = ray.get_runtime_context().get_node_id()
-        self.address = ray.util.get_node_ip_address()
-        self.staging = None
-        if staging:       # a folder of this node's own for the role's outputs
-            import tempfile
-            self.staging = os.path.join(tempfile.gettempdir(), "ps-ray",
-                                        f"{name}-{uuid.uuid4().hex[:8]}")
-            os.makedirs(self.staging)
-        self.proc: subprocess.Popen | None = None
-
-    def info(self) -> dict:
-        return {"node": self.node, "address": self.address, "staging": self.staging}
-
-    def start(self, cmd: list[str], env: dict) -> int:
-        """Run ``cmd`` here: this node's interpreter, the launcher's variables on top of
-        this node's own (but not those that describe the launcher's machine)."""
-        own = dict(os.environ)
-        own.update({k: v for k, v in env.items() if k not in KEEP_ENV and not k.startswith("RAY_")})
-        own["PYTHONPATH"] = ROOT + os.pathsep + own.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=own,
-                                     preexec_fn=_die_with_parent)
-        return self.proc.pid
-
-    def poll(self) -> int | None:
-        return self.proc.poll()
-
-    def signal(self, sig: int) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-
-    def take(self, path: str) -> str | None:
-        """A file's text on this node, removed once read (None while it does not exist):
-        the endpoint the role published."""
-        try:
-            with open(path) as f:
-                text = f.read()
-        except FileNotFoundError:
-            return None
-        os.remove(path)
-        return text
-
-    def sees(self, path: str, token: str) -> bool:
-        """Does this node read ``token`` at ``path`` (written on the launcher's node)?"""
-        try:
-            with open(path) as f:
-                return f.read() == token
-        except OSError:
-            return False
-
-    def collect(self) -> dict[str, bytes]:
-        """Every file the role wrote in its staging folder, by relative path."""
-        files = {}
-        for folder, _, names in os.walk(self.staging or ""):
-            for n in names:
-                if not n.startswith(".") and not n.endswith(".tmp"):
-                    path = os.path.join(folder, n)
-                    with open(path, "rb") as f:
-                        files[os.path.relpath(path, self.staging)] = f.read()
-        return files
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
-class RayProcess:
-    """A role's process on some node, seen through its host as a ``subprocess.Popen``
-    is (poll, wait, signals, returncode), so ``ps.launch.processes.Cluster`` needs no
-    second code path. A host that cannot be reached (its node is gone) reads as a
-    process killed by SIGKILL."""
-
-    def __init__(self, ray, host, pid: int, info: dict):
-        self.ray, self.host, self.pid, self.info = ray, host, pid, info
-        self.returncode: int | None = None
-
-    def _call(self, method: str, *args):
-        try:
-            return self.ray.get(getattr(self.host, method).remote(*args), timeout=CALL_S)
-        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):
-            self.returncode = LOST if self.returncode is None else self.returncode
-            return None
-
-    def poll(self) -> int | None:
-        if self.returncode is None:
-            code = self._call("poll")
-            if self.returncode is None:
-                self.returncode = code
-        return self.returncode
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(f"ray:{self.info['node']}:{self.pid}", timeout)
-            time.sleep(0.05)
-        return self.returncode
-
-    def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            self._call("signal", int(sig))
-
-    def terminate(self) -> None:
-        self.send_signal(signal.SIGTERM)
-
-    def kill(self) -> None:
-        self.send_signal(signal.SIGKILL)
-
-    def take(self, path: str) -> str | None:
-        return self._call("take", path)
 
 
 class RayPlacement:
@@ -380,10 +272,14 @@ class RayPlacement:
         return lost
 
     def release(self) -> None:
-        """End every host of this attempt (their processes get SIGKILL with them)."""
-        for _, actor, _ in self.started:
-            self.ray.kill(actor, no_restart=True)
-        for actor, _ in self.hosts.values():
+        """End every host of this attempt (their processes get SIGKILL with them), once
+        each has removed its staging folder."""
+        actors = [actor for _, actor, _ in self.started] + [a for a, _ in self.hosts.values()]
+        try:
+            self.ray.wait([a.discard.remote() for a in actors], num_returns=len(actors), timeout=10)
+        except Exception:          # noqa: BLE001 -- best effort: the hosts die next anyway
+            pass
+        for actor in actors:
             self.ray.kill(actor, no_restart=True)
         self.started, self.hosts, self.last = [], {}, {}
         if self.group is not None:

@@ -6,6 +6,7 @@ process group, killed afterwards whatever happened. Every wait has a deadline.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
 import json
@@ -157,21 +158,29 @@ def kill_group(pgid: int) -> None:
         pass
 
 
-def run_group(cmd: list[str], what: str, timeout_s: float = RUN_TIMEOUT_S,
-              env: dict | None = None) -> tuple[int, str, str]:
-    """Run ``cmd`` in a new process group; (status, stdout, stderr). The group is killed
-    afterwards whatever happened, so a failed or timed-out run leaves nothing behind."""
+@contextlib.contextmanager
+def group(cmd: list[str], env: dict | None = None):
+    """``cmd`` started in a new process group (stdout and stderr piped, as text); the
+    group is killed on leaving, whatever happened, so a run leaves nothing behind."""
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True, env=env or child_env())
     LAUNCHERS.add(proc.pid)
     try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{what} run did not finish in {timeout_s:.0f} s") from None
+        yield proc
     finally:
         kill_group(proc.pid)
         proc.wait()
         LAUNCHERS.discard(proc.pid)
+
+
+def run_group(cmd: list[str], what: str, timeout_s: float = RUN_TIMEOUT_S,
+              env: dict | None = None) -> tuple[int, str, str]:
+    """Run ``cmd`` in a new process group to its end; (status, stdout, stderr)."""
+    with group(cmd, env) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"{what} run did not finish in {timeout_s:.0f} s") from None
     return proc.returncode, stdout, stderr
 
 

@@ -23,12 +23,11 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-from .common import LAUNCHERS, ROOT, child_env, kill_group, markdown, step_end_times
+from .common import ROOT, group, markdown, run_group, step_end_times
 
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 import ray_sim  # noqa: E402
@@ -47,19 +46,9 @@ def launcher(ns: str, out: str, steps: int, *extra: str) -> list[str]:
 def timed_run(cmd: list[str], out: str, what: str) -> dict:
     """Run one launcher to the end; its summary, with ``launcher_s`` (whole wall time)."""
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    LAUNCHERS.add(proc.pid)
-    try:
-        _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        raise RuntimeError(f"{what} run did not finish in {RUN_TIMEOUT_S:.0f} s") from None
-    finally:
-        kill_group(proc.pid)
-        proc.wait()
-        LAUNCHERS.discard(proc.pid)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{what} run failed ({proc.returncode}):\n{stderr[-2000:]}")
+    rc, _, stderr = run_group(cmd, what, RUN_TIMEOUT_S)
+    if rc != 0:
+        raise RuntimeError(f"{what} run failed ({rc}):\n{stderr[-2000:]}")
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
     summary["launcher_s"] = time.monotonic() - t0
@@ -124,10 +113,7 @@ def removal_run(args, sim, out: str) -> dict:
     of steps this example amplifies the rounding of a different summation order.)"""
     cmd = launcher(sim.ns, out, args.steps, "--ray", sim.address, *ray_sim.ON_NODES,
                    "--respawn", "--trace")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    LAUNCHERS.add(proc.pid)
-    try:
+    with group(cmd) as proc:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         while True:
             if proc.poll() is not None or time.monotonic() > deadline:
@@ -144,10 +130,6 @@ def removal_run(args, sim, out: str) -> dict:
         node = sim.names[roles["worker1"]["node"]]
         removed_at = sim.remove(node)
         _, stderr = proc.communicate(timeout=RUN_TIMEOUT_S)
-    finally:
-        kill_group(proc.pid)
-        proc.wait()
-        LAUNCHERS.discard(proc.pid)
     if proc.returncode != 0:
         raise RuntimeError(f"the removal run failed ({proc.returncode}):\n{stderr[-2000:]}")
     with open(os.path.join(out, "summary.json")) as f:
