@@ -176,8 +176,8 @@ class Cluster:
     def write_cluster_json(self) -> None:
         """Publish where each role listens, atomically: tests and tools poll for this file
         and must never read it half written (it is rewritten when a role is replaced)."""
-        where = getattr(self.place, "where", lambda proc: {})   # Ray: the node and its address
-        roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid, **where(r.proc)}
+        location = getattr(self.place, "location", lambda proc: {})   # Ray: the node, its address
+        roles = {r.name: {"endpoint": r.endpoint, "pid": r.proc.pid, **location(r.proc)}
                  for r in self.roles}
         path = os.path.join(self.args.out, "cluster.json")
         with open(path + ".tmp", "w") as f:

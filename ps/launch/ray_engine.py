@@ -248,7 +248,8 @@ class RayPlacement:
         finally:
             os.remove(path)
 
-    def where(self, proc) -> dict:
+    def location(self, proc) -> dict:
+        """What cluster.json says of where a role runs."""
         return {"node": proc.info["node"], "address": proc.info["address"]}
 
     def collect(self, out: str) -> list[str]:
