@@ -57,6 +57,7 @@ from worker.waits import describe_pull
 log = logging.getLogger("worker")
 
 POLL_S = 1.0            # a blocked pull or DONE wakes this often to look for re-dealt tasks
+BYE_FLUSH_S = 0.2       # how long the last heartbeat (bye) may take to leave at exit
 MAX_FUSE = 1 << 16      # --fuse 0: as many tasks per pass as a lease carries
 
 
@@ -443,6 +444,16 @@ class Worker:
         if finisher:
             self.finish(reply["steps"])
         self.tracer.write()
+        self.say_bye()
+
+    def say_bye(self) -> None:
+        """Tell the scheduler this worker heard its DONE answer (and, as the finisher, its
+        FINISHED one) and is leaving, so it need not linger for a resent DONE; given
+        BYE_FLUSH_S to leave before the socket closes. Lost, it costs the scheduler its
+        linger (DONE_GRACE_S), nothing else."""
+        self.scheduler.send(Kind.HEARTBEAT, want_reply=False, role="worker", index=self.id,
+                            inc=self.inc, bye=True)
+        self.scheduler.sock.close(linger=int(BYE_FLUSH_S * 1000))
 
     def close(self) -> None:
         if self.heartbeat is not None:

@@ -72,6 +72,7 @@ def run(args, faults, net: dict, links: netns.LinkInjector | None = None, place=
         sched_ep = cluster.start()
         outcome.scheduler_started = cluster.scheduler_started
         observer = Peer(ctx, sched_ep, "scheduler")
+        observer.check = _unless_exited(cluster)
         scheduler = cluster.roles[0].proc
         line = StatusLine(args.quiet)
         t_train = None
@@ -239,6 +240,15 @@ def _record_links(out: str, links: netns.LinkInjector, scheduler_started: float,
 def _latest_version(root: str) -> int:
     manifest, _ = latest_intact(root)
     return manifest["version"] if manifest else 0
+
+
+def _unless_exited(cluster: Cluster):
+    """A Peer check that ends a STATUS wait once the scheduler has exited: that request
+    would never be answered, and the launcher would wait out its timeout."""
+    def check() -> None:
+        if cluster.roles[0].proc.poll() is not None:
+            raise TimeoutError("the scheduler exited")
+    return check
 
 
 def _phase(observer: Peer) -> str:

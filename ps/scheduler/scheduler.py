@@ -95,6 +95,7 @@ class Scheduler(Forming, Finishing, Restart):
         self.shard_map: list[dict] | None = None  # each shard's index, endpoint, lo, hi, once formed
         self.stopped: set[int] = set()           # shards told to stop
         self.byes: set[int] = set()              # shards that said they heard it (bye)
+        self.worker_byes: set[tuple[int, int]] = set()   # (worker, inc) that left after DONE
         self.run: RunState | None = None
         self.dealer: Dealer | None = None
         self.deadline = time.monotonic() + config.timeout_s
@@ -377,6 +378,9 @@ class Scheduler(Forming, Finishing, Restart):
         if role == "worker":             # not cached: a resent heartbeat is handled again (seen)
             if net is not None:          # a live incarnation's counts (members.seen said so)
                 self.worker_net_faults[(index, header["inc"])] = net
+            if bye:                      # it heard its DONE answer and is gone: no reply
+                self.worker_byes.add((index, header["inc"]))
+                return self._leave_when_all_said_bye()
             self.reply(ident, Kind.OK, header["rid"], cache=False)
             return
         if stats is not None:
@@ -385,9 +389,7 @@ class Scheduler(Forming, Finishing, Restart):
                 self.recovery.commit(self.shard_stats, self.run)
         if bye and self.phase == "stopping":   # it heard our stop and is gone
             self.byes.add(index)
-            if len(self.byes) == self.config.servers:
-                self.exit_at = max(time.monotonic(), self.done_at + DONE_GRACE_S)   # a lost DONE answer
-            return
+            return self._leave_when_all_said_bye()
         stop = self.phase in ("stopping", "failed")   # failed: a job error ended the run
         self.reply(ident, Kind.OK, header["rid"], cache=False, stop=stop, fenced=self.members.fenced)
         if stop:
@@ -396,6 +398,17 @@ class Scheduler(Forming, Finishing, Restart):
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
+
+    def _leave_when_all_said_bye(self) -> None:
+        """Once every server said bye, exit: at once if every live worker said bye too
+        (each heard its DONE answer), else DONE_GRACE_S after answering DONE (a worker
+        whose answer was lost asks again, and must find it answered)."""
+        if self.phase != "stopping" or len(self.byes) < self.config.servers:
+            return
+        workers = self.members.members
+        gone = all((w, workers[("worker", w)].inc) in self.worker_byes
+                   for w in self.members.live("worker"))
+        self.exit_at = time.monotonic() if gone else max(time.monotonic(), self.done_at + DONE_GRACE_S)
 
     def on_norm(self, ident, header) -> None:
         """A shard's part of a BSP step's squared gradient norm (clipping: ps.scheduler.norms).
