@@ -94,8 +94,10 @@ def test_ssp_and_asp_survive_a_worker_crash_applying_every_sample_once(tmp_path,
     # mid_push: shard 0 applied the dead worker's push, shard 1 never got it; the tasks
     # are dealt again, shard 0 refuses the redo and shard 1 applies it. No oracle here
     # (the order of updates is the run's), so the shards' own counters are the evidence.
+    # --no-steal: worker 1 surely holds tasks of clock 20 (stolen, they would leave it a
+    # push of none: shard 0 would advance its clock and have nothing to refuse)
     run = launch(tmp_path, "--job", JOB, "--workers", "3", "--servers", "2", "--steps", str(STEPS),
-                 "--tasks-per-step", "6", "--mode", mode, "--staleness", "1",
+                 "--tasks-per-step", "6", "--mode", mode, "--staleness", "1", "--no-steal",
                  "--crash-at", "1:mid_push@20", *FAST)
     assert run.rc == 0, run.stderr[-4000:]
     summary = run.summary
