@@ -101,6 +101,7 @@ def test_the_inner_optimizer_takes_the_whole_recipe(tmp_path):
     assert run.summary["clipped_steps"] == 0        # the shards clip nothing: the workers do
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_diloco_moves_h_times_fewer_bytes_than_bsp(tmp_path):
     diloco = run_diloco(tmp_path / "diloco", 2, 2, steps=16, inner=8)

@@ -187,6 +187,7 @@ def test_one_async_worker_is_the_synchronous_simulation(tmp_path):
         (True, 6, 1, 18)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_async_workers_apply_every_sample_once_within_the_staleness(tmp_path):
     run = run_async(tmp_path, 3, 2, "--staleness", "1", steps=27)

@@ -48,6 +48,7 @@ def test_char_transformer_prints_a_sample(tmp_path):
     assert len(sample) == 200 and set(sample) <= set(vocab), sample
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_recommender_beats_the_popularity_baseline(tmp_path):
     # One epoch (a quarter of its run) is enough to beat knowing items alone; its rows are

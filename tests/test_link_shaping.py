@@ -43,6 +43,7 @@ def test_shaping_commands_limit_both_directions_of_every_role():
     assert len(delayed) == 12 and all("netem" in c for c in delayed[::2])
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_shaped_link_carries_the_model_at_its_rate(tmp_path, clean):
     job = tmp_path / "linear.py"

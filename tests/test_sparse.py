@@ -347,6 +347,7 @@ def test_ssp_and_asp_apply_each_push_to_the_table_once(tmp_path, mode):
     assert np.isfinite(out["rows"]).all() and out["ids"].size == s["sparse"]["items"]["rows"]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 def test_a_checkpoint_keeps_the_tables_and_resumes_into_another_server_count(tmp_path):
     # 12 steps on 2 servers with a checkpoint every 6; then the run resumes from step 12

@@ -42,6 +42,7 @@ def test_a_dead_worker_still_paused_when_the_run_ends_is_stopped_and_the_run_suc
     assert took < 45, f"{took:.1f} s: the launcher waited for the paused worker"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_a_worker_whose_scheduler_is_killed_stops_by_itself(tmp_path):
     dead_after_s = 1.0
