@@ -20,7 +20,7 @@ from cluster import JOBS, launch
 from ps import sparse
 from ps.core.tasks import TaskPlan
 from ps.server.sparse_tables import Tables
-from ps.sparse import RowIndex, SparseTable, check_spec, initial_rows, server_of, vshard_of
+from ps.sparse import Gone, RowIndex, SparseTable, check_spec, initial_rows, server_of, vshard_of
 from ps.wire import transport, validation
 from ps.wire.protocol import Error, ProtocolError
 
@@ -130,6 +130,26 @@ def test_a_push_whose_tasks_are_in_is_refused_and_changes_nothing():
         t.pull(np.array([30]))
     with pytest.raises(ValueError, match="step 3"):
         t.push(3, [9], 1, 1, np.array([1]), g[:1])
+
+
+def test_a_pull_one_step_behind_reads_the_rows_that_step_had():
+    # A task of step 1, computed again after the table applied step 1 (its first worker
+    # died between its sparse push and its dense one), must read version 1's rows.
+    t = table({"name": "sgd", "lr": 1.0})
+    g = np.ones((2, 3), np.float32)
+    assert t.push(0, [1], 1, 1, np.array([3, 4]), g)           # step 0: version 1
+    at_1 = t.pull(np.array([3, 4, 5]), step=1).copy()
+    assert t.push(1, [2], 1, 1, np.array([4, 9]), g)           # step 1: version 2, rows 4 and 9
+    now = t.pull(np.array([3, 4, 5, 9]))
+    assert (now[1] != at_1[1]).all()                           # row 4 moved
+    then = t.pull(np.array([3, 4, 5, 9]), step=1)
+    np.testing.assert_array_equal(then[:3], at_1)              # as at version 1
+    np.testing.assert_array_equal(then[3], initial_rows(4, "items", np.array([9]), 3, 0.1)[0])
+    np.testing.assert_array_equal(t.pull(np.array([3, 4, 5, 9]), step=2), now)
+    assert t.push(2, [3], 1, 1, np.empty(0, np.int64), np.empty((0, 3), np.float32))
+    np.testing.assert_array_equal(t.pull(np.array([3, 4, 5, 9]), step=2), now)   # nothing changed
+    with pytest.raises(Gone, match="version 1 is gone"):
+        t.pull(np.array([3]), step=1)
 
 
 def test_an_asp_table_applies_each_push_on_arrival_once():
@@ -327,6 +347,24 @@ def test_a_worker_killed_before_its_push_loses_nothing(tmp_path):
                  "--crash-at", "1:before_push@6", "--dead-after-s", "1.5", env=env)
     summary = check(run, 20, env)
     assert len(summary["deaths"]) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_worker_killed_between_its_sparse_and_dense_push_loses_nothing(tmp_path):
+    # Worker 1 dies at step 6 after its tables took the step's rows and before its dense
+    # shards got anything: the tasks are dealt again, the tables refuse their rows the
+    # second time (by task id), the shards take the dense part once, and the run ends on
+    # single-process torch. --no-steal: worker 1 surely holds tasks of step 6.
+    env = {**ADAGRAD, "SPARSE_BAG_DELAY_S": "0.01"}
+    run = launch(tmp_path, "--job", JOB, "--servers", "2", "--workers", "3", "--steps", "20",
+                 "--tasks-per-step", "6", "--no-steal", "--crash-at", "1:after_sparse_push@6",
+                 "--dead-after-s", "1.5", env=env)
+    summary = check(run, 20, env)
+    assert len(summary["deaths"]) == 1 and "worker1 exited with status -9" in run.stderr
+    tables = summary["sparse"]["items"]["per_server"]
+    assert sum(t["duplicates_rejected"] for t in tables) >= 1, tables   # the redo, refused
+    assert summary["duplicates_rejected"] == 0         # no dense shard had the step's tasks
 
 
 @pytest.mark.timeout(120)

@@ -51,8 +51,8 @@ def parse_args(argv=None) -> WorkerConfig:
     p.add_argument("--trace", action="store_true",
                    help="write trace/worker<id>-<incarnation>.json into --out")
     p.add_argument("--crash-at", default=None, metavar="POINT@STEP",
-                   help="fault hook: SIGKILL this worker at before_push, mid_push or after_push "
-                        "of STEP; stall@STEP stops its main thread for 4 s before that push instead")
+                   help="fault hook: SIGKILL this worker at before_push, mid_push, "
+                        "after_sparse_push or after_push of STEP; stall@STEP stops its main thread for 4 s before that push instead")
     p.add_argument("--secure", default=None, metavar="KEYDIR",
                    help="CurveZMQ with the keys in KEYDIR (python -m ps.security.keys); needs --id")
     p.add_argument("--grad-dtype", choices=compress.WIRE_DTYPES, default="float32",

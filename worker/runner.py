@@ -279,6 +279,7 @@ class Worker:
         self.crash.maybe("before_push", step)
         if self.sparse is not None:              # acknowledged before the dense push: see
             self.sparse.push(step, ids, group.samples, group.step_tasks)   # ps/server/sparse_tables.py
+            self.crash.maybe("after_sparse_push", step)
         if self.crash.at("mid_push", step):     # shard 0 takes the push, then we die
             self.shards.push(self.flat.grads_np, step, ids, group.samples, group.step_tasks,
                              ends_clock, only=[0])

@@ -7,7 +7,8 @@ matter which worker computes it and every run sees the same slow tasks.
 
 ``--crash-at POINT@STEP`` kills this worker with SIGKILL at a precise point of step
 STEP: ``before_push``, ``mid_push`` (after shard 0 has taken the push, before the
-others: the partial push a crash can leave) or ``after_push``; ``stall@STEP`` instead
+others: the partial push a crash can leave), ``after_sparse_push`` (its sparse tables
+have the step's rows, its dense shards nothing) or ``after_push``; ``stall@STEP`` instead
 stops the worker's main thread for STALL_S before its push of STEP (its heartbeats go
 on: a stuck worker that is not dead, which the others wait for by name). Faults land
 where the test says, not where a timer happens to fall.
@@ -58,7 +59,7 @@ STALL_S = 4.0       # the stall@STEP hook: longer than a few heartbeats, shorter
 
 
 class CrashAt:
-    POINTS = ("before_push", "mid_push", "after_push", "stall")
+    POINTS = ("before_push", "mid_push", "after_sparse_push", "after_push", "stall")
 
     def __init__(self, point: str | None = None, step: int = -1):
         self.point, self.step = point, step

@@ -62,7 +62,8 @@ def parse_args(argv=None):
                    help="start a replacement for every worker that dies; it joins mid-run")
     p.add_argument("--crash-at", action="append", default=[], metavar="W:POINT@STEP",
                    help="worker W kills itself at a precise point: before_push, mid_push "
-                        "(after shard 0 took its push, before the others) or after_push, at STEP; "
+                        "(after shard 0 took its push, before the others), after_sparse_push (its "
+                        "sparse tables have the step, its dense shards not) or after_push, at STEP; "
                         "stall@STEP: its main thread stops for 4 s before that push instead")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="K",
                    help="BSP: a coordinated checkpoint of every shard every K steps (0: none)")

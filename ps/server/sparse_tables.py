@@ -18,7 +18,7 @@ import os
 import numpy as np
 
 from ps.reliability import checkpoint
-from ps.sparse import SparseTable, check_spec, server_of
+from ps.sparse import Gone, SparseTable, check_spec, server_of
 from ps.wire import transport, validation
 from ps.wire.protocol import Error, ProtocolError, check_int_list
 
@@ -54,7 +54,10 @@ class Tables:
         self._ids_here(table, ids)
         if self.mode == "bsp" and header["step"] > table.version:
             raise ProtocolError(Error.NOT_READY, f"table {table.name} is at step {table.version}")
-        rows = table.pull(ids)
+        try:                      # BSP: a redo of the step just applied reads its old rows
+            rows = table.pull(ids, header["step"] if self.mode == "bsp" else None)
+        except Gone as exc:
+            raise ProtocolError(Error.GONE, str(exc)) from None
         return {"n": ids.size, "dim": table.dim, "version": table.version}, transport.split(rows.reshape(-1))
 
     def push(self, header, payload) -> bool:

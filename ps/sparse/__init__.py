@@ -30,7 +30,8 @@ sparse semantics: ``sgd``; ``adagrad`` as ``torch.optim.Adagrad`` with a sparse 
 ``adam`` as ``torch.optim.SparseAdam`` (lazy: only rows present move their moments).
 The step count that Adagrad's lr decay and Adam's bias correction read is the table's
 (as torch's is the embedding weight's): it advances every step, whether or not this
-server's rows were touched.
+server's rows were touched. The rows a step changed are kept as they were, for a task of
+that step computed again (``table``).
 
 The package, in the order to read it: ``rows`` (first values, virtual shards, a table's
 spec), ``index`` (ids to row numbers), ``optim`` (per-row optimizers), ``table`` (a table
@@ -40,8 +41,8 @@ from ps.sparse.index import RowIndex
 from ps.sparse.optim import OPTIMIZERS, make_row_optimizer
 from ps.sparse.rows import (MAX_DIM, VSHARDS, check_spec, initial_rows, name_hash, server_of,
                             sum_by_id, vshard_of)
-from ps.sparse.table import SparseTable, merge_parts
+from ps.sparse.table import Gone, SparseTable, merge_parts
 
-__all__ = ["MAX_DIM", "OPTIMIZERS", "RowIndex", "SparseTable", "VSHARDS", "check_spec",
+__all__ = ["Gone", "MAX_DIM", "OPTIMIZERS", "RowIndex", "SparseTable", "VSHARDS", "check_spec",
            "initial_rows", "make_row_optimizer", "merge_parts", "name_hash", "server_of",
            "sum_by_id", "vshard_of"]

@@ -1,5 +1,15 @@
 """One table's rows on one server: created on first touch, updated by steps, evicted,
-snapshotted, and written out at the end (``ps.sparse``)."""
+snapshotted, and written out at the end (``ps.sparse``).
+
+BSP keeps the previous version of the rows its last step changed, as the dense shard
+keeps its previous version (``ps.core.shard``): a worker that dies after its sparse push
+and before its dense one completes the table's step t while the dense shards still wait
+for its tasks; those are computed again on version t, and their rows must be version t's,
+not t + 1's. ``pull(ids, step)`` answers a pull for ``version - 1`` from ``before`` (the
+changed rows as they were) and the current rows for the rest; an older one is ``Gone``.
+The next step's update replaces it: by then every dense shard has completed step t (the
+table's step t + 1 needed pushes made on version t + 1 of every shard), so no task of
+step t is left to compute again."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +17,10 @@ import numpy as np
 from ps.sparse.index import RowIndex
 from ps.sparse.optim import make_row_optimizer
 from ps.sparse.rows import initial_rows, sum_by_id
+
+
+class Gone(ValueError):
+    """A pull for a BSP version this table no longer holds."""
 
 
 class SparseTable:
@@ -31,6 +45,8 @@ class SparseTable:
         self.step_total = 0
         self.step_samples = 0
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []   # this step's (ids, grads)
+        self.before = (np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+        # BSP: (sorted ids, rows) the last step changed, as they were at version - 1
         self.applied: set[int] = set()                # SSP/ASP: every task id applied
         self.duplicates_rejected = 0
         self.rows_pulled = self.rows_pushed = 0
@@ -90,12 +106,22 @@ class SparseTable:
             else:
                 self.rows = new
 
-    def pull(self, ids: np.ndarray) -> np.ndarray:
-        """The rows of ``ids`` (unique int64), created on first touch: (n, dim) float32."""
+    def pull(self, ids: np.ndarray, step: int | None = None) -> np.ndarray:
+        """The rows of ``ids`` (unique int64), created on first touch: (n, dim) float32;
+        BSP, with ``step`` one behind the table: as they were at that version."""
         self.check_ids(ids)
+        if step is not None and step < self.version - 1:
+            raise Gone(f"table {self.name}: version {step} is gone; it holds {self.version} "
+                       f"and {self.version - 1}")
         self.rows_pulled += ids.size
         at = self._rows_of(ids)               # first: it may grow (replace) self.rows
-        return self.rows[at]
+        rows = self.rows[at]
+        if step is not None and step == self.version - 1 and self.before[0].size:
+            changed, rows_then = self.before
+            pos = np.minimum(np.searchsorted(changed, ids), changed.size - 1)
+            hit = changed[pos] == ids
+            rows[hit] = rows_then[pos[hit]]
+        return rows
 
     def push(self, step: int, tasks: list[int], samples: int, step_tasks: int,
              ids: np.ndarray, grads: np.ndarray) -> bool:
@@ -143,12 +169,16 @@ class SparseTable:
             mean = total / np.float32(self.step_samples)
             at = self._rows_of(uniq)
             rows = self.rows[at]
+            if self.mode == "bsp":                # version - 1's rows, for a redo (above)
+                self.before = (uniq, rows.copy())
             state = {k: v[at] for k, v in self.state.items()}
             self.optimizer.update(rows, state, mean.astype(np.float32), self.version)
             self.rows[at] = rows
             for k, v in state.items():
                 self.state[k][at] = v
             self.rows_pushed += uniq.size
+        elif self.mode == "bsp":
+            self.before = (np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
         self.pending.clear()
         self.step_tasks_seen.clear()
         self.step_total = self.step_samples = 0
