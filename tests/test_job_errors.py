@@ -21,8 +21,9 @@ import pytest
 
 from cluster import JOBS, ROOT, kill_group, launch
 from live import BareScheduler, start_role
-from ps.wire.client import Peer, RemoteError
+from ps.wire.client import NoReply, Peer, RemoteError
 from ps.wire.protocol import MAX_JOB_ERROR_CHARS, Error, Kind
+from worker.heartbeat import Fenced
 from worker.job import JobError, collate, load_job
 
 JOB = os.path.join(JOBS, "raises.py")
@@ -62,6 +63,20 @@ def test_a_job_error_names_the_function_the_line_and_keeps_the_traceback(monkeyp
     def_line = line_of(starts="def build_dataset")
     assert err.value.function == "dataset" and err.value.location.endswith(f"raises.py:{def_line}")
     assert err.value.error.startswith("IndexError")
+
+
+@pytest.mark.parametrize("error", [RemoteError("server0", Error.GONE, "version 3 is gone"),
+                                   NoReply("no reply from server1"), Fenced("worker 1 fenced")])
+def test_the_clusters_own_errors_raised_through_the_jobs_code_are_not_job_errors(error):
+    # A sparse table's rows are pulled inside the job's forward: a refusal, a silence or a
+    # fencing there is the cluster's business (a task to drop, a worker to stop), not a
+    # bug in the job that should end the run.
+    job = load_job(JOB)
+    with pytest.raises(type(error)) as raised, job.running("loss_fn"):
+        raise error
+    assert raised.value is error
+    with pytest.raises(JobError), job.running("loss_fn"):
+        raise TimeoutError("the job's own timeout")            # a plain one is the job's
 
 
 @pytest.mark.parametrize("function", [pytest.param("build_model", marks=pytest.mark.slow), "loss_fn",

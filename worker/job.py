@@ -62,9 +62,12 @@ import torch
 from torch.utils.data import default_collate
 
 from ps.core.optim import make_optimizer
+from ps.wire.client import NoReply, RemoteError
 from ps.wire.protocol import MAX_JOB_ERROR_CHARS
+from worker.heartbeat import Fenced, SchedulerLost
 
 REQUIRED = ("build_model", "build_dataset", "loss_fn", "OPTIMIZER", "BATCH_SIZE")
+CLUSTER_ERRORS = (RemoteError, NoReply, Fenced, SchedulerLost)   # not the job's: see running
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16}   # float16 would need a loss scaler as well
 DEFAULT_OUTER = {"name": "sgd", "lr": 0.7, "momentum": 0.9, "nesterov": True}   # DiLoCo's
 
@@ -81,10 +84,12 @@ class JobError(Exception):
 
 @contextmanager
 def running(path: str, function: str, module: ModuleType | None = None):
-    """Run a piece of the job file's code: any exception it raises becomes a JobError."""
+    """Run a piece of the job file's code: any exception it raises becomes a JobError,
+    except the framework's own raised through it (a sparse table's pull inside the job's
+    forward: refused, unanswered, or this worker fenced), which pass on as they are."""
     try:
         yield
-    except JobError:
+    except (JobError, *CLUSTER_ERRORS):
         raise
     except Exception as exc:
         raise job_error(path, function, exc, module) from exc

@@ -309,7 +309,15 @@ class Worker:
                 return
         self.flat.zero_grad()
         group = Group()
-        self.compute([task], step_tasks, group)
+        try:
+            self.compute([task], step_tasks, group)
+        except RemoteError as exc:
+            if exc.code != Error.GONE:
+                raise
+            # A sparse table is two steps past this one (pulled inside the forward): the
+            # task was applied by its first holder; report it done, push nothing.
+            self.push_nothing(task)
+            return
         self.push(step, group, ends_clock=False)
 
     def push_nothing(self, task: list) -> None:

@@ -45,8 +45,9 @@ class SparseTable:
         self.step_total = 0
         self.step_samples = 0
         self.pending: list[tuple[np.ndarray, np.ndarray]] = []   # this step's (ids, grads)
-        self.before = (np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
-        # BSP: (sorted ids, rows) the last step changed, as they were at version - 1
+        self.before: tuple | None = None
+        # BSP: (version - 1, the sorted ids the last step changed, their rows then); None
+        # where version - 1 is not held (no step applied since the start or a restore)
         self.applied: set[int] = set()                # SSP/ASP: every task id applied
         self.duplicates_rejected = 0
         self.rows_pulled = self.rows_pushed = 0
@@ -110,14 +111,14 @@ class SparseTable:
         """The rows of ``ids`` (unique int64), created on first touch: (n, dim) float32;
         BSP, with ``step`` one behind the table: as they were at that version."""
         self.check_ids(ids)
-        if step is not None and step < self.version - 1:
-            raise Gone(f"table {self.name}: version {step} is gone; it holds {self.version} "
-                       f"and {self.version - 1}")
+        behind = step is not None and step < self.version
+        if behind and (self.before is None or self.before[0] != step):
+            raise Gone(f"table {self.name}: version {step} is gone; it holds version {self.version}")
         self.rows_pulled += ids.size
         at = self._rows_of(ids)               # first: it may grow (replace) self.rows
         rows = self.rows[at]
-        if step is not None and step == self.version - 1 and self.before[0].size:
-            changed, rows_then = self.before
+        if behind and self.before[1].size:
+            _, changed, rows_then = self.before
             pos = np.minimum(np.searchsorted(changed, ids), changed.size - 1)
             hit = changed[pos] == ids
             rows[hit] = rows_then[pos[hit]]
@@ -170,15 +171,15 @@ class SparseTable:
             at = self._rows_of(uniq)
             rows = self.rows[at]
             if self.mode == "bsp":                # version - 1's rows, for a redo (above)
-                self.before = (uniq, rows.copy())
+                self.before = (self.version - 1, uniq, rows.copy())
             state = {k: v[at] for k, v in self.state.items()}
             self.optimizer.update(rows, state, mean.astype(np.float32), self.version)
             self.rows[at] = rows
             for k, v in state.items():
                 self.state[k][at] = v
             self.rows_pushed += uniq.size
-        elif self.mode == "bsp":
-            self.before = (np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
+        elif self.mode == "bsp":                  # nothing changed: version - 1 is now
+            self.before = (self.version - 1, np.empty(0, np.int64), np.empty((0, self.dim), np.float32))
         self.pending.clear()
         self.step_tasks_seen.clear()
         self.step_total = self.step_samples = 0
@@ -237,6 +238,7 @@ class SparseTable:
                 self.state[k][first:first + ids.size] = part[f"state_{k}"][keep]
             self.index.add(ids, first)
             self.version = int(part["version"])
+            self.before = None                         # version - 1 is not in a checkpoint
             if self.seen.size:                         # restored rows count as just seen
                 self.seen[first:first + ids.size] = self.version
 

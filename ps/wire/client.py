@@ -31,6 +31,11 @@ RETRY_BYTES_PER_S = 2e8   # ... plus the time its payload takes at a pessimistic
                           # Mbit/s takes 1.6 s) resends would queue faster than the link drains
 
 
+class NoReply(TimeoutError):
+    """A request's deadline passed without a reply (a TimeoutError: callers that wait on
+    anything catch that; the worker's job guard tells this one from the job's own)."""
+
+
 class RemoteError(RuntimeError):
     """The peer answered with an ERROR reply."""
 
@@ -126,7 +131,7 @@ class Peer:
                 resend_at = now + interval
             left_ms = int(max(0.0, min(deadline, resend_at) - now) * 1000)
             if not self.sock.poll(left_ms) and time.monotonic() >= deadline:
-                raise TimeoutError(f"no reply from {self.name} ({self.endpoint}) "
+                raise NoReply(f"no reply from {self.name} ({self.endpoint}) "
                                    f"to {what or 'request'} within {timeout_s:.0f} s")
             try:
                 frames = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
