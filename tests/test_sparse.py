@@ -339,31 +339,22 @@ def test_a_straggler_s_stolen_tasks_push_their_rows_once(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-def test_a_worker_killed_before_its_push_loses_nothing(tmp_path):
-    # Worker 1 dies with step 6's tasks computed, before any of its pushes: they are dealt
-    # again, and the run still ends on single-process torch.
-    env = {**ADAGRAD, "SPARSE_BAG_DELAY_S": "0.01"}
-    run = launch(tmp_path, "--job", JOB, "--servers", "2", "--workers", "3", "--steps", "20",
-                 "--crash-at", "1:before_push@6", "--dead-after-s", "1.5", env=env)
-    summary = check(run, 20, env)
-    assert len(summary["deaths"]) == 1
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-def test_a_worker_killed_between_its_sparse_and_dense_push_loses_nothing(tmp_path):
-    # Worker 1 dies at step 6 after its tables took the step's rows and before its dense
-    # shards got anything: the tasks are dealt again, the tables refuse their rows the
-    # second time (by task id), the shards take the dense part once, and the run ends on
+@pytest.mark.parametrize("point", ["before_push", "after_sparse_push"])
+def test_a_worker_killed_at_its_push_loses_nothing(tmp_path, point):
+    # Worker 1 dies at step 6, with the step's tasks computed: before any of its pushes,
+    # or after its tables took the step's rows and before its dense shards got anything
+    # (the tables complete step 6, the dense shards wait). The tasks are dealt again and
+    # computed on version 6 (the tables answer a pull one step behind with the rows as
+    # they were), the tables refuse rows they have, and the run still ends on
     # single-process torch. --no-steal: worker 1 surely holds tasks of step 6.
     env = {**ADAGRAD, "SPARSE_BAG_DELAY_S": "0.01"}
     run = launch(tmp_path, "--job", JOB, "--servers", "2", "--workers", "3", "--steps", "20",
-                 "--tasks-per-step", "6", "--no-steal", "--crash-at", "1:after_sparse_push@6",
+                 "--tasks-per-step", "6", "--no-steal", "--crash-at", f"1:{point}@6",
                  "--dead-after-s", "1.5", env=env)
     summary = check(run, 20, env)
     assert len(summary["deaths"]) == 1 and "worker1 exited with status -9" in run.stderr
-    tables = summary["sparse"]["items"]["per_server"]
-    assert sum(t["duplicates_rejected"] for t in tables) >= 1, tables   # the redo, refused
+    refused = sum(t["duplicates_rejected"] for t in summary["sparse"]["items"]["per_server"])
+    assert (refused >= 1) == (point == "after_sparse_push"), refused
     assert summary["duplicates_rejected"] == 0         # no dense shard had the step's tasks
 
 
