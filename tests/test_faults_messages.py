@@ -25,7 +25,7 @@ from live import BareScheduler
 from ps.faults import messages
 from ps.wire import transport
 from ps.wire.protocol import Kind
-from ps.scheduler.scheduler import DONE_GRACE_S
+from ps.scheduler.finishing import DONE_GRACE_S
 
 JOB = os.path.join(JOBS, "tiny_mlp.py")
 STEPS = 60

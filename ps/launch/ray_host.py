@@ -23,7 +23,7 @@ import uuid
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CALL_S = 10.0                    # the deadline of one call to a host
 LOST = -signal.SIGKILL           # the status of a role whose host (or node) is gone
-KEEP_ENV = ("PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "HOSTNAME", "TMPDIR", "USER",
+NODE_OWN_ENV = ("PATH", "HOME", "PWD", "OLDPWD", "SHLVL", "_", "HOSTNAME", "TMPDIR", "USER",
             "LOGNAME", "SHELL", "TERM", "CUDA_VISIBLE_DEVICES")   # the node's own, not ours
 
 
@@ -50,7 +50,7 @@ class RoleHost:
         """Run ``cmd`` here: this node's interpreter, the launcher's variables on top of
         this node's own (but not those that describe the launcher's machine)."""
         own = dict(os.environ)
-        own.update({k: v for k, v in env.items() if k not in KEEP_ENV and not k.startswith("RAY_")})
+        own.update({k: v for k, v in env.items() if k not in NODE_OWN_ENV and not k.startswith("RAY_")})
         own["PYTHONPATH"] = ROOT + os.pathsep + own.get("PYTHONPATH", "")
         from ps.launch.processes import die_with_parent     # this node's process
         self.proc = subprocess.Popen([sys.executable, *cmd[1:]], cwd=ROOT, env=own,

@@ -3,7 +3,8 @@
 Training ends when every live worker has said DONE and no task is left: their DONE
 replies, held until then, are answered at once, and one of them (the lowest live id) is
 the *finisher*, which writes the final parameters and says FINISHED; the scheduler then
-tells the servers to stop (``Scheduler.on_heartbeat``). A run can also end early: a
+tells the servers to stop (``Scheduler.on_heartbeat``), and exits once every server and
+every live worker has said bye (``_leave_when_all_said_bye``). A run can also end early: a
 worker's report that the job's own code raised (JOB_ERROR, ``ps.scheduler.joberror``)
 fails it at once. Either way ``_summary`` is what ``summary.json`` holds.
 """
@@ -15,6 +16,8 @@ from ps.faults import messages
 from ps.scheduler import joberror, registration, summary
 from ps.scheduler.config import crash_at
 from ps.wire.protocol import Error, Kind, ProtocolError
+
+DONE_GRACE_S = 0.75        # after answering DONE, the least time to stay: 3 Lazy Pirate resends
 
 
 class Finishing:
@@ -56,6 +59,17 @@ class Finishing:
         self.reply(ident, Kind.OK, header["rid"])
         self.phase = "stopping"
         self.deadline = time.monotonic() + self.config.timeout_s
+
+    def _leave_when_all_said_bye(self) -> None:
+        """Once every server said bye, exit: at once if every live worker said bye too
+        (each heard its DONE answer), else DONE_GRACE_S after answering DONE (a worker
+        whose answer was lost asks again, and must find it answered)."""
+        if self.phase != "stopping" or len(self.byes) < self.config.servers:
+            return
+        workers = self.members.members
+        gone = all((w, workers[("worker", w)].inc) in self.worker_byes
+                   for w in self.members.live("worker"))
+        self.exit_at = time.monotonic() if gone else max(time.monotonic(), self.done_at + DONE_GRACE_S)
 
     def on_job_error(self, ident, header) -> None:
         """A worker's job code raised: the first report ends the run (``ps.scheduler.joberror``)."""

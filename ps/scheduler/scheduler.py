@@ -67,7 +67,6 @@ log = logging.getLogger("ps.scheduler")
 
 REPLY_CACHE = 8192         # replies remembered by (identity, rid) to answer repeats
 STOP_GRACE_S = 1.5         # after telling every server to stop: 3 heartbeats to repeat it
-DONE_GRACE_S = 0.75        # after answering DONE, the least time to stay: 3 Lazy Pirate resends
 
 
 class Scheduler(Forming, Finishing, Restart):
@@ -398,17 +397,6 @@ class Scheduler(Forming, Finishing, Restart):
                 # A stop reply can be lost like any message: linger a few heartbeats,
                 # still answering "stop" to a server that did not hear it.
                 self.exit_at = time.monotonic() + STOP_GRACE_S
-
-    def _leave_when_all_said_bye(self) -> None:
-        """Once every server said bye, exit: at once if every live worker said bye too
-        (each heard its DONE answer), else DONE_GRACE_S after answering DONE (a worker
-        whose answer was lost asks again, and must find it answered)."""
-        if self.phase != "stopping" or len(self.byes) < self.config.servers:
-            return
-        workers = self.members.members
-        gone = all((w, workers[("worker", w)].inc) in self.worker_byes
-                   for w in self.members.live("worker"))
-        self.exit_at = time.monotonic() if gone else max(time.monotonic(), self.done_at + DONE_GRACE_S)
 
     def on_norm(self, ident, header) -> None:
         """A shard's part of a BSP step's squared gradient norm (clipping: ps.scheduler.norms).
