@@ -4,7 +4,7 @@ A job's ``param_groups(model)`` names the parameters of each group (torch's grou
 names instead of tensors); the worker turns them into ranges of the flat vector
 (``worker.job.flat_groups``), the scheduler checks them (``registration.param_groups``),
 and each server cuts them at its own bounds (``server.segments``) and steps one optimizer
-per segment (``ps.core.optim.Grouped``). In-process: the pieces against torch.optim with
+per segment (``ps.core.param_groups.Grouped``). In-process: the pieces against torch.optim with
 the same groups, and every refusal. Cluster: BSP on 1-3 servers x 1-3 workers equals
 single-process torch with the same groups.
 """

@@ -23,7 +23,7 @@ A job file defines::
 
 ``param_groups`` must put every parameter in exactly one group; the worker sends the
 groups as ranges of the flat vector (``flat_groups``), and every server steps each range
-it holds with its group's hyperparameters (``ps.core.optim.Grouped``).
+it holds with its group's hyperparameters (``ps.core.param_groups.Grouped``).
 
 ``lr_at`` is a schedule: BSP's update ``step`` is the global step; an SSP or ASP shard's is
 its version (its count of updates). The servers run no job code, so each worker sends

@@ -50,7 +50,7 @@ def groups_of(job: Job, model: torch.nn.Module) -> list[dict]:
 
 
 def set_lr(opt: torch.optim.Optimizer, job: Job, step: int, own_lr: list) -> None:
-    """The schedule's rate for ``step``, as the servers apply it (``ps.core.optim.Grouped``):
+    """The schedule's rate for ``step``, as the servers apply it (``ps.core.param_groups.Grouped``):
     a group with its own lr (``own_lr``, None where it has none) scaled by
     ``lr_at(step) / OPTIMIZER["lr"]``, the others ``lr_at(step)``."""
     if job.lr_at is None:

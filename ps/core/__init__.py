@@ -5,6 +5,7 @@
     dealer     tasks dealt into one deque per worker, leased, and stolen by idle workers
     shard      one shard's parameters, its consistency gate and its exactly-once pushes
     optim      the server-side optimizers (SGD, Adam, AdamW), in place and in chunks
+    param_groups  one optimizer per parameter group's range of a shard
     compress   float16 / bfloat16 encodings of a float32 payload
 
 The event loops in ``ps.server`` and ``ps.scheduler`` only receive, validate, call these

@@ -77,7 +77,7 @@ class Shard:
         self.staleness = staleness
         self.params: np.ndarray | None = None            # (size,) float32, set by init()
         self.optimizer = make_optimizer(optimizer, size, segments=segments)   # segments:
-                                                         # parameter groups (optim.Grouped)
+                                                         # parameter groups (param_groups.Grouped)
         self.grad = np.zeros(size, dtype=np.float32)     # BSP: the step's sum; else scratch
         self.grad_is_prev = False                        # BSP: grad holds version - 1's params
         self.version = 0                                 # optimizer updates applied

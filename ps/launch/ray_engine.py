@@ -141,10 +141,7 @@ class RayPlacement:
     def command(self, name: str, cmd: list[str], env: dict) -> list[str]:
         """On another node the run's folder is the role's staging folder there."""
         staging = self._host(name)[1]["staging"]
-        if staging is None:
-            return cmd
-        out = self.args.out
-        return [staging + a[len(out):] if a == out or a.startswith(out + os.sep) else a for a in cmd]
+        return [self._staged(a, staging) for a in cmd]
 
     def popen(self, name: str, cmd: list[str], env: dict) -> RayProcess:
         actor, info = self.hosts.pop(name) if name in self.hosts else self._host(name, keep=False)
@@ -155,11 +152,14 @@ class RayPlacement:
         return RayProcess(self.ray, actor, pid, info)
 
     def read(self, proc: RayProcess, path: str) -> str | None:
-        staging = proc.info["staging"]
+        return proc.take(self._staged(path, proc.info["staging"]))
+
+    def _staged(self, path: str, staging: str | None) -> str:
+        """``path`` under --out as the role sees it: under its staging folder, if it has one."""
         out = self.args.out
-        if staging and path.startswith(out + os.sep):
-            path = staging + path[len(out):]
-        return proc.take(path)
+        if staging and (path == out or path.startswith(out + os.sep)):
+            return staging + path[len(out):]
+        return path
 
     def prepare(self, names: list[str]) -> None:
         """Place the hosts of these roles all at once (Ray starts their processes in
